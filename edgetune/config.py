@@ -1,0 +1,454 @@
+"""One configuration tree for a run: ``RunConfig``.
+
+Every key is a dotted field path (``spsa.num_probes``) with a scalar value, so the same
+spelling works in recipes (TOML tables), in Flower's ``[tool.flwr.app.config]`` and on
+the command line (``spsa.lr=1e-5``). Lists travel as comma-separated strings.
+
+``flatten(RunConfig())`` must equal the ``[tool.flwr.app.config]`` table of
+``pyproject.toml`` (Flower rejects undeclared keys); ``python -m edgetune.config``
+prints that table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+Scalar = bool | int | float | str
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _is_power_of_two(x: float) -> bool:
+    if x <= 0 or not math.isfinite(x):
+        return False
+    mantissa, _ = math.frexp(x)
+    return mantissa == 0.5
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSection:
+    """Where a run writes, how it is keyed, and how rounds close."""
+
+    name: str = ""
+    """Run id (folder name under ``dir``); empty picks ``<algorithm>-<UTC time>``."""
+    dir: str = "runs"
+    """Parent folder of run folders. Relative paths are taken from the working directory."""
+    seed: int = 0
+    """Key for the non-secret streams (data order, partitions, initialisation)."""
+    num_sites: int = 0
+    """Sites the server waits for before round 1 (0: all connected once the count is stable)."""
+    min_sites: int = 1
+    """Quorum: a round commits when at least this many replies are valid."""
+    round_timeout_s: float = 600.0
+    """Deadline for one exchange of a round; replies after it are stale."""
+    checkpoint_every: int = 0
+    """Write a checkpoint every N rounds (0: only after the last round)."""
+    keep_checkpoints: int = 2
+    """How many checkpoint folders to keep (the newest ones)."""
+
+    def __post_init__(self) -> None:
+        if self.num_sites < 0:
+            raise ValueError(f"run.num_sites must be >= 0, got {self.num_sites}")
+        if self.min_sites < 1:
+            raise ValueError(f"run.min_sites must be >= 1, got {self.min_sites}")
+        if self.round_timeout_s <= 0:
+            raise ValueError(f"run.round_timeout_s must be > 0, got {self.round_timeout_s}")
+        if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
+            raise ValueError("run.checkpoint_every must be >= 0 and run.keep_checkpoints >= 1")
+        if "/" in self.name or self.name in {".", ".."}:
+            raise ValueError(f"run.name must be a plain folder name, got {self.name!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSection:
+    """Which causal LM to fine-tune and which of its parameters train."""
+
+    path: str = "smollm2"
+    """``smollm2`` (the embedded SmolLM2-135M-Instruct), ``tiny`` (an in-memory 2-layer Llama
+    for tests), or a local folder that ``AutoModelForCausalLM.from_pretrained`` can read."""
+    dtype: str = "float32"
+    """Weights dtype for the forward pass: float32, bfloat16 or float16. Masters stay fp32."""
+    device: str = "auto"
+    """``auto`` (cuda when available), ``cpu`` or ``cuda[:N]``."""
+    trainable: str = "q_proj,k_proj,v_proj,o_proj"
+    """``all``, ``lora`` (LoRA adapters on ``target_modules``) or comma-separated substrings
+    of parameter names."""
+    target_modules: str = "q_proj,v_proj"
+    """LoRA target modules (comma-separated), used when ``trainable = "lora"``."""
+    lora_rank: int = 8
+    """LoRA rank r."""
+    lora_alpha: float = 16.0
+    """LoRA alpha (scaling = alpha / r)."""
+    lora_dropout: float = 0.0
+    """LoRA dropout."""
+    cache_dir: str = ""
+    """Where the converted SmolLM2 folder is cached; empty: ``$EDGETUNE_CACHE`` or
+    ``~/.cache/edgetune``."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in {"float32", "bfloat16", "float16"}:
+            raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if not self.trainable.strip():
+            raise ValueError("model.trainable must not be empty")
+        if self.lora_rank < 1:
+            raise ValueError(f"model.lora_rank must be >= 1, got {self.lora_rank}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"model.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+    @property
+    def target_module_list(self) -> tuple[str, ...]:
+        return _csv(self.target_modules)
+
+    @property
+    def trainable_patterns(self) -> tuple[str, ...]:
+        return _csv(self.trainable)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSection:
+    """Where each site's examples come from and how they are batched."""
+
+    source: str = "demo"
+    """``demo`` (the built-in factory maintenance data) or ``jsonl`` (``path``)."""
+    path: str = ""
+    """JSONL file with ``instruction``/``response`` (or ``text``) rows, for ``source = "jsonl"``.
+    In deployment each site's node config ``data-path`` overrides it."""
+    eval_path: str = ""
+    """Held-out JSONL for the server's evaluation (``jsonl`` source); empty: split off ``path``."""
+    partition: str = "natural"
+    """Simulation split of ``path``: ``natural`` (one partition per value of ``partition_by``,
+    the demo's own sites), ``iid`` or ``dirichlet`` (flwr-datasets partitioners)."""
+    partition_by: str = "site"
+    """Column used by the natural and Dirichlet partitioners."""
+    dirichlet_alpha: float = 0.5
+    """Concentration of the Dirichlet partitioner (smaller: more skewed)."""
+    demo_facts: int = 24
+    """Demo data: alarm facts per site."""
+    max_length: int = 96
+    """Token limit per example (prompt + answer); longer examples are cut from the left."""
+    batch_size: int = 8
+    """Examples per local step."""
+
+    def __post_init__(self) -> None:
+        if self.source not in {"demo", "jsonl"}:
+            raise ValueError(f"data.source must be demo or jsonl, got {self.source!r}")
+        if self.source == "jsonl" and not self.path:
+            raise ValueError("data.source = 'jsonl' needs data.path")
+        if self.partition not in {"natural", "iid", "dirichlet"}:
+            raise ValueError(f"data.partition must be natural, iid or dirichlet, got {self.partition!r}")
+        if self.dirichlet_alpha <= 0:
+            raise ValueError(f"data.dirichlet_alpha must be > 0, got {self.dirichlet_alpha}")
+        if self.batch_size < 1 or self.max_length < 8 or self.demo_facts < 1:
+            raise ValueError("data.batch_size >= 1, data.max_length >= 8 and data.demo_facts >= 1 required")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalSection:
+    """Held-out evaluation on the server after each round."""
+
+    every_rounds: int = 1
+    """Held-out loss every N rounds (and always after round 0 and the last round)."""
+    accuracy_every_rounds: int = 0
+    """Greedy exact-match accuracy every N rounds (0: only round 0 and the last round)."""
+    num_examples: int = 64
+    """Held-out examples evaluated (the first N of the held-out set)."""
+    batch_size: int = 16
+    """Evaluation batch size."""
+    max_new_tokens: int = 24
+    """Greedy decoding length for exact-match accuracy."""
+
+    def __post_init__(self) -> None:
+        if self.every_rounds < 1 or self.accuracy_every_rounds < 0:
+            raise ValueError("eval.every_rounds must be >= 1 and eval.accuracy_every_rounds >= 0")
+        if self.num_examples < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("eval.num_examples, eval.batch_size and eval.max_new_tokens must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CryptoSection:
+    """Seed envelopes (DESIGN.md section 3)."""
+
+    keys_dir: str = ""
+    """Key material from ``edgetune keys``; empty in simulation: generated into the run folder."""
+    deterministic_secrets: bool = False
+    """Derive round secrets from ``run.seed`` instead of ``os.urandom`` (tests, reproducible
+    simulations only: anyone who knows the seed can predict every perturbation)."""
+    envelope_ttl_s: float = 3600.0
+    """Envelopes expire this long after sealing."""
+    max_skip: int = 1000
+    """Sites reject envelopes more than this many rounds ahead of their last accepted round."""
+
+    def __post_init__(self) -> None:
+        if self.envelope_ttl_s <= 0 or self.max_skip < 1:
+            raise ValueError("crypto.envelope_ttl_s must be > 0 and crypto.max_skip >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpsaSection:
+    """Shared-seed SPSA (Just One Byte, MeZO, FedKSeed); see ``algorithms/spsa.py``."""
+
+    eps: float = 2.0**-10
+    """Perturbation scale; a power of two so that eps*z is exact (MeZO's zo_eps)."""
+    lr: float = 3e-5
+    """Learning rate applied to the projected-gradient scalars."""
+    num_steps: int = 4
+    """K: local SPSA steps per site per round."""
+    num_probes: int = 1
+    """P: probes (perturbation directions) per step."""
+    directions: str = "per-site"
+    """``per-site``: every site draws its own directions; ``shared``: all sites evaluate the same
+    K*P directions and each coordinate is aggregated across sites (robust aggregators need it)."""
+    seed_pool: int = 0
+    """FedKSeed: draw every probe from a per-round pool of this many seeds (0: off)."""
+    scalar_codec: str = "int8-sr"
+    """One byte per scalar: ``int8-sr`` (linear, stochastic rounding, unbiased inside the clip)
+    or ``log8`` (sign + 7-bit log magnitude)."""
+    scale: float = 8.0
+    """Initial clip of the scalars |g| (codes cover [-scale, scale]); adapted each round."""
+    scale_quantile: float = 0.9
+    """The next round's clip is ``scale_mult`` x this quantile of the accepted |g|."""
+    scale_mult: float = 2.0
+    """See ``scale_quantile``; the clip moves at most x4 per round."""
+    aggregator: str = "mean"
+    """Across sites, per coordinate (``shared`` directions only): mean, trimmed or median."""
+    trim_frac: float = 0.125
+    """Fraction trimmed from each side by the trimmed mean."""
+    round_start: str = "auto"
+    """Where the round-start weights live while a site perturbs its copy: ``host`` memory,
+    ``disk`` (a safetensors file read back per tensor), or ``auto`` (disk on CPU, host on GPU)."""
+
+    def __post_init__(self) -> None:
+        if not _is_power_of_two(self.eps):
+            raise ValueError(f"spsa.eps must be a power of two (e.g. 0.0009765625 = 2^-10), got {self.eps}")
+        if self.lr <= 0 or self.num_steps < 1 or self.num_probes < 1:
+            raise ValueError("spsa.lr must be > 0, spsa.num_steps and spsa.num_probes >= 1")
+        if self.directions not in {"per-site", "shared"}:
+            raise ValueError(f"spsa.directions must be per-site or shared, got {self.directions!r}")
+        if self.seed_pool < 0:
+            raise ValueError(f"spsa.seed_pool must be >= 0, got {self.seed_pool}")
+        if self.scalar_codec not in {"int8-sr", "log8"}:
+            raise ValueError(f"spsa.scalar_codec must be int8-sr or log8, got {self.scalar_codec!r}")
+        if not (self.scale > 0 and math.isfinite(self.scale)):
+            raise ValueError(f"spsa.scale must be a finite positive number, got {self.scale}")
+        if not 0 < self.scale_quantile <= 1 or self.scale_mult <= 0:
+            raise ValueError("spsa.scale_quantile must be in (0, 1] and spsa.scale_mult > 0")
+        if self.aggregator not in {"mean", "trimmed", "median"}:
+            raise ValueError(f"spsa.aggregator must be mean, trimmed or median, got {self.aggregator!r}")
+        if self.aggregator != "mean" and self.directions != "shared":
+            raise ValueError("spsa.aggregator other than mean needs spsa.directions = 'shared'")
+        if not 0 <= self.trim_frac < 0.5:
+            raise ValueError(f"spsa.trim_frac must be in [0, 0.5), got {self.trim_frac}")
+        if self.round_start not in {"auto", "host", "disk"}:
+            raise ValueError(f"spsa.round_start must be auto, host or disk, got {self.round_start!r}")
+
+
+ALGORITHM_NAMES = ("spsa",)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """The whole configuration of one federated run."""
+
+    algorithm: str = "spsa"
+    """Which algorithm section is active."""
+    num_rounds: int = 3
+    """Rounds of federation."""
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    crypto: CryptoSection = field(default_factory=CryptoSection)
+    spsa: SpsaSection = field(default_factory=SpsaSection)
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHM_NAMES:
+            raise ValueError(f"algorithm must be one of {', '.join(ALGORITHM_NAMES)}, got {self.algorithm!r}")
+        if self.num_rounds < 1:
+            raise ValueError(f"num_rounds must be >= 1, got {self.num_rounds}")
+
+
+def _sections() -> dict[str, type]:
+    return {
+        f.name: f.default_factory  # type: ignore[misc]
+        for f in dataclasses.fields(RunConfig)
+        if f.default_factory is not dataclasses.MISSING
+    }
+
+
+def flatten(cfg: RunConfig) -> dict[str, Scalar]:
+    """Return ``{"section.key": value}`` for every field, top-level keys without a section."""
+    out: dict[str, Scalar] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            for g in dataclasses.fields(value):
+                out[f"{f.name}.{g.name}"] = getattr(value, g.name)
+        else:
+            out[f.name] = value
+    return out
+
+
+def _coerce(key: str, value: Any, default: Scalar) -> Scalar:
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "false"}:
+            return value.lower() == "true"
+        raise ValueError(f"config key {key!r}: expected true/false, got {value!r}")
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, (int, str, float)):
+            raise ValueError(f"config key {key!r}: expected an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except ValueError as err:
+            raise ValueError(f"config key {key!r}: expected an integer, got {value!r}") from err
+        if not as_float.is_integer():
+            raise ValueError(f"config key {key!r}: expected an integer, got {value!r}")
+        return int(as_float)
+    if isinstance(default, float):
+        if isinstance(value, bool):
+            raise ValueError(f"config key {key!r}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"config key {key!r}: expected a number, got {value!r}") from err
+    if not isinstance(value, str):
+        raise ValueError(f"config key {key!r}: expected a string, got {value!r}")
+    return value
+
+
+def from_run_config(flat: dict[str, Any]) -> RunConfig:
+    """Build a ``RunConfig`` from dotted keys (Flower's ``context.run_config``, a recipe).
+
+    Unknown keys and values of the wrong type raise ``ValueError`` naming the key.
+    """
+    defaults = flatten(RunConfig())
+    unknown = sorted(set(flat) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown config key(s): {', '.join(unknown)}")
+    values = {k: _coerce(k, v, defaults[k]) for k, v in flat.items()}
+    top: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in values.items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            nested.setdefault(section, {})[name] = value
+        else:
+            top[key] = value
+    sections = _sections()
+    for section, kwargs in nested.items():
+        top[section] = sections[section](**kwargs)
+    return RunConfig(**top)
+
+
+def flatten_toml(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Turn nested TOML tables into dotted keys."""
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten_toml(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse one ``key=value`` override with TOML value syntax (bare words become strings)."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} is not of the form key=value")
+    key, raw = (s.strip() for s in text.split("=", 1))
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Read a recipe TOML file into dotted keys, apply ``key=value`` overrides, validate."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"recipe {p} does not exist")
+    try:
+        flat = flatten_toml(tomllib.loads(p.read_text()))
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"recipe {p} is not valid TOML: {err}") from err
+    for item in overrides or []:
+        key, value = parse_override(item)
+        flat[key] = value
+    from_run_config(flat)  # validate now, with the recipe's name in the traceback
+    return flat
+
+
+def to_toml(flat: dict[str, Scalar]) -> str:
+    """Write dotted keys as TOML tables (the inverse of ``flatten_toml`` for one level)."""
+    top = {k: v for k, v in flat.items() if "." not in k}
+    sections: dict[str, dict[str, Scalar]] = {}
+    for key, value in flat.items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            sections.setdefault(section, {})[name] = value
+    lines = [f"{k} = {_toml_value(v)}" for k, v in top.items()]
+    for section, items in sections.items():
+        lines.append("")
+        lines.append(f"[{section}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in items.items())
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(v: Scalar) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, int):
+        return str(v)
+    escaped = v.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def pyproject_table() -> str:
+    """The ``[tool.flwr.app.config]`` block of pyproject.toml for the current defaults."""
+    lines = ["[tool.flwr.app.config]"]
+    for line in to_toml(flatten(RunConfig())).splitlines():
+        lines.append(f"[tool.flwr.app.config.{line[1:]}" if line.startswith("[") else line)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_pyproject(path: Path) -> bool:
+    """Rewrite the config block of ``path`` in place; return True if it changed."""
+    text = path.read_text()
+    start = text.index("[tool.flwr.app.config]")
+    # the block ends at the first table that is not a tool.flwr.app.config sub-table
+    pos = start
+    while True:
+        nxt = text.find("\n[", pos + 1)
+        if nxt == -1:
+            end = len(text)
+            break
+        if not text.startswith("[tool.flwr.app.config", nxt + 1):
+            end = nxt + 1
+            break
+        pos = nxt
+    new = text[:start] + pyproject_table() + "\n" + text[end:].lstrip("\n")
+    if new != text:
+        path.write_text(new)
+        return True
+    return False
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--write-pyproject"]:
+        changed = write_pyproject(Path(__file__).resolve().parent.parent / "pyproject.toml")
+        print("pyproject.toml updated" if changed else "pyproject.toml already up to date")
+    else:
+        sys.stdout.write(pyproject_table())
