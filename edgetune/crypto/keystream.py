@@ -1,0 +1,102 @@
+"""Portable Rademacher perturbations: ChaCha20 keystream bits -> z in {-1, +1}.
+
+Element ``e`` of manifest tensor ``j`` under probe key ``k`` is bit ``e % 8`` (LSB first) of
+byte ``e // 8`` of ``ChaCha20(k, nonce=j)``; bit 1 means z = +1. Only integer operations and
+exact {0,1} -> {-1.0, +1.0} lookups are involved, so z is bitwise identical on every CPU ISA,
+thread count and GPU (``torch.randn`` is not: it depends on the ISA, the GPU's SM count and
+the tensor size). Any chunk can be produced alone (seekable per 512 elements), which is what
+lets replay walk tensor by tensor.
+
+``w.add_(z, alpha=a)`` with z = +-1 computes w +- a with one rounding, fused multiply-add or
+not, so updates are portable too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from edgetune.crypto.schedule import keystream
+
+CHUNK_ELEMS = 1 << 21
+"""Elements per generated chunk (a multiple of 512, the 64-byte ChaCha20 block in bits)."""
+
+_LUTS: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+
+def _lut(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    key = (str(device), dtype)
+    if key not in _LUTS:
+        table = [[1.0 if (b >> j) & 1 else -1.0 for j in range(8)] for b in range(256)]
+        _LUTS[key] = torch.tensor(table, dtype=dtype, device=device)
+    return _LUTS[key]
+
+
+def bits(key: bytes, index: int, start: int, count: int) -> np.ndarray:
+    """Packed bits (uint8, ceil(count / 8) bytes) for elements [start, start + count).
+
+    ``start`` must be a multiple of 512 (one ChaCha20 block of bits).
+    """
+    if start % 512:
+        raise ValueError(f"keystream chunks start at multiples of 512 elements, got {start}")
+    n_bytes = (count + 7) // 8
+    return np.frombuffer(keystream(key, n_bytes, nonce=index, block=start // 512), dtype=np.uint8)
+
+
+def tensor_bits(key: bytes, index: int, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """All packed bits of one tensor as a uint8 tensor on ``device`` (1 bit per element)."""
+    packed = bits(key, index, 0, numel)
+    return torch.from_numpy(packed.copy()).to(device)
+
+
+def expand(packed: torch.Tensor, count: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Packed bits -> a flat tensor of ``count`` values +-1 (on the bits' device)."""
+    lut = _lut(packed.device, dtype)
+    return lut.index_select(0, packed.to(torch.int32)).view(-1)[:count]
+
+
+def rademacher(
+    key: bytes, index: int, numel: int, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The whole z of tensor ``index`` (flat, ``numel`` values +-1)."""
+    return expand(tensor_bits(key, index, numel, device), numel, dtype)
+
+
+def add_(
+    param: torch.Tensor,
+    key: bytes,
+    index: int,
+    alpha: float,
+    packed: torch.Tensor | None = None,
+) -> None:
+    """In place: ``param += alpha * z`` for the z of (key, tensor ``index``).
+
+    Works chunk by chunk so the expanded z never exceeds ``CHUNK_ELEMS`` values. ``packed``
+    (from ``tensor_bits``) skips keystream generation when the same z is applied again.
+    """
+    flat = param.view(-1)
+    numel = flat.numel()
+    for start in range(0, numel, CHUNK_ELEMS):
+        stop = min(start + CHUNK_ELEMS, numel)
+        if packed is None:
+            chunk_bits = torch.from_numpy(bits(key, index, start, stop - start).copy()).to(param.device)
+        else:
+            chunk_bits = packed[start // 8 : (stop + 7) // 8]
+        z = expand(chunk_bits, stop - start, param.dtype)
+        flat[start:stop].add_(z, alpha=alpha)
+
+
+def add_many_(param: torch.Tensor, index: int, terms: list[tuple[bytes, float]]) -> None:
+    """In place, in order: ``param -= c * z_key`` ... for each (key, c) in ``terms``.
+
+    The canonical replay kernel: one tensor, every probe of a round in canonical order, each
+    applied with its own rounding (``w = fl(w - c)`` or ``fl(w + c)`` per element).
+    """
+    flat = param.view(-1)
+    numel = flat.numel()
+    for start in range(0, numel, CHUNK_ELEMS):
+        stop = min(start + CHUNK_ELEMS, numel)
+        view = flat[start:stop]
+        for key, coeff in terms:
+            chunk_bits = torch.from_numpy(bits(key, index, start, stop - start).copy()).to(param.device)
+            view.add_(expand(chunk_bits, stop - start, param.dtype), alpha=-coeff)
