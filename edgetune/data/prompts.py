@@ -1,0 +1,230 @@
+"""Prompt format and tokenisation: one place decides what the model sees and what it is scored on.
+
+Training, held-out loss and greedy evaluation all build prompts with ``format_prompt`` and
+tokenise them the same way (``add_special_tokens=False``: chat templates carry their own
+special tokens), so the model is evaluated on exactly the prompt it was trained on. The loss
+covers the answer only: the response followed by the end-of-turn token, which is also
+where greedy decoding stops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from edgetune.crypto import schedule
+
+SYSTEM_PROMPT = "You are a factory maintenance assistant. Answer with the procedure only."
+
+IGNORE_INDEX = -100
+"""Label of positions without loss (prompt and padding); PyTorch's cross-entropy default."""
+
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+"""End-of-turn markers of common chat templates, tried before the plain eos token."""
+
+
+def format_prompt(tokenizer: Any, instruction: str) -> str:
+    """The prompt text for ``instruction``, up to where the answer starts.
+
+    Parameters
+    ----------
+    tokenizer
+        A Hugging Face tokenizer. With a chat template: system + user messages and the
+        generation prompt. Without: ``SYSTEM_PROMPT``, ``### Question:``, ``### Answer:``.
+    instruction
+        The question.
+
+    Returns
+    -------
+    str
+        Prompt text; the answer follows it directly.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        messages = [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": instruction},
+        ]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return f"{SYSTEM_PROMPT}\n### Question:\n{instruction}\n### Answer:\n"
+
+
+def end_token_id(tokenizer: Any) -> int:
+    """Id of the token that ends an answer: the chat template's end-of-turn marker, else eos.
+
+    Raises ``ValueError`` if the tokenizer has neither.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str):
+        for token in END_OF_TURN_TOKENS:
+            # Llama 3 has eos <|end_of_text|> but ends turns with <|eot_id|>: follow the template.
+            if token in template:
+                token_id = tokenizer.convert_tokens_to_ids(token)
+                if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+                    return token_id
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"{type(tokenizer).__name__} has no eos token and no end-of-turn marker")
+    return int(tokenizer.eos_token_id)
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """Token ids that end greedy decoding: the end-of-turn token and eos."""
+    ids = [end_token_id(tokenizer)]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(int(tokenizer.eos_token_id))
+    return ids
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """Padding id: the tokenizer's pad token, else its eos (padding is masked out either way)."""
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    if tokenizer.eos_token_id is not None:
+        return int(tokenizer.eos_token_id)
+    raise ValueError(f"{type(tokenizer).__name__} has neither a pad nor an eos token")
+
+
+def encode_prompt(tokenizer: Any, instruction: str) -> list[int]:
+    """Token ids of ``format_prompt(tokenizer, instruction)``."""
+    return list(tokenizer(format_prompt(tokenizer, instruction), add_special_tokens=False)["input_ids"])
+
+
+def encode_example(tokenizer: Any, example: Mapping[str, str], max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one example; the loss covers the answer only.
+
+    Parameters
+    ----------
+    tokenizer
+        A Hugging Face tokenizer.
+    example
+        ``{"instruction": str, "response": str, ...}``.
+    max_length
+        Most tokens kept. A longer example loses the left of its prompt, never its answer;
+        an answer longer than ``max_length`` on its own keeps its first ``max_length``
+        tokens and no prompt.
+
+    Returns
+    -------
+    input_ids, labels
+        Equal-length lists. ``labels`` is ``IGNORE_INDEX`` on prompt tokens and equals
+        ``input_ids`` on answer tokens (response + end-of-turn token).
+    """
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    prompt = encode_prompt(tokenizer, example["instruction"])
+    answer = list(tokenizer(example["response"], add_special_tokens=False)["input_ids"])
+    answer.append(end_token_id(tokenizer))
+    if len(answer) >= max_length:
+        answer, prompt = answer[:max_length], []
+    else:
+        # Cut from the left: the instruction's end sits next to the answer and the chat
+        # template's assistant header must stay intact, while a system prompt can go.
+        prompt = prompt[max(0, len(prompt) - (max_length - len(answer))) :]
+    return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
+
+
+class TokenizedSet:
+    """Examples tokenised once, served as right-padded training batches.
+
+    Parameters
+    ----------
+    tokenizer
+        A Hugging Face tokenizer.
+    examples
+        Example dicts (``instruction``, ``response``).
+    max_length
+        Token limit per example, as in ``encode_example``.
+    """
+
+    def __init__(self, tokenizer: Any, examples: Sequence[Mapping[str, str]], max_length: int) -> None:
+        if not examples:
+            raise ValueError("TokenizedSet needs at least one example")
+        self.pad_id = pad_token_id(tokenizer)
+        encoded = [encode_example(tokenizer, ex, max_length) for ex in examples]
+        self.input_ids = [ids for ids, _ in encoded]
+        self.labels = [labels for _, labels in encoded]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Right-padded batch of the examples at ``indices``.
+
+        Returns
+        -------
+        dict[str, torch.Tensor]
+            ``input_ids``, ``attention_mask`` and ``labels``, int64, shape (batch, longest);
+            padding has attention 0 and label ``IGNORE_INDEX``.
+        """
+        if len(indices) == 0:
+            raise ValueError("batch needs at least one index")
+        for i in indices:
+            if not 0 <= i < len(self):
+                raise ValueError(f"batch index {i} out of range for {len(self)} examples")
+        width = max(len(self.input_ids[i]) for i in indices)
+        input_ids = torch.full((len(indices), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(indices), width), dtype=torch.long)
+        labels = torch.full((len(indices), width), IGNORE_INDEX, dtype=torch.long)
+        for row, i in enumerate(indices):
+            n = len(self.input_ids[i])
+            input_ids[row, :n] = torch.tensor(self.input_ids[i], dtype=torch.long)
+            attention_mask[row, :n] = 1
+            labels[row, :n] = torch.tensor(self.labels[i], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def batch_indices(num_examples: int, batch_size: int, key: bytes) -> list[int]:
+    """A keyed random batch of example indices.
+
+    Parameters
+    ----------
+    num_examples
+        Size of the site's example set.
+    batch_size
+        Indices drawn.
+    key
+        Stream key, ``derive(run_key(seed), "data", site_id, round_idx, step)``.
+
+    Returns
+    -------
+    list[int]
+        Without replacement within the batch: the first ``batch_size`` entries of a keyed
+        permutation. If ``batch_size > num_examples``, successive keyed permutations are
+        concatenated, so every example appears ``floor`` or ``ceil(batch_size / num_examples)``
+        times.
+    """
+    if num_examples < 1 or batch_size < 1:
+        raise ValueError(
+            f"batch_indices needs num_examples >= 1 and batch_size >= 1, got {num_examples} and {batch_size}"
+        )
+    out: list[int] = []
+    nonce = 0
+    while len(out) < batch_size:
+        take = min(batch_size - len(out), num_examples)
+        out.extend(schedule.permutation(key, num_examples, nonce=nonce)[:take].tolist())
+        nonce += 1
+    return out
+
+
+def generation_batch(tokenizer: Any, instructions: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Left-padded prompts for batched greedy decoding.
+
+    Left padding puts every prompt's last token in the last column, so all rows start
+    generating at the same position.
+
+    Returns
+    -------
+    dict[str, torch.Tensor]
+        ``input_ids`` and ``attention_mask``, int64, shape (batch, longest prompt).
+    """
+    if len(instructions) == 0:
+        raise ValueError("generation_batch needs at least one instruction")
+    prompts = [encode_prompt(tokenizer, q) for q in instructions]
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id(tokenizer), dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        input_ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        attention_mask[row, width - len(p) :] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}

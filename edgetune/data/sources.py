@@ -1,0 +1,74 @@
+"""Which examples each site trains on and which the server evaluates on.
+
+Simulation: site ``i`` of ``N`` gets demo site ``i`` (``data.source = "demo"``) or partition
+``i`` of ``data.path`` (``natural``/``iid``/``dirichlet``). Deployment: a site's node config
+``data-path`` names its own JSONL file. The server evaluates on the demo held-out questions, on
+``data.eval_path``, or on a keyed 10% split of ``data.path`` that the sites then exclude.
+"""
+
+from __future__ import annotations
+
+from edgetune.config import RunConfig
+from edgetune.crypto import schedule
+from edgetune.data.demo import demo_heldout, demo_sites
+from edgetune.data.jsonl import load_jsonl
+from edgetune.data.partition import partition
+
+EVAL_FRACTION = 0.1
+
+
+def _split_path(cfg: RunConfig) -> tuple[list[dict], list[dict]]:
+    rows = load_jsonl(cfg.data.path)
+    if cfg.data.eval_path:
+        return rows, load_jsonl(cfg.data.eval_path)
+    order = schedule.permutation(schedule.derive(schedule.run_key(cfg.run.seed), "partition", "eval-split"), len(rows))
+    n_eval = max(1, int(len(rows) * EVAL_FRACTION))
+    held = {int(i) for i in order[:n_eval]}
+    train = [r for i, r in enumerate(rows) if i not in held]
+    return train, [rows[i] for i in sorted(held)]
+
+
+def site_examples(cfg: RunConfig, site_index: int, num_sites: int, data_path: str = "") -> list[dict]:
+    """Training examples of one site.
+
+    Parameters
+    ----------
+    cfg
+        The run configuration.
+    site_index
+        0-based position of the site (Flower's ``partition-id`` in simulation).
+    num_sites
+        Number of sites the data is split over.
+    data_path
+        A site's own JSONL file (deployment); overrides ``data.source``.
+
+    Returns
+    -------
+    list[dict]
+        Examples with ``instruction`` and ``response``.
+    """
+    if data_path:
+        return load_jsonl(data_path)
+    if not 0 <= site_index < num_sites:
+        raise ValueError(f"site index {site_index} out of range for {num_sites} sites")
+    if cfg.data.source == "demo":
+        return list(demo_sites(num_sites, facts_per_site=cfg.data.demo_facts, seed=cfg.run.seed)[site_index].train)
+    train, _ = _split_path(cfg)
+    parts = partition(
+        train,
+        num_sites,
+        method=cfg.data.partition,
+        by=cfg.data.partition_by,
+        alpha=cfg.data.dirichlet_alpha,
+        seed=cfg.run.seed,
+    )
+    return parts[site_index]
+
+
+def heldout_examples(cfg: RunConfig, num_sites: int) -> list[dict]:
+    """The server's held-out set (first ``eval.num_examples``)."""
+    if cfg.data.source == "demo":
+        rows = demo_heldout(num_sites, facts_per_site=cfg.data.demo_facts, seed=cfg.run.seed)
+    else:
+        _, rows = _split_path(cfg)
+    return list(rows[: cfg.eval.num_examples])

@@ -1,0 +1,1 @@
+"""Evaluation metrics: held-out loss and exact-match accuracy."""
