@@ -1,0 +1,20 @@
+"""edgetune ClientApp: one handler per message type a site answers (wiring only)."""
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from edgetune.flower import client_handler
+
+app = ClientApp()
+
+
+@app.query("hello")
+def hello(msg: Message, context: Context) -> Message:
+    """Say which site this node is."""
+    return client_handler.hello(msg, context)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round's local work (the ``train`` phase of every algorithm)."""
+    return client_handler.handle(msg, context, "train")

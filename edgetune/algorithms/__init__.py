@@ -1,0 +1,8 @@
+"""Algorithm registry: an explicit dict, no import-time decorators."""
+
+from edgetune.algorithms.base import AlgorithmSpec
+from edgetune.algorithms.spsa import SpsaClient, SpsaServer
+
+ALGORITHMS: dict[str, AlgorithmSpec] = {
+    "spsa": AlgorithmSpec("spsa", SpsaServer, SpsaClient),
+}

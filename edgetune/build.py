@@ -1,0 +1,120 @@
+"""Assemble a run's pieces from a ``RunConfig``: keys, server half, client halves, evaluator.
+
+Shared by ``inproc.py`` and the Flower apps so both build exactly the same objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edgetune.algorithms import ALGORITHMS
+from edgetune.algorithms.base import ClientContext, ClientHalf, ServerContext, ServerHalf
+from edgetune.config import RunConfig
+from edgetune.crypto import keys as keymod
+from edgetune.data.prompts import TokenizedSet
+from edgetune.data.sources import heldout_examples, site_examples
+from edgetune.metrics.eval import evaluate as eval_model
+from edgetune.models.load import cache_root, cached_model
+
+
+def site_name(index: int) -> str:
+    """Site id of simulated site ``index`` (matches the demo data's site ids)."""
+    return f"site-{index}"
+
+
+def run_id_for(run_name: str) -> bytes:
+    """16-byte run id bound into every envelope and reply (stable across server restarts)."""
+    return hashlib.sha256(b"edgetune-run|" + run_name.encode()).digest()[:16]
+
+
+def keys_dir_for(cfg: RunConfig, run_dir: Path) -> Path:
+    """``crypto.keys_dir`` or, when empty (simulation), ``<run_dir>/keys``."""
+    return Path(cfg.crypto.keys_dir).expanduser() if cfg.crypto.keys_dir else Path(run_dir) / "keys"
+
+
+def ensure_sim_keys(cfg: RunConfig, run_dir: Path, site_ids: list[str]) -> Path:
+    """Simulation convenience: generate server and site keys into the run folder when no
+    ``crypto.keys_dir`` is given (deployments bring keys made by ``edgetune keys``).
+    """
+    folder = keys_dir_for(cfg, run_dir)
+    if cfg.crypto.keys_dir:
+        registry = keymod.load_registry(folder)
+        missing = sorted(set(site_ids) - set(registry.sites))
+        if missing:
+            raise ValueError(f"sites {missing} have no keys in {folder}; run `edgetune keys {folder} --add ...`")
+        return folder
+    if not (folder / "registry.json").exists():
+        keymod.generate(folder, site_ids)
+    else:
+        registry = keymod.load_registry(folder)
+        new = sorted(set(site_ids) - set(registry.sites))
+        if new:
+            keymod.add_sites(folder, new)
+    return folder
+
+
+def build_server(cfg: RunConfig, run_dir: Path, site_ids: list[str]) -> tuple[ServerHalf, Any, Callable]:
+    """The server half, the tokenizer, and the held-out evaluator."""
+    keys_dir = ensure_sim_keys(cfg, run_dir, site_ids)
+    model, tokenizer = cached_model(cfg.model, seed=cfg.run.seed)
+    ctx = ServerContext(
+        run_id=run_id_for(Path(run_dir).name),
+        model=model,
+        tokenizer=tokenizer,
+        workdir=Path(run_dir) / "work",
+        server_keys=keymod.load_server(keys_dir),
+        registry=keymod.load_registry(keys_dir),
+    )
+    server = ALGORITHMS[cfg.algorithm].server_cls(cfg, ctx)
+    examples = heldout_examples(cfg, len(site_ids))
+
+    def evaluate(m: Any, accuracy: bool) -> dict[str, float]:
+        return eval_model(
+            m,
+            tokenizer,
+            examples,
+            batch_size=cfg.eval.batch_size,
+            max_length=cfg.data.max_length,
+            max_new_tokens=cfg.eval.max_new_tokens,
+            accuracy=accuracy,
+        )
+
+    return server, tokenizer, evaluate
+
+
+def process_workdir(cfg: RunConfig) -> Path:
+    """Scratch folder of this process (master-weight files of its model replica)."""
+    root = cache_root(cfg.model) / "work"
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"p{os.getpid()}-", dir=root))
+
+
+def build_client(
+    cfg: RunConfig,
+    site_id: str,
+    site_index: int,
+    num_sites: int,
+    site_kit: Path,
+    *,
+    workdir: Path,
+    data_path: str = "",
+    namespace: str = "",
+) -> ClientHalf:
+    """One site's client half (model shared per process, unless ``namespace`` separates it)."""
+    model, tokenizer = cached_model(cfg.model, seed=cfg.run.seed, namespace=namespace)
+    examples = site_examples(cfg, site_index, num_sites, data_path)
+    ctx = ClientContext(
+        site_id=site_id,
+        model=model,
+        tokenizer=tokenizer,
+        train_set=TokenizedSet(tokenizer, examples, cfg.data.max_length),
+        workdir=workdir,
+        site_keys=keymod.load_site(site_kit),
+        replica_namespace=namespace,
+    )
+    return ALGORITHMS[cfg.algorithm].client_cls(cfg, ctx)

@@ -1,0 +1,93 @@
+"""ClientApp side: who this node is, its client half (cached per process), one call per message.
+
+Simulation nodes know only ``partition-id``/``num-partitions``: they are ``site-<partition-id>``
+and find their key kit under the folder the server names in ``query.hello`` (all simulated
+sites share one file system). Deployment nodes are started by ``edgetune site`` with
+``site-id``, ``kit-dir`` and ``data-path`` in their node config and never take a kit path from
+the server.
+
+A site's per-run state (e.g. the envelope replay guard) lives in ``context.state`` as a
+ConfigRecord, so Flower keeps it between rounds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from edgetune import config as cfgmod
+from edgetune.algorithms.base import ClientHalf
+from edgetune.build import build_client, process_workdir, site_name
+from edgetune.comm import wire
+from edgetune.flower.messages import from_content, to_content
+
+STATE_KEY = "edgetune"
+MAX_DOWN_BYTES = 1 << 30
+
+_CLIENTS: dict[tuple[int, str], ClientHalf] = {}
+_WORKDIR: list[Path] = []
+
+
+def identity(context: Context, kit_root: str = "") -> dict[str, Any]:
+    """Site id, index, count, kit folder and data path of this node."""
+    nc = context.node_config
+    if "site-id" in nc:
+        site = str(nc["site-id"])
+        kit = str(nc.get("kit-dir", ""))
+        if not kit:
+            raise ValueError("node config has site-id but no kit-dir (start sites with `edgetune site`)")
+        return {
+            "site": site,
+            "index": int(nc.get("site-index", 0)),
+            "num": int(nc.get("num-sites", 1)),
+            "kit": kit,
+            "data": str(nc.get("data-path", "")),
+        }
+    if "partition-id" not in nc:
+        raise ValueError("node config has neither site-id (deployment) nor partition-id (simulation)")
+    index = int(nc["partition-id"])
+    site = site_name(index)
+    kit = str(Path(kit_root) / site) if kit_root else ""
+    return {"site": site, "index": index, "num": int(nc["num-partitions"]), "kit": kit, "data": ""}
+
+
+def hello(msg: Message, context: Context) -> Message:
+    """Answer ``query.hello`` with this node's site id (and remember the simulation kit root)."""
+    kit_root = str(msg.content["hello"].get("kit_root", ""))
+    me = identity(context, kit_root)
+    context.state["edgetune-hello"] = ConfigRecord({"kit_root": kit_root})
+    return Message(RecordDict({"hello": ConfigRecord({"site": me["site"]})}), reply_to=msg)
+
+
+def _client(context: Context) -> ClientHalf:
+    kit_root = ""
+    if "edgetune-hello" in context.state:
+        kit_root = str(context.state.config_records["edgetune-hello"]["kit_root"])
+    me = identity(context, kit_root)
+    key = (context.run_id, me["site"])
+    if key not in _CLIENTS:
+        cfg = cfgmod.from_run_config(dict(context.run_config))
+        if not _WORKDIR:
+            _WORKDIR.append(process_workdir(cfg))
+        _CLIENTS[key] = build_client(
+            cfg, me["site"], me["index"], me["num"], Path(me["kit"]), workdir=_WORKDIR[0], data_path=me["data"]
+        )
+    return _CLIENTS[key]
+
+
+def handle(msg: Message, context: Context, phase: str) -> Message:
+    """Run one phase for this site: decode, ``client.step``, encode; ``ValueError``s (bad
+    envelopes, replay gaps, bad input) become an ``error`` payload the server logs.
+    """
+    state: dict[str, Any] = {}
+    if STATE_KEY in context.state:
+        state = dict(context.state.config_records[STATE_KEY])
+    try:
+        payload = wire.decode(from_content(msg.content, max_bytes=MAX_DOWN_BYTES), max_bytes=MAX_DOWN_BYTES)
+        reply, state = _client(context).step(phase, payload, state)
+    except ValueError as err:
+        reply = {"error": f"{type(err).__name__}: {err}"}
+    context.state[STATE_KEY] = ConfigRecord(state)
+    return Message(to_content(wire.encode(reply)), reply_to=msg)

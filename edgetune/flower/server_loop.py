@@ -1,0 +1,156 @@
+"""The ServerApp's round loop: ``federation.run_federation`` over ``grid.send_and_receive``.
+
+Flower's ``Strategy.start()`` fixes one train exchange of arrays per round; edgetune's rounds
+carry envelopes and one-byte scalars, and some algorithms have several phases, so the loop is
+our own, built from Flower's Message API:
+
+    query.hello   -> every node says which site it is (node ids change when a SuperNode restarts,
+                     site ids do not; canonical orders use site ids)
+    train[.phase] -> one message per site per phase, group_id = round
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid
+
+from edgetune import config as cfgmod
+from edgetune.build import build_server, keys_dir_for
+from edgetune.comm.ledger import ByteLedger
+from edgetune.federation import Failure, run_federation
+from edgetune.flower.messages import MessageError, flower_bytes, from_content, to_content
+from edgetune.runs import RunRecorder, new_run_name
+
+HELLO = "query.hello"
+
+
+def message_type(phase: str) -> str:
+    """``train`` for the default phase, ``train.<phase>`` otherwise."""
+    return "train" if phase == "train" else f"train.{phase}"
+
+
+def wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> list[int]:
+    """Node ids once ``expected`` nodes are connected (or, with ``expected`` 0, once the count has
+    been stable for 3 s). Flower registers simulated nodes asynchronously, so sampling at once
+    can miss some.
+    """
+    deadline = time.time() + timeout_s
+    last: list[int] = []
+    stable_since = time.time()
+    while time.time() < deadline:
+        ids = sorted(grid.get_node_ids())
+        if ids != last:
+            last, stable_since = ids, time.time()
+        if expected and len(ids) >= expected:
+            return ids
+        if not expected and ids and time.time() - stable_since >= 3.0:
+            return ids
+        time.sleep(0.5)
+    if expected:
+        raise RuntimeError(f"only {len(last)} of {expected} sites connected within {timeout_s:.0f} s")
+    if not last:
+        raise RuntimeError(f"no site connected within {timeout_s:.0f} s")
+    return last
+
+
+class FlowerTransport:
+    """Delivers payloads with ``grid.send_and_receive`` and records Flower's serialized sizes."""
+
+    def __init__(
+        self, grid: Grid, ledger: ByteLedger, node_of: dict[str, int], max_reply_bytes: Callable[[str], int]
+    ) -> None:
+        self.grid = grid
+        self.ledger = ledger
+        self.node_of = node_of
+        self.site_of = {n: s for s, n in node_of.items()}
+        self.max_reply_bytes = max_reply_bytes
+
+    def sites(self) -> list[str]:
+        return sorted(self.node_of)
+
+    def exchange(
+        self, round_idx: int, phase: str, blobs: dict[str, bytes], *, timeout_s: float
+    ) -> dict[str, bytes | Failure]:
+        msgs = []
+        for site, blob in blobs.items():
+            msg = Message(
+                to_content(blob),
+                dst_node_id=self.node_of[site],
+                message_type=message_type(phase),
+                group_id=f"round-{round_idx}",
+            )
+            self.ledger.add(round_idx, phase, site, "down", flower_bytes(msg), kind="flower")
+            msgs.append(msg)
+        out: dict[str, bytes | Failure] = {}
+        for reply in self.grid.send_and_receive(msgs, timeout=timeout_s):
+            site = self.site_of.get(reply.metadata.src_node_id)
+            if site is None or site not in blobs or site in out:
+                continue  # not ours, or a duplicate: at most one reply per (round, site)
+            if reply.metadata.group_id != f"round-{round_idx}":
+                out[site] = Failure(f"stale reply for {reply.metadata.group_id}")
+                continue
+            if reply.has_error():
+                out[site] = Failure(f"ClientApp error {reply.error.code}: {reply.error.reason}")
+                continue
+            self.ledger.add(round_idx, phase, site, "up", flower_bytes(reply), kind="flower")
+            try:
+                out[site] = from_content(reply.content, max_bytes=self.max_reply_bytes(phase))
+            except MessageError as err:
+                out[site] = Failure(str(err))
+        for site in blobs:
+            out.setdefault(site, Failure(f"no reply within {timeout_s:.0f} s"))
+        return out
+
+
+def discover_sites(grid: Grid, node_ids: list[int], kit_root: str, timeout_s: float) -> dict[str, int]:
+    """Ask every node which site it is; the reply names a site id (unique) per node."""
+    msgs = [
+        Message(
+            RecordDict({"hello": ConfigRecord({"kit_root": kit_root})}),
+            dst_node_id=n,
+            message_type=HELLO,
+            group_id="hello",
+        )
+        for n in node_ids
+    ]
+    node_of: dict[str, int] = {}
+    for reply in grid.send_and_receive(msgs, timeout=timeout_s):
+        if reply.has_error():
+            print(f"[edgetune] node {reply.metadata.src_node_id} failed hello: {reply.error.reason}", file=sys.stderr)
+            continue
+        site = str(reply.content["hello"]["site"])
+        if site in node_of:
+            raise RuntimeError(f"two nodes claim site {site!r}")
+        node_of[site] = reply.metadata.src_node_id
+    if not node_of:
+        raise RuntimeError("no node answered the hello query")
+    return node_of
+
+
+def run(grid: Grid, context: Context) -> dict[str, Any]:
+    """ServerApp main: build from ``context.run_config`` and run the federation."""
+    cfg = cfgmod.from_run_config(dict(context.run_config))
+    run_dir = Path(cfg.run.dir).expanduser().resolve() / new_run_name(cfg)
+    node_ids = wait_for_nodes(grid, cfg.run.num_sites, timeout_s=max(60.0, cfg.run.round_timeout_s))
+    kit_root = str(keys_dir_for(cfg, run_dir) / "sites")
+    # Keys must exist before any site looks for its kit: generate (simulation) before hello.
+    from edgetune.build import ensure_sim_keys
+
+    provisional = [f"site-{i}" for i in range(len(node_ids))]
+    if not cfg.crypto.keys_dir:
+        ensure_sim_keys(cfg, run_dir, provisional)
+    node_of = discover_sites(grid, node_ids, kit_root, timeout_s=cfg.run.round_timeout_s)
+    site_ids = sorted(node_of)
+    server, tokenizer, evaluate = build_server(cfg, run_dir, site_ids)
+    from rich.console import Console
+
+    recorder = RunRecorder(cfg, run_dir, console=Console(force_terminal=False, width=200))
+    print(f"[edgetune] run {run_dir.name}: {len(site_ids)} sites {site_ids}, writing {run_dir}", flush=True)
+    transport = FlowerTransport(grid, recorder.ledger, node_of, server.max_reply_bytes)
+    return run_federation(cfg, server, transport, recorder, evaluate, tokenizer)

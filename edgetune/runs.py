@@ -1,0 +1,157 @@
+"""The run folder ``runs/<run-id>/``: metrics, ledger, summary, plot and checkpoints.
+
+runs/<run-id>/
+  config.toml          the resolved configuration (a recipe that reproduces the run)
+  metrics.jsonl        one row per round (round 0 = before training)
+  ledger.jsonl         bytes per (round, phase, site, direction, payload|flower)
+  summary.json         first/last held-out loss and accuracy, bytes, framing, timings
+  loss_vs_bytes.png    held-out loss against cumulative bytes
+  checkpoints/round-NNNN/   model (safetensors + config) or peft adapter, tokenizer, edgetune.json
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from edgetune import config as cfgmod
+from edgetune.comm.ledger import ByteLedger
+from edgetune.config import RunConfig
+from edgetune.io import append_jsonl, atomic_folder, atomic_write_bytes, atomic_write_json, read_jsonl
+
+
+def new_run_name(cfg: RunConfig) -> str:
+    """``<algorithm>-<UTC timestamp>`` unless ``run.name`` is set."""
+    if cfg.run.name:
+        return cfg.run.name
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S-%f")
+    return f"{cfg.algorithm}-{stamp}"
+
+
+class RunRecorder:
+    """Writes everything a run leaves behind, crash-safe, as rounds complete."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, *, console: Any = None) -> None:
+        self.cfg = cfg
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ledger = ByteLedger()
+        self.console = console
+        self.t_start = time.time()
+        self.rows: list[dict[str, Any]] = read_jsonl(self.dir / "metrics.jsonl")
+        flat = cfgmod.flatten(cfg)
+        atomic_write_bytes(self.dir / "config.toml", cfgmod.to_toml(flat).encode())
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.dir / "metrics.jsonl"
+
+    def round_done(self, row: dict[str, Any]) -> None:
+        """Append one round's row (bytes filled in from the ledger) and print it."""
+        r = row["round"]
+        row.setdefault("uplink_bytes", self.ledger.total(direction="up", round_idx=r))
+        row.setdefault("downlink_bytes", self.ledger.total(direction="down", round_idx=r))
+        row.setdefault("uplink_flower_bytes", self.ledger.total(direction="up", kind="flower", round_idx=r))
+        row.setdefault("downlink_flower_bytes", self.ledger.total(direction="down", kind="flower", round_idx=r))
+        prev = self.rows[-1] if self.rows else {}
+        row["cum_uplink_bytes"] = prev.get("cum_uplink_bytes", 0) + row["uplink_bytes"]
+        row["cum_downlink_bytes"] = prev.get("cum_downlink_bytes", 0) + row["downlink_bytes"]
+        row["elapsed_s"] = round(time.time() - self.t_start, 3)
+        self.rows.append(row)
+        append_jsonl(self.metrics_path, row)
+        self.ledger.write_jsonl(self.dir / "ledger.jsonl")
+        if self.console is not None:
+            self.console.print(format_row(row))
+
+    def checkpoint(self, model: nn.Module, tokenizer: Any, round_idx: int, extra: dict[str, Any]) -> Path:
+        """Write ``checkpoints/round-NNNN`` atomically; keep the newest ``run.keep_checkpoints``."""
+
+        def fill(tmp: Path) -> None:
+            model.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            info = {"round": round_idx, "algorithm": self.cfg.algorithm, **extra}
+            (tmp / "edgetune.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+
+        final = self.dir / "checkpoints" / f"round-{round_idx:04d}"
+        return atomic_folder(final, fill, keep=self.cfg.run.keep_checkpoints)
+
+    def finish(self, extra: dict[str, Any]) -> dict[str, Any]:
+        """Write ``summary.json`` and the plot; return the summary."""
+        evals = [r for r in self.rows if r.get("heldout_loss") is not None]
+        accs = [r for r in self.rows if r.get("accuracy") is not None]
+        train_rows = [r for r in self.rows if r["round"] > 0]
+        summary: dict[str, Any] = {
+            "algorithm": self.cfg.algorithm,
+            "num_rounds": self.cfg.num_rounds,
+            "rounds_completed": max((r["round"] for r in self.rows), default=0),
+            "heldout_loss_first": evals[0]["heldout_loss"] if evals else None,
+            "heldout_loss_last": evals[-1]["heldout_loss"] if evals else None,
+            "accuracy_first": accs[0]["accuracy"] if accs else None,
+            "accuracy_last": accs[-1]["accuracy"] if accs else None,
+            "uplink_bytes_total": sum(r["uplink_bytes"] for r in train_rows),
+            "downlink_bytes_total": sum(r["downlink_bytes"] for r in train_rows),
+            "wall_s": round(time.time() - self.t_start, 1),
+            "final_state_hash": self.rows[-1].get("state_hash") if self.rows else None,
+            **extra,
+        }
+        atomic_write_json(self.dir / "summary.json", summary)
+        try:
+            plot_loss_vs_bytes(self.rows, self.dir / "loss_vs_bytes.png", title=self.dir.name)
+        except Exception as err:  # a plot must never fail a finished run
+            summary["plot_error"] = str(err)
+        return summary
+
+
+def format_row(row: dict[str, Any]) -> str:
+    """One line per round for consoles and logs."""
+    parts = [f"round {row['round']:>3}"]
+    for key, fmt in (("train_loss", ".4f"), ("heldout_loss", ".4f"), ("accuracy", ".3f")):
+        if row.get(key) is not None:
+            parts.append(f"{key} {row[key]:{fmt}}")
+    parts.append(f"up {row.get('uplink_bytes', 0):,} B")
+    parts.append(f"down {row.get('downlink_bytes', 0):,} B")
+    if row.get("num_accepted") is not None:
+        parts.append(f"sites {int(row['num_accepted'])}")
+    if row.get("rejected"):
+        parts.append(f"rejected {row['rejected']}")
+    if row.get("wall_s") is not None:
+        parts.append(f"{row['wall_s']:.1f} s")
+    if row.get("state_hash"):
+        parts.append(f"hash {row['state_hash'][:12]}")
+    return "  ".join(parts)
+
+
+def plot_loss_vs_bytes(rows: list[dict[str, Any]], path: Path, *, title: str = "") -> None:
+    """Held-out loss against cumulative uplink and total bytes (log x axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [r for r in rows if r.get("heldout_loss") is not None]
+    if not pts:
+        return
+    up = [max(r["cum_uplink_bytes"], 1) for r in pts]
+    total = [max(r["cum_uplink_bytes"] + r["cum_downlink_bytes"], 1) for r in pts]
+    loss = [r["heldout_loss"] for r in pts]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    ax.plot(up, loss, "o-", label="uplink (sites → server)")
+    ax.plot(total, loss, "s--", alpha=0.7, label="uplink + downlink")
+    ax.set_xscale("log")
+    ax.set_xlabel("cumulative bytes (encoded payloads)")
+    ax.set_ylabel("held-out loss (answer tokens)")
+    ax.set_title(title or "held-out loss vs bytes")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = path.with_suffix(".tmp.png")
+    fig.savefig(buf)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.read_bytes(), mode=0o644)
+    buf.unlink(missing_ok=True)

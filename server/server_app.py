@@ -1,0 +1,14 @@
+"""edgetune ServerApp: read the run config and hand over to the round loop (wiring only)."""
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from edgetune.flower import server_loop
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the federation described by ``context.run_config``."""
+    server_loop.run(grid, context)
