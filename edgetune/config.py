@@ -306,6 +306,13 @@ def _coerce(key: str, value: Any, default: Scalar) -> Scalar:
     if isinstance(default, int):
         if isinstance(value, bool) or not isinstance(value, (int, str, float)):
             raise ValueError(f"config key {key!r}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
         try:
             as_float = float(value)
         except ValueError as err:
@@ -317,9 +324,12 @@ def _coerce(key: str, value: Any, default: Scalar) -> Scalar:
         if isinstance(value, bool):
             raise ValueError(f"config key {key!r}: expected a number, got {value!r}")
         try:
-            return float(value)
+            out = float(value)
         except (TypeError, ValueError) as err:
             raise ValueError(f"config key {key!r}: expected a number, got {value!r}") from err
+        if not math.isfinite(out):
+            raise ValueError(f"config key {key!r}: expected a finite number, got {value!r}")
+        return out
     if not isinstance(value, str):
         raise ValueError(f"config key {key!r}: expected a string, got {value!r}")
     return value
@@ -412,8 +422,15 @@ def _toml_value(v: Scalar) -> str:
         return repr(v)
     if isinstance(v, int):
         return str(v)
-    escaped = v.replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{escaped}"'
+    out = []
+    for ch in v:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
 
 
 def pyproject_table() -> str:

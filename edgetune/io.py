@@ -63,7 +63,14 @@ def append_jsonl(path: Path | str, obj: dict[str, Any]) -> None:
     path = Path(path)
     line = (json.dumps(obj, sort_keys=True) + "\n").encode()
     try:
-        with open(path, "ab") as f:
+        with open(path, "a+b") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    # a crash tore the last line (read_jsonl ignores it): drop it, or it glues onto ours
+                    f.seek(0)
+                    f.truncate(f.read().rfind(b"\n") + 1)
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
@@ -115,19 +122,26 @@ def atomic_folder(final: Path, fill: Callable[[Path], None], *, keep: int | None
         if final.exists():
             old = parent / f".{final.name}.old-{os.getpid()}"
             os.replace(final, old)
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                os.replace(old, final)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
         fsync_dir(parent)
-    except (OSError, RuntimeError) as err:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, StorageError):
+        if isinstance(err, StorageError) or not isinstance(err, (OSError, RuntimeError)):
             raise
         raise StorageError(f"could not write {final}: {err}; earlier checkpoints in {parent} are unchanged") from err
     if keep is not None:
         prefix = final.name.rsplit("-", 1)[0] + "-"
-        siblings = sorted(p for p in parent.iterdir() if p.is_dir() and p.name.startswith(prefix))
-        for old_dir in siblings[:-keep]:
+        siblings = sorted(
+            (p for p in parent.iterdir() if p.is_dir() and p.name.startswith(prefix)),
+            key=lambda p: (len(p.name), p.name),  # round-10000 after round-9999
+        )
+        for old_dir in [p for p in siblings[:-keep] if p != final]:
             shutil.rmtree(old_dir, ignore_errors=True)
     return final

@@ -36,7 +36,7 @@ class ScalarCodec(Protocol):
 def _check_encode_inputs(values: np.ndarray, uniforms: np.ndarray, scale: float) -> np.ndarray:
     v = np.asarray(values, dtype=np.float64)
     if v.shape != np.asarray(uniforms).shape:
-        raise ValueError(f"{v.shape[0]} values but {np.asarray(uniforms).shape} uniforms")
+        raise ValueError(f"{v.shape} values but {np.shape(uniforms)} uniforms")
     if not np.all(np.isfinite(v)):
         raise ValueError("cannot encode non-finite scalars (a loss was NaN or inf)")
     if not (scale > 0 and math.isfinite(scale)):
@@ -87,7 +87,7 @@ class Int8SR:
         raw = _check_blob(blob, count, scale).view(np.int8)
         if np.any(raw == -128):
             raise CodecError("scalar code -128 is reserved (never produced by an honest site)")
-        return raw.astype(np.float64) * (scale / 127.0)
+        return raw.astype(np.float64) / 127.0 * scale
 
 
 class Log8:

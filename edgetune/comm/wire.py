@@ -58,6 +58,8 @@ def _read_varint(blob: bytes, pos: int) -> tuple[int, int]:
         pos += 1
         n |= (byte & 0x7F) << shift
         if not byte & 0x80:
+            if byte == 0 and shift:
+                raise WireError("payload number is not minimally encoded")
             return n, pos
         shift += 7
         if shift > 70:
@@ -90,6 +92,8 @@ def encode(payload: Payload) -> bytes:
         if isinstance(value, bool):
             out += b"t" + (b"\x01" if value else b"\x00")
         elif isinstance(value, int):
+            if not -(2**63) <= value < 2**63:
+                raise ValueError(f"payload int {key!r} is outside int64")
             zig = (value << 1) if value >= 0 else ((-value) << 1) - 1
             out += b"i" + _varint(zig)
         elif isinstance(value, float):
