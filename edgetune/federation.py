@@ -56,6 +56,10 @@ class RoundFailed(RuntimeError):
 Evaluator = Callable[[Any, bool], dict[str, float]]
 
 
+ERROR_PAYLOAD_BYTES = 4096
+"""A site may explain a failure in up to this many bytes, even when its normal reply is smaller."""
+
+
 def _decode_replies(raw: dict[str, bytes | Failure], max_bytes: int) -> tuple[dict[str, Payload], dict[str, str]]:
     replies: dict[str, Payload] = {}
     failed: dict[str, str] = {}
@@ -64,12 +68,15 @@ def _decode_replies(raw: dict[str, bytes | Failure], max_bytes: int) -> tuple[di
             failed[site] = blob.reason
             continue
         try:
-            payload = wire.decode(blob, max_bytes=max_bytes)
+            payload = wire.decode(blob, max_bytes=max(max_bytes, ERROR_PAYLOAD_BYTES))
         except WireError as err:
             failed[site] = f"malformed reply: {err}"
             continue
         if set(payload) == {"error"} and isinstance(payload["error"], str):
-            failed[site] = f"site error: {payload['error']}"
+            failed[site] = f"site error: {payload['error'][:1000]}"
+            continue
+        if len(blob) > max_bytes:
+            failed[site] = f"reply of {len(blob)} bytes exceeds the limit of {max_bytes}"
             continue
         replies[site] = payload
     return replies, failed

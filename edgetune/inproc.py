@@ -61,7 +61,7 @@ def build(
     *,
     run_dir: Path | None = None,
     separate_replicas: bool = False,
-    console: Any = None,
+    on_row: Any = None,
 ) -> tuple[Any, InProcTransport, RunRecorder, Any, Any]:
     """Build server half, transport with ``num_sites`` client halves, recorder, evaluator, tokenizer.
 
@@ -80,16 +80,16 @@ def build(
         )
         for i, s in enumerate(site_ids)
     }
-    recorder = RunRecorder(cfg, run_dir, console=console)
+    recorder = RunRecorder(cfg, run_dir, on_row=on_row)
     return server, InProcTransport(clients), recorder, evaluate, tokenizer
 
 
 def run(
-    cfg: RunConfig, num_sites: int, *, run_dir: Path | None = None, separate_replicas: bool = False, console: Any = None
+    cfg: RunConfig, num_sites: int, *, run_dir: Path | None = None, separate_replicas: bool = False, on_row: Any = None
 ) -> dict[str, Any]:
     """Run a whole federation in this process; return the summary."""
     server, transport, recorder, evaluate, tokenizer = build(
-        cfg, num_sites, run_dir=run_dir, separate_replicas=separate_replicas, console=console
+        cfg, num_sites, run_dir=run_dir, separate_replicas=separate_replicas, on_row=on_row
     )
     return run_federation(cfg, server, transport, recorder, evaluate, tokenizer)
 
@@ -100,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. num_rounds=5 spsa.lr=1e-5")
     parser.add_argument("--sites", type=int, default=4)
     args = parser.parse_args(argv)
-    from rich.console import Console
+    from edgetune.runs import format_row
 
     cfg = cfgmod.from_run_config(cfgmod.load_recipe(args.recipe, args.overrides))
-    summary = run(cfg, args.sites, console=Console())
+    summary = run(cfg, args.sites, on_row=lambda row: print(format_row(row), flush=True))
     print(summary)
     return 0
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +37,14 @@ def new_run_name(cfg: RunConfig) -> str:
 class RunRecorder:
     """Writes everything a run leaves behind, crash-safe, as rounds complete."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, *, console: Any = None) -> None:
+    def __init__(
+        self, cfg: RunConfig, run_dir: Path, *, on_row: Callable[[dict[str, Any]], None] | None = None
+    ) -> None:
         self.cfg = cfg
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ledger = ByteLedger()
-        self.console = console
+        self.on_row = on_row
         self.t_start = time.time()
         self.rows: list[dict[str, Any]] = read_jsonl(self.dir / "metrics.jsonl")
         flat = cfgmod.flatten(cfg)
@@ -65,8 +68,8 @@ class RunRecorder:
         self.rows.append(row)
         append_jsonl(self.metrics_path, row)
         self.ledger.write_jsonl(self.dir / "ledger.jsonl")
-        if self.console is not None:
-            self.console.print(format_row(row))
+        if self.on_row is not None:
+            self.on_row(row)
 
     def checkpoint(self, model: nn.Module, tokenizer: Any, round_idx: int, extra: dict[str, Any]) -> Path:
         """Write ``checkpoints/round-NNNN`` atomically; keep the newest ``run.keep_checkpoints``."""

@@ -407,10 +407,15 @@ def round_secret(cfg: RunConfig, run_id: bytes, round_idx: int) -> bytes:
     return os.urandom(32)
 
 
-def reply_overhead_bytes() -> int:
-    """Bytes of framing around the K*P codes in an uplink payload (stated in the README)."""
-    inner = wire.encode({"codes": b"", "hash": bytes(HASH_BYTES), "loss": 0.0})
-    return len(wire.encode({"blob": bytes(len(inner) + envelope.REPLY_OVERHEAD)}))
+def reply_overhead_bytes(num_scalars: int) -> int:
+    """Bytes of framing around ``num_scalars`` one-byte codes in an uplink payload.
+
+    88 bytes for up to 39 scalars (length varints grow by one byte at 40 and at 128 scalars):
+    wire header, the field names, a 16-byte state hash, the float64 train loss, and the AEAD
+    nonce and tag that bind the reply to (run, round, site).
+    """
+    inner = wire.encode({"codes": bytes(num_scalars), "hash": bytes(HASH_BYTES), "loss": 0.0})
+    return len(wire.encode({"blob": bytes(len(inner) + envelope.REPLY_OVERHEAD)})) - num_scalars
 
 
 class SpsaServer:
@@ -424,6 +429,7 @@ class SpsaServer:
         self.scfg = cfg.spsa
         self.run_id = ctx.run_id
         self.replica = replica_for(ctx.model, ctx.run_id, ctx.workdir / "server", self.scfg.round_start)
+        self.replica.start_run(ctx.run_id)  # the server defines the run: always from the base weights
         self.scale = float(self.scfg.scale)
         self.log: dict[int, LogEntry] = {}
         self.secrets: dict[int, bytes] = {}
@@ -438,7 +444,8 @@ class SpsaServer:
         return self.replica.hash
 
     def max_reply_bytes(self, phase: str) -> int:
-        return reply_overhead_bytes() + self.scfg.num_steps * self.scfg.num_probes + 64
+        n = self.scfg.num_steps * self.scfg.num_probes
+        return n + reply_overhead_bytes(n)
 
     def _plan(self, round_idx: int) -> dict[str, Any]:
         if round_idx not in self._plans:
@@ -605,6 +612,11 @@ class SpsaClient:
             self.ctx.model, run_id, self.ctx.workdir, self.cfg.spsa.round_start, self.ctx.replica_namespace
         )
         replica.sync(entries, secrets)
+        if replica.short_hash != plan["hash"] and plan["first"] == 1:
+            # This process followed another lineage under the same run id (a restarted run); the
+            # log starts at round 1, so start again from the base weights and replay all of it.
+            replica.start_run(run_id)
+            replica.sync(entries, secrets)
         if replica.short_hash != plan["hash"]:
             raise ReplyRejected(
                 f"{self.ctx.site_id}: state {replica.short_hash.hex()} after replay, "

@@ -335,9 +335,7 @@ def open_envelope(
         if round_idx <= guard.last_round:
             raise EnvelopeError("replay", f"round {round_idx} <= last accepted {guard.last_round}")
         if round_idx > guard.last_round + max_skip:
-            raise EnvelopeError(
-                "skip", f"round {round_idx} is more than {max_skip} ahead of {guard.last_round}"
-            )
+            raise EnvelopeError("skip", f"round {round_idx} is more than {max_skip} ahead of {guard.last_round}")
     if now > not_after + CLOCK_SKEW_S:
         raise EnvelopeError("expired", f"expired at {not_after}, now {now:.0f}")
 
@@ -416,9 +414,7 @@ def seal_reply(secret: bytes, *, run_id: bytes, round_idx: int, site_id: str, pa
     return nonce + ChaCha20Poly1305(key).encrypt(nonce, payload, aad)
 
 
-def open_reply(
-    secret: bytes, *, run_id: bytes, round_idx: int, site_id: str, blob: bytes, max_bytes: int
-) -> bytes:
+def open_reply(secret: bytes, *, run_id: bytes, round_idx: int, site_id: str, blob: bytes, max_bytes: int) -> bytes:
     """Decrypt a reply sealed by ``seal_reply``; raise ``EnvelopeError`` otherwise.
 
     Parameters

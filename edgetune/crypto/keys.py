@@ -64,9 +64,7 @@ def valid_site_id(site_id: str) -> str:
     """
     # Site ids become directory names under sites/: "." and ".." would escape it.
     if not isinstance(site_id, str) or not _SITE_ID_RE.fullmatch(site_id) or site_id in {".", ".."}:
-        raise ValueError(
-            f"invalid site id {site_id!r}: use 1-64 characters from A-Z a-z 0-9 . _ - (not '.' or '..')"
-        )
+        raise ValueError(f"invalid site id {site_id!r}: use 1-64 characters from A-Z a-z 0-9 . _ - (not '.' or '..')")
     return site_id
 
 
@@ -428,8 +426,7 @@ def _load_private(path: Path, key_type: type, what: str) -> Any:
             raise ValueError(f"{path}: cannot read ({e.strerror})") from None
         if mode & 0o077:
             raise ValueError(
-                f"{path}: private key is accessible by group/others (mode {mode & 0o777:04o}); "
-                f"run `chmod 600 {path}`"
+                f"{path}: private key is accessible by group/others (mode {mode & 0o777:04o}); run `chmod 600 {path}`"
             )
     data = _read(path)
     try:

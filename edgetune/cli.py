@@ -1,0 +1,333 @@
+"""The ``edgetune`` command line.
+
+    edgetune simulate RECIPE --sites N [--rounds R] [--set key=value ...] [--engine flower|inproc]
+    edgetune keys OUT_DIR --sites site-0,site-1 [--add] [--overwrite]
+    edgetune eval CHECKPOINT [--examples N] [--no-accuracy]
+
+``simulate`` runs Flower's simulation engine (``flwr run`` against a private local SuperLink,
+offline) and follows the run's ``metrics.jsonl`` in a live table; ``--engine inproc`` runs the
+same loop without Flower.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from edgetune import config as cfgmod
+from edgetune.io import read_jsonl
+from edgetune.runs import new_run_name
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fine-tuning over thin links.")
+console = Console(stderr=False)
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code=1)
+
+
+def app_dir() -> Path:
+    """The Flower app folder (the source checkout holding pyproject.toml with [tool.flwr.app])."""
+    root = Path(__file__).resolve().parent.parent
+    pyproject = root / "pyproject.toml"
+    if not pyproject.is_file() or "[tool.flwr.app]" not in pyproject.read_text():
+        raise _fail(f"{root} is not the edgetune source checkout; `edgetune simulate` needs the Flower app folder")
+    return root
+
+
+def _load(recipe: Path, sets: list[str], extra: dict[str, Any]) -> tuple[dict[str, Any], cfgmod.RunConfig]:
+    try:
+        flat = cfgmod.load_recipe(recipe, sets)
+        flat.update(extra)
+        return flat, cfgmod.from_run_config(flat)
+    except ValueError as err:
+        raise _fail(str(err)) from err
+
+
+class RoundTable:
+    """A live table of rounds with the run's progress in the caption."""
+
+    COLUMNS = (
+        ("round", "round", "{}"),
+        ("train_loss", "train loss", "{:.4f}"),
+        ("heldout_loss", "held-out loss", "{:.4f}"),
+        ("accuracy", "accuracy", "{:.3f}"),
+        ("uplink_bytes", "uplink B", "{:,}"),
+        ("downlink_bytes", "downlink B", "{:,}"),
+        ("num_accepted", "sites", "{:.0f}"),
+        ("wall_s", "wall s", "{:.1f}"),
+        ("state_hash", "state hash", "{:.12}"),
+    )
+
+    def __init__(self, title: str, num_rounds: int) -> None:
+        self.title = title
+        self.num_rounds = num_rounds
+        self.rows: list[dict[str, Any]] = []
+        self.status = "starting"
+        self.t0 = time.time()
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+
+    def render(self) -> Table:
+        done = max((r["round"] for r in self.rows), default=0)
+        bar_width = 30
+        filled = int(bar_width * done / max(1, self.num_rounds))
+        caption = (
+            f"[{'█' * filled}{'░' * (bar_width - filled)}] round {done}/{self.num_rounds}  "
+            f"{time.time() - self.t0:.0f} s  {self.status}"
+        )
+        table = Table(title=self.title, caption=caption, caption_justify="left")
+        for _, header, _ in self.COLUMNS:
+            table.add_column(header, justify="right")
+        for row in self.rows:
+            cells = []
+            for key, _, fmt in self.COLUMNS:
+                value = row.get(key)
+                cells.append("" if value is None else fmt.format(value))
+            table.add_row(*cells)
+            if row.get("rejected"):
+                table.add_row(f"[yellow]rejected: {row['rejected']}", *[""] * (len(self.COLUMNS) - 1))
+        return table
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _flwr_env(flwr_home: Path) -> dict[str, str]:
+    env = os.environ.copy()
+    bin_dir = str(Path(sys.executable).parent)
+    env.update(
+        FLWR_HOME=str(flwr_home),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        HF_HUB_OFFLINE="1",
+        RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(_free_port()),
+        FLWR_LOCAL_CONTROL_API_PORT=str(_free_port()),
+        PATH=bin_dir + os.pathsep + env.get("PATH", ""),
+    )
+    return env
+
+
+def _stop_local_superlink(flwr_home: Path) -> None:
+    """The local SuperLink that ``flwr run`` spawns keeps running after the run; stop ours."""
+    log = flwr_home / "local-superlink" / "superlink.log"
+    out = subprocess.run(["pgrep", "-f", "--", f"--log-file {log}"], capture_output=True, text=True)
+    for pid in out.stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGTERM)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
+def simulate_flower(flat: dict[str, Any], cfg: cfgmod.RunConfig, sites: int, cpus: float, run_dir: Path) -> int:
+    """Run ``flwr run`` on Flower's simulation engine and follow the run; return an exit code."""
+    root = app_dir()
+    flwr_home = Path(tempfile.mkdtemp(prefix="edgetune-flwr-"))
+    env = _flwr_env(flwr_home)
+    run_cfg = flwr_home / "run-config.toml"
+    run_cfg.write_text(cfgmod.to_toml(flat))
+    table = RoundTable(f"edgetune simulate · {run_dir.name} · {cfg.algorithm} · {sites} sites", cfg.num_rounds)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    flower_log = open(run_dir / "flower.log", "w")  # noqa: SIM115 (kept open while the run streams)
+    streamer = None
+    code = 1
+    try:
+        start = subprocess.run(
+            [
+                "flwr",
+                "run",
+                str(root),
+                "--run-config",
+                str(run_cfg),
+                "--format",
+                "json",
+                "--federation-config",
+                f"num-supernodes={sites} client-resources-num-cpus={cpus:g}",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=root,
+        )
+        try:
+            run_id = int(json.loads(start.stdout)["run-id"])
+        except (ValueError, KeyError):
+            console.print(start.stdout[-3000:], start.stderr[-3000:])
+            raise _fail("flwr run did not start the run (output above)") from None
+        streamer = subprocess.Popen(
+            ["flwr", "log", str(run_id), "--stream"], env=env, stdout=flower_log, stderr=subprocess.STDOUT, cwd=root
+        )
+        status = ""
+        with Live(table.render(), console=console, refresh_per_second=2) as live:
+            while True:
+                for row in read_jsonl(run_dir / "metrics.jsonl")[len(table.rows) :]:
+                    table.add(row)
+                ls = subprocess.run(
+                    ["flwr", "ls", "--run-id", str(run_id), "--format", "json"],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    cwd=root,
+                )
+                try:
+                    status = json.loads(ls.stdout)["runs"][0]["status"]
+                except (ValueError, KeyError, IndexError):
+                    status = "unknown"
+                table.status = status
+                live.update(table.render())
+                if status.startswith("finished"):
+                    break
+                time.sleep(2.0)
+            for row in read_jsonl(run_dir / "metrics.jsonl")[len(table.rows) :]:
+                table.add(row)
+            live.update(table.render())
+        # `flwr run` exits 0 even when the app failed: the run's status is the verdict.
+        if status != "finished:completed":
+            time.sleep(1.0)
+            tail = (run_dir / "flower.log").read_text()[-4000:]
+            console.print(tail)
+            console.print(f"[bold red]run {run_id} ended with status {status}[/] (log: {run_dir / 'flower.log'})")
+            return 1
+        code = 0
+    finally:
+        if streamer is not None:
+            streamer.terminate()
+        flower_log.close()
+        _stop_local_superlink(flwr_home)
+        shutil.rmtree(flwr_home, ignore_errors=True)
+    return code
+
+
+def _print_summary(run_dir: Path) -> None:
+    path = run_dir / "summary.json"
+    if not path.exists():
+        return
+    s = json.loads(path.read_text())
+    console.print(
+        f"[bold]held-out loss[/] {s['heldout_loss_first']:.4f} → {s['heldout_loss_last']:.4f}   "
+        f"[bold]accuracy[/] {s['accuracy_first']:.3f} → {s['accuracy_last']:.3f}   "
+        f"[bold]uplink[/] {s['uplink_bytes_total']:,} B   [bold]downlink[/] {s['downlink_bytes_total']:,} B   "
+        f"{s['wall_s']:.0f} s"
+    )
+    console.print(f"run folder: {run_dir}   checkpoint: {s.get('checkpoint')}")
+
+
+@app.command()
+def simulate(
+    recipe: Annotated[Path, typer.Argument(help="Recipe TOML, e.g. recipes/spsa/smollm2-135m-4c.toml")],
+    sites: Annotated[int, typer.Option(help="Number of simulated sites (0: the recipe's run.num_sites)")] = 0,
+    rounds: Annotated[int, typer.Option(help="Override num_rounds")] = 0,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="key=value override (repeatable)")] = None,
+    engine: Annotated[str, typer.Option(help="flower (Flower's simulation engine) or inproc")] = "flower",
+    cpus_per_site: Annotated[float, typer.Option(help="CPU cores Flower reserves per simulated site")] = 1.0,
+) -> None:
+    """Simulate N sites on this machine with Flower's simulation engine (offline)."""
+    extra: dict[str, Any] = {}
+    if rounds:
+        extra["num_rounds"] = rounds
+    flat, cfg = _load(recipe, set_ or [], extra)
+    num_sites = sites or cfg.run.num_sites or 4
+    name = new_run_name(cfg)
+    run_dir = (Path(cfg.run.dir).expanduser() / name).resolve()
+    flat.update({"run.name": name, "run.dir": str(run_dir.parent), "run.num_sites": num_sites})
+    cfg = cfgmod.from_run_config(flat)
+    if engine == "flower":
+        code = simulate_flower(flat, cfg, num_sites, cpus_per_site, run_dir)
+    elif engine == "inproc":
+        from edgetune import inproc
+
+        table = RoundTable(
+            f"edgetune simulate (in-process) · {name} · {cfg.algorithm} · {num_sites} sites", cfg.num_rounds
+        )
+        with Live(table.render(), console=console, refresh_per_second=2) as live:
+
+            def on_row(row: dict[str, Any]) -> None:
+                table.add(row)
+                live.update(table.render())
+
+            table.status = "running"
+            inproc.run(cfg, num_sites, run_dir=run_dir, on_row=on_row)
+            table.status = "finished"
+            live.update(table.render())
+        code = 0
+    else:
+        raise _fail(f"--engine must be flower or inproc, got {engine!r}")
+    _print_summary(run_dir)
+    raise typer.Exit(code=code)
+
+
+@app.command()
+def keys(
+    out_dir: Annotated[Path, typer.Argument(help="Folder for the key material")],
+    sites: Annotated[str, typer.Option(help="Comma-separated site ids, e.g. plant-a,plant-b")],
+    add: Annotated[bool, typer.Option(help="Add site kits to an existing folder")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing key material")] = False,
+) -> None:
+    """Generate the server signing key and one key kit per site (hand sites/<id>/ to each site)."""
+    from edgetune.crypto import keys as keymod
+
+    site_ids = [s.strip() for s in sites.split(",") if s.strip()]
+    if not site_ids:
+        raise _fail("--sites names no site")
+    try:
+        if add:
+            keymod.add_sites(out_dir, site_ids)
+        else:
+            keymod.generate(out_dir, site_ids, overwrite=overwrite)
+    except ValueError as err:
+        raise _fail(str(err)) from err
+    console.print(f"server key:   {out_dir / 'server'} (keep private)")
+    console.print(f"registry:     {out_dir / 'registry.json'} (site public keys, for the server)")
+    for s in site_ids:
+        console.print(f"site kit:     {keymod.site_kit_dir(out_dir, s)} (give to {s})")
+
+
+@app.command("eval")
+def eval_(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint folder (runs/<id>/checkpoints/round-NNNN)")],
+    recipe: Annotated[Path | None, typer.Option(help="Config for the held-out data (default: the run's)")] = None,
+    sites: Annotated[int, typer.Option(help="Sites whose held-out questions to use (default: the run's)")] = 0,
+    examples: Annotated[int, typer.Option(help="Held-out examples (default: the run's eval.num_examples)")] = 0,
+    accuracy: Annotated[bool, typer.Option(help="Also greedy exact-match accuracy")] = True,
+) -> None:
+    """Held-out loss and exact-match accuracy of a saved checkpoint."""
+    from edgetune.evaluation import evaluate_checkpoint
+
+    try:
+        result = evaluate_checkpoint(
+            checkpoint, recipe=recipe, num_sites=sites, num_examples=examples, accuracy=accuracy
+        )
+    except ValueError as err:
+        raise _fail(str(err)) from err
+    for key, value in result.items():
+        console.print(f"{key:>14}: {value}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

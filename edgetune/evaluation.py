@@ -1,0 +1,101 @@
+"""Evaluate a saved checkpoint (``edgetune eval``): held-out loss and exact-match accuracy.
+
+A checkpoint folder holds either a full model (``config.json`` + safetensors, loadable with
+``AutoModelForCausalLM.from_pretrained``) or a peft adapter (``adapter_config.json``), plus the
+tokenizer and ``edgetune.json`` (round, state hash). The held-out set is rebuilt from the run's
+``config.toml`` (two folders up), or from a recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgetune import config as cfgmod
+from edgetune.data.sources import heldout_examples
+from edgetune.metrics.eval import evaluate
+from edgetune.models.load import model_folder, resolve_device
+from edgetune.models.params import model_sha256
+
+
+def _run_config(checkpoint: Path, recipe: Path | None) -> cfgmod.RunConfig:
+    if recipe is not None:
+        return cfgmod.from_run_config(cfgmod.load_recipe(recipe))
+    run_cfg = checkpoint.parent.parent / "config.toml"
+    if not run_cfg.is_file():
+        raise ValueError(f"{checkpoint} is not inside a run folder (no {run_cfg}); pass --recipe")
+    return cfgmod.from_run_config(cfgmod.load_recipe(run_cfg))
+
+
+def load_checkpoint(checkpoint: Path, cfg: cfgmod.RunConfig) -> tuple[Any, Any]:
+    """(model, tokenizer) from a checkpoint folder: a full model or a peft adapter on the base."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(cfg.model.device)
+    if (checkpoint / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        from edgetune.models.load import load_model
+
+        base, tokenizer = load_model(
+            cfgmod.ModelSection(**{**cfg.model.__dict__, "trainable": "all"}), seed=cfg.run.seed
+        )
+        model = PeftModel.from_pretrained(base, str(checkpoint), local_files_only=True)
+    elif (checkpoint / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, local_files_only=True, dtype=torch.float32)
+        tokenizer = None
+    else:
+        raise ValueError(f"{checkpoint} is not a checkpoint (no config.json or adapter_config.json)")
+    if (checkpoint / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
+    elif tokenizer is None:
+        folder = model_folder(cfg.model)
+        if folder is None:
+            raise ValueError(f"{checkpoint} has no tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer
+
+
+def evaluate_checkpoint(
+    checkpoint: Path | str,
+    *,
+    recipe: Path | None = None,
+    num_sites: int = 0,
+    num_examples: int = 0,
+    accuracy: bool = True,
+) -> dict[str, Any]:
+    """Held-out loss (and accuracy) of ``checkpoint`` on the run's held-out questions."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        raise ValueError(f"no checkpoint folder at {checkpoint}")
+    cfg = _run_config(checkpoint, recipe)
+    if num_examples:
+        cfg = cfgmod.from_run_config({**cfgmod.flatten(cfg), "eval.num_examples": num_examples})
+    sites = num_sites or cfg.run.num_sites or 4
+    model, tokenizer = load_checkpoint(checkpoint, cfg)
+    examples = heldout_examples(cfg, sites)
+    result: dict[str, Any] = {}
+    info = checkpoint / "edgetune.json"
+    if info.is_file():
+        result["round"] = json.loads(info.read_text()).get("round")
+    result.update(
+        evaluate(
+            model,
+            tokenizer,
+            examples,
+            batch_size=cfg.eval.batch_size,
+            max_length=cfg.data.max_length,
+            max_new_tokens=cfg.eval.max_new_tokens,
+            accuracy=accuracy,
+        )
+    )
+    result["num_examples"] = len(examples)
+    result["weights_sha256"] = model_sha256(model)
+    return result

@@ -1,0 +1,36 @@
+"""Shared fixtures: a tiny, deterministic spsa configuration and in-process federations."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def tiny_flat(**overrides):
+    """Flat config of a small tiny-model spsa run (deterministic secrets)."""
+    flat = {
+        "model.path": "tiny",
+        "model.trainable": "all",
+        "num_rounds": 3,
+        "crypto.deterministic_secrets": True,
+        "data.demo_facts": 4,
+        "data.batch_size": 4,
+        "eval.num_examples": 8,
+        "eval.batch_size": 8,
+        "eval.max_new_tokens": 4,
+        "spsa.lr": 1e-3,
+        "spsa.num_steps": 2,
+        "run.min_sites": 1,
+    }
+    flat.update(overrides)
+    return flat
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Model conversions and scratch files go to a per-session folder, not ~/.cache."""
+    cache = os.environ.get("EDGETUNE_TEST_CACHE") or str(tmp_path_factory.getbasetemp() / "edgetune-cache")
+    monkeypatch.setenv("EDGETUNE_CACHE", cache)
