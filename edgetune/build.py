@@ -94,6 +94,13 @@ def process_workdir(cfg: RunConfig) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"p{os.getpid()}-", dir=root))
 
 
+def site_state_dir(cfg: RunConfig, site_id: str) -> Path:
+    """Persistent folder of one site (``<cache>/sites/<site-id>``)."""
+    path = cache_root(cfg.model) / "sites" / site_id
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def build_client(
     cfg: RunConfig,
     site_id: str,

@@ -250,7 +250,152 @@ class SpsaSection:
             raise ValueError(f"spsa.round_start must be auto, host or disk, got {self.round_start!r}")
 
 
-ALGORITHM_NAMES = ("spsa",)
+@dataclass(frozen=True, kw_only=True)
+class KavgSection:
+    """K local optimizer steps, then averaging (K-AVG, Zhou & Cong 2018); used by kavg, lowrank, dppf, deft."""
+
+    local_steps: int = 4
+    """K: local optimizer steps per site per round."""
+    lr: float = 1e-4
+    """Local learning rate."""
+    optimizer: str = "sgd"
+    """``sgd`` or ``adamw`` (optimizer state is reset every round: sites keep nothing between rounds)."""
+    momentum: float = 0.0
+    """SGD momentum (within a round)."""
+    weight_decay: float = 0.0
+    """Weight decay of the local optimizer."""
+    down_codec: str = "fp32"
+    """Codec of the global parameters sent to sites: fp32, fp16, bf16, int8-row."""
+    up_codec: str = "fp32"
+    """Codec of the updates sites send back: fp32, fp16, bf16, int8-row."""
+    clip_norm: float = 0.0
+    """Clip every site's update to this L2 norm before aggregation (0: off)."""
+    outlier_mult: float = 10.0
+    """Reject an update whose norm exceeds this multiple of the median norm (3+ sites; 0: off)."""
+    aggregator: str = "mean"
+    """Across sites, per coordinate: mean (weighted by the examples the server assigned), trimmed, median."""
+    trim_frac: float = 0.125
+    """Fraction trimmed from each side by the trimmed mean."""
+
+    def __post_init__(self) -> None:
+        from edgetune.comm.tensors import TENSOR_CODECS
+
+        if self.local_steps < 1 or not self.lr > 0:
+            raise ValueError("kavg.local_steps must be >= 1 and kavg.lr > 0")
+        if self.optimizer not in {"sgd", "adamw"}:
+            raise ValueError(f"kavg.optimizer must be sgd or adamw, got {self.optimizer!r}")
+        if not 0 <= self.momentum < 1 or self.weight_decay < 0:
+            raise ValueError("kavg.momentum must be in [0, 1) and kavg.weight_decay >= 0")
+        for key in ("down_codec", "up_codec"):
+            if getattr(self, key) not in TENSOR_CODECS:
+                raise ValueError(f"kavg.{key} must be one of {', '.join(TENSOR_CODECS)}, got {getattr(self, key)!r}")
+        if self.clip_norm < 0 or self.outlier_mult < 0:
+            raise ValueError("kavg.clip_norm and kavg.outlier_mult must be >= 0")
+        if self.aggregator not in {"mean", "trimmed", "median"}:
+            raise ValueError(f"kavg.aggregator must be mean, trimmed or median, got {self.aggregator!r}")
+        if not 0 <= self.trim_frac < 0.5:
+            raise ValueError(f"kavg.trim_frac must be in [0, 0.5), got {self.trim_frac}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LowrankSection:
+    """LoRA factors with K-AVG local steps (``model.trainable = "lora"``); see ``algorithms/lowrank.py``."""
+
+    mode: str = "exact"
+    """``fedavg`` (A and B averaged separately: the common, biased baseline), ``exact`` (average of
+    B_i A_i per layer, truncated SVD back to rank r), ``ab-groups`` (half the sites train and send
+    only A, half only B; AB-training) or ``only-b`` (shared frozen A, exact averaging of B)."""
+    svd_cutoff: float = 0.0
+    """exact / re-factorisation: drop singular values below this fraction of the largest (0: keep rank r)."""
+    refactor_every: int = 4
+    """ab-groups: every N-th round all sites train both factors and the server re-factorises exactly (0: never)."""
+    rebound_rounds: int = 2
+    """ab-groups: after a re-factorisation the learning rate climbs back over this many rounds (0: off)."""
+    rebound_lr: float = 1e-5
+    """ab-groups: learning rate right after a re-factorisation (AB-training's rebound start)."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in {"fedavg", "exact", "ab-groups", "only-b"}:
+            raise ValueError(f"lowrank.mode must be fedavg, exact, ab-groups or only-b, got {self.mode!r}")
+        if not 0 <= self.svd_cutoff < 1:
+            raise ValueError(f"lowrank.svd_cutoff must be in [0, 1), got {self.svd_cutoff}")
+        if self.refactor_every < 0 or self.rebound_rounds < 0 or not self.rebound_lr > 0:
+            raise ValueError("lowrank.refactor_every and rebound_rounds must be >= 0, rebound_lr > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeftSection:
+    """Sparsified uplink with error feedback (DEFT, Yoon & Oh 2023); see ``algorithms/deft.py``."""
+
+    density: float = 0.01
+    """k = density x trainable parameters: the values each round's union aims at."""
+    selector: str = "deft"
+    """``deft`` (server-assigned partitions, norm-proportional k, two phases) or ``topk`` (plain
+    top-k per site: the baseline whose index union grows with the number of sites)."""
+    value_codec: str = "fp32"
+    """Codec of the uploaded values: fp32, fp16 or bf16."""
+    error_feedback: bool = True
+    """Carry what was not sent into the next round's update (residuals kept on each site)."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.density <= 1:
+            raise ValueError(f"deft.density must be in (0, 1], got {self.density}")
+        if self.selector not in {"deft", "topk"}:
+            raise ValueError(f"deft.selector must be deft or topk, got {self.selector!r}")
+        if self.value_codec not in {"fp32", "fp16", "bf16"}:
+            raise ValueError(f"deft.value_codec must be fp32, fp16 or bf16, got {self.value_codec!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DppfSection:
+    """Pull-push around the average after each aggregation (DPPF, Dimlioglu & Choromanska 2025)."""
+
+    alpha: float = 0.5
+    """Pull strength: x_i <- x_bar + (1 - alpha) (x_i - x_bar) + lam u_i. alpha = 1, lam = 0 is kavg."""
+    lam: float = 1e-3
+    """Push strength (the spread settles near lam / alpha)."""
+    schedule: str = "constant"
+    """``constant``, or ``linear``: alpha and lam ramp from 0 over ``warmup_rounds``."""
+    warmup_rounds: int = 0
+    """Rounds of the linear ramp."""
+    distance: str = "params"
+    """Where the worker spread MV is measured: ``params`` (trainable parameters) or ``delta-w``
+    (LoRA products s*B*A per layer, invariant to rescaling B and A)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.alpha <= 1 or self.lam < 0 or not math.isfinite(self.lam):
+            raise ValueError("dppf.alpha must be in [0, 1] and dppf.lam a finite number >= 0")
+        if self.schedule not in {"constant", "linear"} or self.warmup_rounds < 0:
+            raise ValueError("dppf.schedule must be constant or linear, dppf.warmup_rounds >= 0")
+        if self.distance not in {"params", "delta-w"}:
+            raise ValueError(f"dppf.distance must be params or delta-w, got {self.distance!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImvSection:
+    """Checkpoint flatness: the forward-only valley probe (``metrics/imv.py``), for any algorithm."""
+
+    every_rounds: int = 0
+    """Measure the aggregated model's IMV every N rounds (0: off)."""
+    num_directions: int = 4
+    """R random unit directions (from the ``imv`` stream, never a training stream)."""
+    delta: float = 0.1
+    """Loss rise that defines the valley's edge."""
+    num_examples: int = 16
+    """Held-out examples used for the probe's loss."""
+    max_radius: float = 64.0
+    """Largest radius searched; a direction still flat there reports this value."""
+    bisect_steps: int = 8
+    """Bisection steps per direction after bracketing."""
+
+    def __post_init__(self) -> None:
+        if self.every_rounds < 0 or self.num_directions < 1 or self.num_examples < 1 or self.bisect_steps < 1:
+            raise ValueError("imv.every_rounds >= 0, imv.num_directions, num_examples and bisect_steps >= 1")
+        if not (self.delta > 0 and math.isfinite(self.delta)) or not self.max_radius > 0:
+            raise ValueError("imv.delta and imv.max_radius must be positive")
+
+
+ALGORITHM_NAMES = ("spsa", "kavg")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -267,12 +412,19 @@ class RunConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     crypto: CryptoSection = field(default_factory=CryptoSection)
     spsa: SpsaSection = field(default_factory=SpsaSection)
+    kavg: KavgSection = field(default_factory=KavgSection)
+    lowrank: LowrankSection = field(default_factory=LowrankSection)
+    deft: DeftSection = field(default_factory=DeftSection)
+    dppf: DppfSection = field(default_factory=DppfSection)
+    imv: ImvSection = field(default_factory=ImvSection)
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHM_NAMES:
             raise ValueError(f"algorithm must be one of {', '.join(ALGORITHM_NAMES)}, got {self.algorithm!r}")
         if self.num_rounds < 1:
             raise ValueError(f"num_rounds must be >= 1, got {self.num_rounds}")
+        if self.algorithm == "lowrank" and self.model.trainable.strip() != "lora":
+            raise ValueError("algorithm = 'lowrank' trains LoRA factors: set model.trainable = 'lora'")
 
 
 def _sections() -> dict[str, type]:

@@ -1,8 +1,10 @@
 """Algorithm registry: an explicit dict, no import-time decorators."""
 
 from edgetune.algorithms.base import AlgorithmSpec
+from edgetune.algorithms.kavg import KavgClient, KavgServer
 from edgetune.algorithms.spsa import SpsaClient, SpsaServer
 
 ALGORITHMS: dict[str, AlgorithmSpec] = {
     "spsa": AlgorithmSpec("spsa", SpsaServer, SpsaClient),
+    "kavg": AlgorithmSpec("kavg", KavgServer, KavgClient),
 }

@@ -61,6 +61,9 @@ class ClientContext:
     workdir: Path
     site_keys: Any = None
     replica_namespace: str = ""
+    state_dir: Path | None = None
+    """Persistent per-site folder that outlives processes (error-feedback residuals, local copies);
+    algorithms keep one subfolder per run there."""
 
 
 class ServerHalf(Protocol):

@@ -53,6 +53,7 @@ from edgetune.crypto import envelope, keystream, schedule
 from edgetune.crypto.envelope import EnvelopeError, ReplayGuard
 from edgetune.data.prompts import batch_indices
 from edgetune.models import master
+from edgetune.models.loss import answer_loss
 from edgetune.models.params import Manifest, manifest_of, trainable_tensors
 
 HASH_BYTES = 16
@@ -334,10 +335,8 @@ def replica_for(model: nn.Module, run_id: bytes, workdir: Path, store_kind: str,
 
 def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
     """Mean next-token loss over the answer tokens of ``batch`` (labels -100 elsewhere)."""
-    device = next(model.parameters()).device
     with torch.inference_mode():
-        out = model(**{k: v.to(device) for k, v in batch.items()})
-    return float(out.loss)
+        return float(answer_loss(model, batch))
 
 
 def _apply_all(work: Sequence[torch.Tensor], packed: Sequence[torch.Tensor], alpha: float) -> None:

@@ -12,7 +12,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch.nn import functional as F  # noqa: N812  (PyTorch's own convention)
 from transformers import GenerationConfig
 
 from edgetune.data.prompts import (
@@ -22,6 +21,7 @@ from edgetune.data.prompts import (
     pad_token_id,
     stop_token_ids,
 )
+from edgetune.models.loss import answer_loss
 
 
 def heldout_loss(
@@ -55,22 +55,16 @@ def heldout_loss(
     """
     _check(examples, batch_size)
     data = TokenizedSet(tokenizer, examples, max_length)
-    device = _device(model)
     total = torch.zeros((), dtype=torch.float64)
     count = 0
     with _eval_mode(model), torch.no_grad():
         for start in range(0, len(data), batch_size):
             batch = data.batch(range(start, min(start + batch_size, len(data))))
-            logits = model(
-                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-            ).logits
-            # Position t predicts token t + 1.
-            targets = batch["labels"][:, 1:].to(device)
-            losses = F.cross_entropy(
-                logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum"
-            )
-            total += losses.double().cpu()
-            count += int((targets != IGNORE_INDEX).sum())
+            # answer_loss projects only the answer positions; mean x count = this batch's sum.
+            n_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            if n_tokens:
+                total += answer_loss(model, batch).double().cpu() * n_tokens
+            count += n_tokens
     if count == 0:
         raise ValueError("heldout_loss: no answer tokens to score (max_length too small?)")
     return float(total / count)

