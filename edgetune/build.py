@@ -5,8 +5,10 @@ Shared by ``inproc.py`` and the Flower apps so both build exactly the same objec
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -66,7 +68,7 @@ def build_server(cfg: RunConfig, run_dir: Path, site_ids: list[str]) -> tuple[Se
         run_id=run_id_for(Path(run_dir).name),
         model=model,
         tokenizer=tokenizer,
-        workdir=Path(run_dir) / "work",
+        workdir=process_workdir(cfg),
         server_keys=keymod.load_server(keys_dir),
         registry=keymod.load_registry(keys_dir),
     )
@@ -88,10 +90,30 @@ def build_server(cfg: RunConfig, run_dir: Path, site_ids: list[str]) -> tuple[Se
 
 
 def process_workdir(cfg: RunConfig) -> Path:
-    """Scratch folder of this process (master-weight files of its model replica)."""
+    """Scratch folder of this process (master-weight files of its model replicas).
+
+    Removed when the process exits; folders left by processes that died are removed by the next
+    process that asks for one.
+    """
     root = cache_root(cfg.model) / "work"
     root.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f"p{os.getpid()}-", dir=root))
+    for stale in root.glob("p*-*"):
+        pid = stale.name[1:].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    path = Path(tempfile.mkdtemp(prefix=f"p{os.getpid()}-", dir=root))
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def site_state_dir(cfg: RunConfig, site_id: str) -> Path:
@@ -123,5 +145,6 @@ def build_client(
         workdir=workdir,
         site_keys=keymod.load_site(site_kit),
         replica_namespace=namespace,
+        state_dir=site_state_dir(cfg, site_id),
     )
     return ALGORITHMS[cfg.algorithm].client_cls(cfg, ctx)

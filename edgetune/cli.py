@@ -3,6 +3,10 @@
     edgetune simulate RECIPE --sites N [--rounds R] [--set key=value ...] [--engine flower|inproc]
     edgetune keys OUT_DIR --sites site-0,site-1 [--add] [--overwrite]
     edgetune eval CHECKPOINT [--examples N] [--no-accuracy]
+    edgetune imv CHECKPOINT [--set imv.num_directions=8]
+    edgetune certs KEYS --hosts link.example.org,10.0.0.5
+    edgetune server RECIPE --keys KEYS [--address 0.0.0.0:9091]
+    edgetune site --kit KEYS/sites/<id> --superlink HOST:PORT --data site.jsonl [--device cuda]
 
 ``simulate`` runs Flower's simulation engine (``flwr run`` against a private local SuperLink,
 offline) and follows the run's ``metrics.jsonl`` in a live table; ``--engine inproc`` runs the
@@ -140,6 +144,35 @@ def _stop_local_superlink(flwr_home: Path) -> None:
             pass
 
 
+def _sim_status(run_id: int, env: dict[str, str], root: Path) -> str:
+    ls = subprocess.run(
+        ["flwr", "ls", "--run-id", str(run_id), "--format", "json"], env=env, capture_output=True, text=True, cwd=root
+    )
+    try:
+        return str(json.loads(ls.stdout)["runs"][0]["status"])
+    except (ValueError, KeyError, IndexError):
+        return "unknown"
+
+
+def follow(table: RoundTable, run_dir: Path, status_fn: Any, *, poll_s: float = 2.0) -> str:
+    """Show the run's metrics.jsonl rows live until ``status_fn()`` says the run finished."""
+    status = ""
+    with Live(table.render(), console=console, refresh_per_second=2) as live:
+        while True:
+            for row in read_jsonl(run_dir / "metrics.jsonl")[len(table.rows) :]:
+                table.add(row)
+            status = status_fn()
+            table.status = status
+            live.update(table.render())
+            if status.startswith("finished"):
+                break
+            time.sleep(poll_s)
+        for row in read_jsonl(run_dir / "metrics.jsonl")[len(table.rows) :]:
+            table.add(row)
+        live.update(table.render())
+    return status
+
+
 def simulate_flower(flat: dict[str, Any], cfg: cfgmod.RunConfig, sites: int, cpus: float, run_dir: Path) -> int:
     """Run ``flwr run`` on Flower's simulation engine and follow the run; return an exit code."""
     root = app_dir()
@@ -178,30 +211,7 @@ def simulate_flower(flat: dict[str, Any], cfg: cfgmod.RunConfig, sites: int, cpu
         streamer = subprocess.Popen(
             ["flwr", "log", str(run_id), "--stream"], env=env, stdout=flower_log, stderr=subprocess.STDOUT, cwd=root
         )
-        status = ""
-        with Live(table.render(), console=console, refresh_per_second=2) as live:
-            while True:
-                for row in read_jsonl(run_dir / "metrics.jsonl")[len(table.rows) :]:
-                    table.add(row)
-                ls = subprocess.run(
-                    ["flwr", "ls", "--run-id", str(run_id), "--format", "json"],
-                    env=env,
-                    capture_output=True,
-                    text=True,
-                    cwd=root,
-                )
-                try:
-                    status = json.loads(ls.stdout)["runs"][0]["status"]
-                except (ValueError, KeyError, IndexError):
-                    status = "unknown"
-                table.status = status
-                live.update(table.render())
-                if status.startswith("finished"):
-                    break
-                time.sleep(2.0)
-            for row in read_jsonl(run_dir / "metrics.jsonl")[len(table.rows) :]:
-                table.add(row)
-            live.update(table.render())
+        status = follow(table, run_dir, lambda: _sim_status(run_id, env, root))
         # `flwr run` exits 0 even when the app failed: the run's status is the verdict.
         if status != "finished:completed":
             time.sleep(1.0)
@@ -322,6 +332,192 @@ def eval_(
         raise _fail(str(err)) from err
     for key, value in result.items():
         console.print(f"{key:>14}: {value}")
+
+
+@app.command()
+def imv(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint folder (runs/<id>/checkpoints/round-NNNN)")],
+    recipe: Annotated[Path | None, typer.Option(help="Config for the held-out data (default: the run's)")] = None,
+    sites: Annotated[int, typer.Option(help="Sites whose held-out questions to use (default: the run's)")] = 0,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="imv.key=value override, e.g. imv.delta=0.05")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Where to write the JSON report (default: CHECKPOINT/imv.json)")
+    ] = None,
+) -> None:
+    """Checkpoint flatness: the forward-only valley probe (IMV = 1 / mean radius) of a saved checkpoint."""
+    from edgetune.io import atomic_write_json
+    from edgetune.metrics.imv import checkpoint_imv
+
+    try:
+        overrides = dict(cfgmod.parse_override(o) for o in (set_ or []))
+        report = checkpoint_imv(checkpoint, recipe=recipe, num_sites=sites, overrides=overrides)
+    except ValueError as err:
+        raise _fail(str(err)) from err
+    for key, value in report.items():
+        console.print(f"{key:>16}: {value}")
+    target = out or Path(checkpoint) / "imv.json"
+    atomic_write_json(target, report)
+    console.print(f"written to {target}")
+
+
+@app.command()
+def certs(
+    keys_dir: Annotated[Path, typer.Argument(help="The folder made by `edgetune keys`")],
+    hosts: Annotated[str, typer.Option(help="SuperLink DNS names / IPs for its certificate, comma-separated")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing CA and node keys")] = False,
+) -> None:
+    """TLS (a private CA + the SuperLink certificate) and Flower node-auth keys for every site kit."""
+    import json as _json
+
+    from edgetune.crypto import certs as certmod
+
+    try:
+        sites = sorted(_json.loads((keys_dir / "registry.json").read_text())["sites"])
+        certmod.generate_tls(keys_dir, [h.strip() for h in hosts.split(",") if h.strip()], overwrite=overwrite)
+        certmod.generate_node_keys(keys_dir, sites, overwrite=overwrite)
+    except (ValueError, OSError, KeyError) as err:
+        raise _fail(str(err)) from err
+    console.print(f"CA:         {certmod.tls_dir(keys_dir) / 'ca.crt'} (ca.key: keep offline)")
+    console.print(f"SuperLink:  {certmod.tls_dir(keys_dir) / 'superlink.crt'} for {hosts}")
+    for site in sites:
+        console.print(f"site kit:   {keys_dir / 'sites' / site} (+ node.key, node.pub, ca.crt)")
+
+
+@app.command()
+def server(
+    recipe: Annotated[Path, typer.Argument(help="Recipe TOML")],
+    keys: Annotated[Path, typer.Option(help="Key folder from `edgetune keys` + `edgetune certs`")],
+    address: Annotated[str, typer.Option(help="Where the SuperLink listens (host:port)")] = "0.0.0.0:9091",
+    connect: Annotated[str, typer.Option(help="Use a running SuperLink at host:port instead of starting one")] = "",
+    state: Annotated[Path, typer.Option(help="SuperLink database and Flower CLI home")] = Path(".edgetune/server"),
+    sites: Annotated[int, typer.Option(help="Sites to wait for (0: every registered site)")] = 0,
+    rounds: Annotated[int, typer.Option(help="Override num_rounds")] = 0,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="key=value override (repeatable)")] = None,
+    insecure: Annotated[bool, typer.Option(help="No TLS, no node auth: loopback tests only")] = False,
+) -> None:
+    """Start (or connect to) a SuperLink with TLS + node authentication, register sites, run RECIPE."""
+    import json as _json
+
+    from edgetune import deploy
+
+    keys = keys.resolve()
+    state = state.resolve()
+    try:
+        registered = sorted(_json.loads((keys / "registry.json").read_text())["sites"])
+    except (OSError, ValueError, KeyError) as err:
+        raise _fail(f"{keys / 'registry.json'}: {err}") from err
+    extra: dict[str, Any] = {"crypto.keys_dir": str(keys), "run.num_sites": sites or len(registered)}
+    if rounds:
+        extra["num_rounds"] = rounds
+    flat, cfg = _load(recipe, set_ or [], extra)
+    name = new_run_name(cfg)
+    run_dir = (Path(cfg.run.dir).expanduser() / name).resolve()
+    flat.update({"run.name": name, "run.dir": str(run_dir.parent)})
+    cfg = cfgmod.from_run_config(flat)
+    host, port = deploy.split_address(connect or address)
+    if insecure:
+        if not deploy.is_loopback(host):
+            raise _fail("--insecure is for loopback tests only (127.0.0.1); real sites need TLS")
+        console.print("[bold red]WARNING: --insecure: no TLS, no node authentication. Loopback tests only.[/]")
+    ca = None if insecure else keys / "tls" / "ca.crt"
+    link_home, cli_home = state / "superlink", state / "cli"
+    env_link, env = deploy.flower_env(link_home), deploy.flower_env(cli_home)
+    client_host = "127.0.0.1" if host in {"0.0.0.0", "::"} else host
+    deploy.write_cli_config(cli_home, f"{client_host}:{port}", ca)
+    run_cfg = state / "run-config.toml"
+    state.mkdir(parents=True, exist_ok=True)
+    run_cfg.write_text(cfgmod.to_toml(flat))
+    link = None
+    try:
+        if not connect:
+            cmd = deploy.superlink_command(keys, host, port, link_home, insecure=insecure)
+            link = deploy.Managed(cmd, env_link, state / "superlink.log").__enter__()
+            scheme = "http" if insecure else "https"
+            deploy.wait_healthy(f"{scheme}://{client_host}:{port}/health", ca, 60, link)
+            console.print(f"SuperLink on {host}:{port} (log {state / 'superlink.log'}, database {link_home})")
+        if not insecure:
+            done = deploy.register_sites(keys, env)
+            console.print(f"registered node keys of {', '.join(done)}")
+        run_id = deploy.submit_run(app_dir(), run_cfg, env)
+        console.print(f"run {run_id} submitted: {run_dir}")
+        table = RoundTable(f"edgetune server · {name} · {cfg.algorithm}", cfg.num_rounds)
+        status = follow(table, run_dir, lambda: deploy.run_status(run_id, env), poll_s=3.0)
+    except deploy.DeployError as err:
+        raise _fail(str(err)) from err
+    finally:
+        if link is not None:
+            link.stop()
+    _print_summary(run_dir)
+    if status != "finished:completed":
+        raise _fail(f"run {run_id} ended with status {status}; see {state / 'superlink.log'}")
+
+
+@app.command()
+def site(
+    kit: Annotated[Path, typer.Option(help="This site's kit folder (sites/<id> from the server team)")],
+    superlink: Annotated[str, typer.Option(help="The SuperLink's host:port")],
+    data: Annotated[str, typer.Option(help="This site's JSONL data (instruction/response rows)")] = "",
+    demo_index: Annotated[int, typer.Option(help="Use demo site N's data instead of --data (-1: off)")] = -1,
+    num_sites: Annotated[int, typer.Option(help="With --demo-index: how many demo sites exist")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N (default: the recipe's)")] = "",
+    port: Annotated[int, typer.Option(help="Local port of this SuperNode's runtime API")] = 9094,
+    state: Annotated[Path, typer.Option(help="This site's Flower home")] = Path(".edgetune/site"),
+    insecure: Annotated[bool, typer.Option(help="No TLS, no node auth: loopback tests only")] = False,
+) -> None:
+    """Run this factory's site: a Flower SuperNode with its kit, data and device."""
+    from edgetune import deploy
+
+    kit = kit.resolve()
+    if not (kit / "site.json").is_file():
+        raise _fail(f"{kit} is not a site kit (no site.json)")
+    if data and not Path(data).is_file():
+        raise _fail(f"--data {data} does not exist")
+    if not data and demo_index < 0:
+        raise _fail("give --data PATH (this site's JSONL) or --demo-index N (demo data)")
+    host, _ = deploy.split_address(superlink)
+    if insecure:
+        if not deploy.is_loopback(host):
+            raise _fail("--insecure is for loopback tests only; use the kit's TLS and node key")
+        console.print("[bold red]WARNING: --insecure: no TLS, no node authentication. Loopback tests only.[/]")
+    try:
+        cmd = deploy.supernode_command(
+            kit,
+            superlink,
+            port=port,
+            data_path=data,
+            device=device,
+            insecure=insecure,
+            site_index=demo_index if demo_index >= 0 else None,
+            num_sites=num_sites or None,
+        )
+    except (deploy.DeployError, OSError, ValueError) as err:
+        raise _fail(str(err)) from err
+    env = deploy.flower_env(state.resolve())
+    console.print(f"site {kit.name} -> {superlink}; logs below (Ctrl+C stops the site)")
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def _stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    # Stop the SuperNode's whole process group (SuperExec, ClientApps) on Ctrl+C or SIGTERM,
+    # even when started in the background (where SIGINT is ignored by default).
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        console.print("stopping the site")
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            code = 130
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    raise typer.Exit(code=code)
 
 
 def main() -> None:

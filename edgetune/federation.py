@@ -118,6 +118,16 @@ def run_round(
     )
 
 
+def _probe_imv(cfg: RunConfig, server: ServerHalf, tokenizer: Any, transport: Transport) -> dict[str, float]:
+    """Checkpoint IMV of the aggregated model (forward-only; restores the weights exactly and
+    draws only from the ``imv`` stream, so training is unaffected).
+    """
+    from edgetune.metrics.imv import imv_examples, imv_metrics, model_imv
+
+    examples = imv_examples(cfg, len(transport.sites()))
+    return imv_metrics(model_imv(server.global_model(), tokenizer, examples, cfg))
+
+
 def run_federation(
     cfg: RunConfig,
     server: ServerHalf,
@@ -130,6 +140,8 @@ def run_federation(
     if not recorder.rows:
         t0 = time.time()
         ev = evaluate(server.global_model(), True)
+        if cfg.imv.every_rounds:
+            ev.update(_probe_imv(cfg, server, tokenizer, transport))
         recorder.round_done({"round": 0, **ev, "wall_s": round(time.time() - t0, 3), "state_hash": server.state_hash()})
     last_ckpt = None
     for r in range(1, cfg.num_rounds + 1):
@@ -144,9 +156,14 @@ def run_federation(
             acc_every = cfg.eval.accuracy_every_rounds
             with_acc = last or (acc_every > 0 and r % acc_every == 0)
             row.update(evaluate(server.global_model(), with_acc))
+        if cfg.imv.every_rounds and (last or r % cfg.imv.every_rounds == 0):
+            row.update(_probe_imv(cfg, server, tokenizer, transport))
         row["state_hash"] = server.state_hash()
         row["wall_s"] = round(time.time() - t0, 3)
         recorder.round_done(row)
         if last or (cfg.run.checkpoint_every and r % cfg.run.checkpoint_every == 0):
-            last_ckpt = recorder.checkpoint(server.global_model(), tokenizer, r, {"state_hash": server.state_hash()})
+            imv = {k: row[k] for k in ("imv", "imv_radius", "imv_base_loss", "imv_capped") if k in row}
+            last_ckpt = recorder.checkpoint(
+                server.global_model(), tokenizer, r, {"state_hash": server.state_hash(), **imv}
+            )
     return recorder.finish({"checkpoint": str(last_ckpt) if last_ckpt else None})

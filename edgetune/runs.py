@@ -106,6 +106,8 @@ class RunRecorder:
         atomic_write_json(self.dir / "summary.json", summary)
         try:
             plot_loss_vs_bytes(self.rows, self.dir / "loss_vs_bytes.png", title=self.dir.name)
+            if any(r.get("imv") is not None or r.get("worker_imv") is not None for r in self.rows):
+                plot_imv(self.rows, self.dir / "imv.png", title=self.dir.name)
         except Exception as err:  # a plot must never fail a finished run
             summary["plot_error"] = str(err)
         return summary
@@ -117,6 +119,9 @@ def format_row(row: dict[str, Any]) -> str:
     for key, fmt in (("train_loss", ".4f"), ("heldout_loss", ".4f"), ("accuracy", ".3f")):
         if row.get(key) is not None:
             parts.append(f"{key} {row[key]:{fmt}}")
+    for key, label in (("worker_mv", "MV"), ("imv", "IMV")):
+        if row.get(key) is not None:
+            parts.append(f"{label} {row[key]:.4g}")
     parts.append(f"up {row.get('uplink_bytes', 0):,} B")
     parts.append(f"down {row.get('downlink_bytes', 0):,} B")
     if row.get("num_accepted") is not None:
@@ -150,6 +155,35 @@ def plot_loss_vs_bytes(rows: list[dict[str, Any]], path: Path, *, title: str = "
     ax.set_xlabel("cumulative bytes (encoded payloads)")
     ax.set_ylabel("held-out loss (answer tokens)")
     ax.set_title(title or "held-out loss vs bytes")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = path.with_suffix(".tmp.png")
+    fig.savefig(buf)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.read_bytes(), mode=0o644)
+    buf.unlink(missing_ok=True)
+
+
+def plot_imv(rows: list[dict[str, Any]], path: Path, *, title: str = "") -> None:
+    """Checkpoint IMV (valley probe) and worker IMV (dppf spread) against rounds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    for key, label, style in (
+        ("imv", "checkpoint IMV (1 / valley radius)", "o-"),
+        ("worker_imv", "worker IMV (1 / mean spread, dppf)", "s--"),
+    ):
+        pts = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), style, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("round")
+    ax.set_ylabel("IMV (higher: sharper)")
+    ax.set_title(title or "flatness")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

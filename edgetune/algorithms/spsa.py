@@ -30,8 +30,10 @@ replay costs S tensor passes however many sites there are.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
+import shutil
 import statistics
 import time
 from collections.abc import Sequence
@@ -52,6 +54,7 @@ from edgetune.config import RunConfig
 from edgetune.crypto import envelope, keystream, schedule
 from edgetune.crypto.envelope import EnvelopeError, ReplayGuard
 from edgetune.data.prompts import batch_indices
+from edgetune.io import atomic_write_json
 from edgetune.models import master
 from edgetune.models.loss import answer_loss
 from edgetune.models.params import Manifest, manifest_of, trainable_tensors
@@ -298,6 +301,73 @@ class Replica:
                     f"replay gap: this copy applied round {self.applied}, log starts at {entry.round_idx}"
                 )
             self.apply(entry.round_idx, replay_terms(entry, secret, self.run_id))
+
+    def save(self, folder: Path) -> None:
+        """Persist the master state (run, round, hash) for a later process of the same site.
+
+        In deployment every message runs in a fresh ClientApp process; without this the site
+        would start from the base weights each time. The file is hard-linked when possible (the
+        store writes each round to a new inode), so saving costs no copy.
+        """
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"master-{self.applied:06d}.safetensors"
+        target = folder / name
+        if not target.exists():
+            tmp = folder / f".{name}.tmp-{os.getpid()}"
+            tmp.unlink(missing_ok=True)
+            try:
+                if not isinstance(self.store, master.DiskStore):
+                    raise OSError("host store: write a file")
+                os.link(self.store.path, tmp)
+            except OSError:
+                tensors = [torch.empty(e.shape, dtype=torch.float32) for e in self.manifest]
+                for i, t in enumerate(tensors):
+                    self.store.read_into(i, t)
+                master.DiskStore(tmp, self.manifest, tensors)
+            os.replace(tmp, target)
+        atomic_write_json(
+            folder / "replica.json",
+            {
+                "run": self.run_id.hex(),
+                "applied": self.applied,
+                "hash": self.hash,
+                "manifest": self.manifest.digest(),
+                "file": name,
+            },
+        )
+        for old in folder.glob("master-*.safetensors"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+        # keep the saved states of this site's two most recent runs only
+        runs = sorted((p for p in folder.parent.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+        for stale in runs[:-2]:
+            if stale != folder:
+                shutil.rmtree(stale, ignore_errors=True)
+
+    @staticmethod
+    def saved_round(folder: Path | None, run_id: bytes) -> int:
+        """Round of the state saved in ``folder`` for ``run_id`` (-1 if none)."""
+        if folder is None or not (folder / "replica.json").is_file():
+            return -1
+        try:
+            meta = json.loads((folder / "replica.json").read_text())
+        except ValueError:
+            return -1
+        return int(meta["applied"]) if meta.get("run") == run_id.hex() else -1
+
+    def load(self, folder: Path, run_id: bytes) -> None:
+        """Continue from a state saved by ``save`` (checked against its recorded hash)."""
+        meta = json.loads((folder / "replica.json").read_text())
+        if meta["manifest"] != self.manifest.digest():
+            raise ValueError(f"{folder}: saved state has another parameter layout")
+        saved = master.DiskStore(folder / meta["file"], self.manifest)
+        with torch.no_grad():
+            master.reset(saved, self.work)
+        self.store = self._new_store(run_id.hex()[:12], self.work)
+        h = master.state_hash(self.store, self.manifest)
+        if h != meta["hash"]:
+            raise ValueError(f"{folder}: saved state hashes to {h[:12]}, recorded {meta['hash'][:12]}")
+        self.run_id, self.applied, self.hash = run_id, int(meta["applied"]), h
 
     @contextmanager
     def local(self):  # type: ignore[no-untyped-def]
@@ -610,6 +680,10 @@ class SpsaClient:
         replica = replica_for(
             self.ctx.model, run_id, self.ctx.workdir, self.cfg.spsa.round_start, self.ctx.replica_namespace
         )
+        site_dir = self.ctx.state_dir / "spsa" / run_id.hex() if self.ctx.state_dir else None
+        saved = Replica.saved_round(site_dir, run_id)
+        if site_dir is not None and saved > replica.applied:
+            replica.load(site_dir, run_id)  # a fresh process: continue from this site's saved state
         replica.sync(entries, secrets)
         if replica.short_hash != plan["hash"] and plan["first"] == 1:
             # This process followed another lineage under the same run id (a restarted run); the
@@ -621,6 +695,8 @@ class SpsaClient:
                 f"{self.ctx.site_id}: state {replica.short_hash.hex()} after replay, "
                 f"server expects {plan['hash'].hex()}"
             )
+        if site_dir is not None and replica.applied > saved:
+            replica.save(site_dir)
         r = opened.round_idx
         codes, loss = self._local_round(replica, opened.secret, run_id, r, plan)
         inner = wire.encode({"codes": codes, "hash": replica.short_hash, "loss": loss})

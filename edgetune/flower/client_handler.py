@@ -68,7 +68,10 @@ def _client(context: Context) -> ClientHalf:
     me = identity(context, kit_root)
     key = (context.run_id, me["site"])
     if key not in _CLIENTS:
-        cfg = cfgmod.from_run_config(dict(context.run_config))
+        flat = dict(context.run_config)
+        if "device" in context.node_config:  # a site's own accelerator (edgetune site --device)
+            flat["model.device"] = str(context.node_config["device"])
+        cfg = cfgmod.from_run_config(flat)
         if not _WORKDIR:
             _WORKDIR.append(process_workdir(cfg))
         _CLIENTS[key] = build_client(

@@ -340,3 +340,28 @@ def test_recipe_files_are_runnable_configs():
     for path in Path(__file__).resolve().parents[2].glob("recipes/spsa/*.toml"):
         cfg = cfgmod.from_run_config(cfgmod.load_recipe(path))
         assert cfg.algorithm == "spsa"
+
+
+def test_site_in_a_fresh_process_continues_from_its_saved_state(tmp_path):
+    """Deployment runs every message in a new process: a site reloads its saved replica (round and
+    hash) from its state folder and needs only the last round of log."""
+    from edgetune.models import load as loadmod
+
+    cfg = _cfg(**{"num_rounds": 4})
+    server, transport, recorder, *_ = _federation(tmp_path, cfg, 2, separate=True)
+    for r in (1, 2, 3):
+        run_round(cfg, server, transport, recorder, r)
+    spsa._REPLICAS.clear()  # forget every in-process copy, as a new ClientApp process would
+    loadmod.clear_cache()
+    from edgetune.build import build_client, keys_dir_for
+    from edgetune.crypto.keys import site_kit_dir
+
+    keys = keys_dir_for(cfg, recorder.dir)
+    transport.clients = {
+        s: build_client(cfg, s, i, 2, site_kit_dir(keys, s), workdir=tmp_path / "w2", namespace=s)
+        for i, s in enumerate(["site-0", "site-1"])
+    }
+    payloads = server.configure(4, "train", transport.sites())
+    assert [e.round_idx for e in spsa.decode_log(payloads["site-0"]["log"])] == [3]
+    metrics, rejected, _ = run_round(cfg, server, transport, recorder, 4)
+    assert not rejected and metrics["num_accepted"] == 2
