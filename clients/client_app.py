@@ -18,3 +18,15 @@ def hello(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """One round's local work (the ``train`` phase of every algorithm)."""
     return client_handler.handle(msg, context, "train")
+
+
+@app.train("indices")
+def train_indices(msg: Message, context: Context) -> Message:
+    """deft phase 1: train locally, upload top-k indices of the assigned partitions."""
+    return client_handler.handle(msg, context, "indices")
+
+
+@app.train("values")
+def train_values(msg: Message, context: Context) -> Message:
+    """deft phase 2: upload values at the union of indices."""
+    return client_handler.handle(msg, context, "values")

@@ -395,7 +395,7 @@ class ImvSection:
             raise ValueError("imv.delta and imv.max_radius must be positive")
 
 
-ALGORITHM_NAMES = ("spsa", "kavg")
+ALGORITHM_NAMES = ("spsa", "kavg", "deft")
 
 
 @dataclass(frozen=True, kw_only=True)

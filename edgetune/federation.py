@@ -89,6 +89,7 @@ def run_round(
     failures: dict[str, str] = {}
     for attempt in range(1, MAX_ROUND_ATTEMPTS + 1):
         metrics: dict[str, float] = {}
+        earlier_phase: dict[str, str] = {}
         failures = {}
         committed = True
         for phase in server.phases:
@@ -106,7 +107,12 @@ def run_round(
             failures.update(failed)
             failures.update(result.rejected)
             for key, value in result.metrics.items():
-                metrics[key if phase == "train" else f"{phase}.{key}"] = value
+                # a metric keeps its plain name; if a later phase reports it again, the earlier
+                # phase's value moves to "<phase>.<key>" (deft: num_accepted = values phase)
+                if key in metrics and key in earlier_phase:
+                    metrics[f"{earlier_phase[key]}.{key}"] = metrics[key]
+                metrics[key] = value
+                earlier_phase[key] = phase
             if not result.committed:
                 committed = False
                 break

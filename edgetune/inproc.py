@@ -69,6 +69,13 @@ def build(
     itself (as in Flower, where sites are separate processes); by default all halves in this
     process share one model, as Flower's simulation actors do.
     """
+    # A run starts from the base weights: forget models and replicas earlier runs in this process
+    # trained (Flower starts fresh processes per run; in-process runs must behave the same).
+    from edgetune.algorithms import spsa
+    from edgetune.models.load import clear_cache
+
+    clear_cache()
+    spsa._REPLICAS.clear()
     run_dir = Path(run_dir) if run_dir else Path(cfg.run.dir) / new_run_name(cfg)
     site_ids = [site_name(i) for i in range(num_sites)]
     server, tokenizer, evaluate = build_server(cfg, run_dir, site_ids)

@@ -1,10 +1,12 @@
 """Algorithm registry: an explicit dict, no import-time decorators."""
 
 from edgetune.algorithms.base import AlgorithmSpec
+from edgetune.algorithms.deft import DeftClient, DeftServer
 from edgetune.algorithms.kavg import KavgClient, KavgServer
 from edgetune.algorithms.spsa import SpsaClient, SpsaServer
 
 ALGORITHMS: dict[str, AlgorithmSpec] = {
     "spsa": AlgorithmSpec("spsa", SpsaServer, SpsaClient),
     "kavg": AlgorithmSpec("kavg", KavgServer, KavgClient),
+    "deft": AlgorithmSpec("deft", DeftServer, DeftClient),
 }

@@ -18,10 +18,11 @@ import torch
 
 from edgetune.crypto.schedule import keystream
 
-CHUNK_ELEMS = 1 << 21
+CHUNK_ELEMS = 1 << 20
 """Elements per generated chunk (a multiple of 512, the 64-byte ChaCha20 block in bits)."""
 
 _LUTS: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+_SCRATCH: dict[tuple[str, torch.dtype, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _lut(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -62,6 +63,23 @@ def rademacher(
     return expand(tensor_bits(key, index, numel, device), numel, dtype)
 
 
+def _expand_chunk(packed: torch.Tensor, count: int, dtype: torch.dtype) -> torch.Tensor:
+    """Like ``expand`` but into reused scratch buffers (no allocation per chunk)."""
+    n8 = packed.numel()
+    key = (str(packed.device), dtype, CHUNK_ELEMS)
+    if key not in _SCRATCH:
+        _SCRATCH[key] = (
+            torch.empty(CHUNK_ELEMS // 8, dtype=torch.int32, device=packed.device),
+            torch.empty(CHUNK_ELEMS // 8, 8, dtype=dtype, device=packed.device),
+        )
+    idx_buf, z_buf = _SCRATCH[key]
+    idx = idx_buf[:n8]
+    idx.copy_(packed)
+    z = z_buf[:n8]
+    torch.index_select(_lut(packed.device, dtype), 0, idx, out=z)
+    return z.view(-1)[:count]
+
+
 def add_(
     param: torch.Tensor,
     key: bytes,
@@ -82,8 +100,7 @@ def add_(
             chunk_bits = torch.from_numpy(bits(key, index, start, stop - start).copy()).to(param.device)
         else:
             chunk_bits = packed[start // 8 : (stop + 7) // 8]
-        z = expand(chunk_bits, stop - start, param.dtype)
-        flat[start:stop].add_(z, alpha=alpha)
+        flat[start:stop].add_(_expand_chunk(chunk_bits, stop - start, param.dtype), alpha=alpha)
 
 
 def add_many_(param: torch.Tensor, index: int, terms: list[tuple[bytes, float]]) -> None:
@@ -99,4 +116,4 @@ def add_many_(param: torch.Tensor, index: int, terms: list[tuple[bytes, float]])
         view = flat[start:stop]
         for key, coeff in terms:
             chunk_bits = torch.from_numpy(bits(key, index, start, stop - start).copy()).to(param.device)
-            view.add_(expand(chunk_bits, stop - start, param.dtype), alpha=-coeff)
+            view.add_(_expand_chunk(chunk_bits, stop - start, param.dtype), alpha=-coeff)

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import tiny_flat
+
 from edgetune import config as cfgmod
 from edgetune import inproc
 from edgetune.algorithms.kavg import aggregate_tensors, site_batches
