@@ -395,7 +395,7 @@ class ImvSection:
             raise ValueError("imv.delta and imv.max_radius must be positive")
 
 
-ALGORITHM_NAMES = ("spsa", "kavg", "deft")
+ALGORITHM_NAMES = ("spsa", "kavg", "lowrank", "deft", "dppf")
 
 
 @dataclass(frozen=True, kw_only=True)

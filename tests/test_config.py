@@ -552,4 +552,7 @@ def test_module_exposes_algorithm_names():
 
     # Execute / Assert
     assert set(config.ALGORITHM_NAMES) <= sections
-    assert set(config.ALGORITHM_NAMES) == sections - {"run", "model", "data", "eval", "crypto"}
+    assert set(config.ALGORITHM_NAMES) == sections - {"run", "model", "data", "eval", "crypto", "imv"}
+    from edgetune.algorithms import ALGORITHMS
+
+    assert set(config.ALGORITHM_NAMES) == set(ALGORITHMS)

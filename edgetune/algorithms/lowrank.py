@@ -1,0 +1,433 @@
+"""lowrank: LoRA factors trained with K local steps (kavg), merged in one of four ways.
+
+Sources: LoRA, Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"
+(arXiv 2106.09685), through peft; AB-training, Coquelin et al. 2024, "Harnessing Orthogonality to
+Train Low-Rank Neural Networks" (arXiv 2405.01067; code Helmholtz-AI-Energy/AB-Training).
+
+Legend: O, I = out / in features of an adapted Linear, R = LoRA rank r, N = accepted sites,
+s = peft's scaling lora_alpha / r, w_i = K x batch size (assigned by the server, as in kavg).
+LoRA (peft convention, B on the left)::
+
+    W' = W + s * B_OR @ A_RI          A from the keyed ``init`` stream, B = 0 (models/load.py)
+
+Each site trains the factors its plan's ``train`` selector names for K steps from the global
+(A, B) and sends their deltas (``WeightsClient``). The server merges them (``lowrank.mode``)::
+
+    fedavg     A <- sum_i w_i A_i / W,  B <- sum_i w_i B_i / W            (W = sum_i w_i)
+               s B A != sum_i w_i s B_i A_i / W: the cross terms make it biased (the baseline).
+    exact      M = sum_i w_i s B_i A_i / W per layer, never formed densely: M = P Q with
+                 P = [w_1 s B_1 .. w_N s B_N] / W  (O x NR),  Q = [A_1; ..; A_N]  (NR x I),
+                 P = Qp Rp, Q^T = Qq Rq (thin QR),  Rp Rq^T = Uc S Vc^T  (an NR x NR SVD),
+                 M = (Qp Uc) S (Qq Vc)^T = U S V^T.
+               Keep the top R singular values (``svd_cutoff`` c > 0 also zeroes s_j <= c s_1;
+               shapes stay rank R) and re-split in balance:
+                 B = U sqrt(S) / sqrt(s),  A = sqrt(S) V^T / sqrt(s)   =>   s B A = U_R S_R V_R^T,
+               the best rank-R approximation of M (Eckart-Young). AB-training writes W = A B with
+               A = U sqrt(S), B = sqrt(S) V^T; only the names swap. Dividing by sqrt(s) balances the
+               factors as they are stored and trained, so ||B[:, j]|| = ||A[j]|| = sqrt(s_j / s).
+    only-b     every site trains B only; A stays the shared keyed init, so
+                 s (sum_i w_i B_i / W) A = sum_i w_i s B_i A / W          exactly. Uplink: B.
+    ab-groups  AB-training, "only-learned": in round r the site at position p of the sorted
+               site ids trains A if p + r is odd, else B (the groups swap every round, so every
+               site's data reaches both factors); A <- mean over the A-group, B <- mean over the
+               B-group. Uplink per site: about half of fedavg's. Rounds 1, 1 + F, 1 + 2F, ...
+               (F = ``refactor_every``) are re-factorisations: all sites train both factors and the
+               server merges as ``exact``. Round 1 is one because B = 0 there makes A's gradient
+               s B^T G vanish (an A-group would learn nothing); it plays AB-training's warm-up.
+               After each re-factorisation the learning rate rebounds:
+                 lr(R + j) = rebound_lr + (lr - rebound_lr) (j - 1) / rebound_rounds,  j = 1..rebound_rounds.
+
+Screening (security.md 2.2) happens in dW space, not on factor norms. For a site's deltas
+(dB, dA) on a layer, with (B, A) the global factors::
+
+    s (B + dB)(A + dA) - s B A = s (dB A + B dA) + s dB dA
+    n_layer = ||s (dB A + B dA)||_F + ||s dB dA||_F,   n = sqrt(sum_layers n_layer^2)
+
+n bounds the dW change the update makes (triangle inequality) and equals it when only one factor
+moves (only-b, ab-groups). It cannot be lowered by a rescaling (c B_i, A_i / c), which keeps the
+product and would slip past a pure product norm, yet multiplies fedavg's factor average: its
+first-order term grows with c. Sites with n above ``kavg.outlier_mult`` x the median are rejected;
+with ``kavg.clip_norm`` the deltas are scaled by the c in (0, 1] with n(c dB, c dA) = clip, so every
+site moves dW by at most the clip (the product mean in ``exact`` then moves by at most twice the
+clip after truncation, since ||M_R - M|| <= ||s B A - M||).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgetune.algorithms.base import ClientContext, ReplyRejected, RoundResult, ServerContext
+from edgetune.algorithms.kavg import WeightsClient, WeightsServer, aggregate_tensors, select
+from edgetune.comm.codecs import CodecError
+from edgetune.comm.wire import Payload, WireError
+from edgetune.config import RunConfig
+from edgetune.models.params import Manifest
+
+# ---- the math, as pure functions ------------------------------------------------------------------
+
+
+def lora_pairs(manifest: Manifest) -> list[tuple[int, int]]:
+    """Manifest indices (A, B) of each LoRA layer, paired by name (``...lora_A...`` / ``...lora_B...``).
+
+    Raises ``ValueError`` unless every trainable tensor belongs to exactly one pair of shapes
+    (R, I) and (O, R): lowrank needs ``model.trainable = "lora"``.
+    """
+    index = {e.name: e.index for e in manifest}
+    pairs = []
+    for e in manifest:
+        if ".lora_A." not in e.name:
+            continue
+        b = index.get(e.name.replace(".lora_A.", ".lora_B."))
+        if b is None:
+            raise ValueError(f"LoRA factor {e.name} has no lora_B partner among the trainable tensors")
+        a_shape, b_shape = e.shape, manifest.entries[b].shape
+        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
+            raise ValueError(f"LoRA pair {e.name}: shapes {a_shape} and {b_shape} are not (R, I) and (O, R)")
+        pairs.append((e.index, b))
+    paired = {i for pair in pairs for i in pair}
+    others = [e.name for e in manifest if e.index not in paired]
+    if not pairs or others:
+        raise ValueError(
+            "lowrank trains LoRA factor pairs only (set model.trainable = 'lora'); "
+            f"found {len(pairs)} pairs and other trainable tensors {others[:3]}"
+        )
+    return pairs
+
+
+def lora_scale(model: nn.Module, a_name: str) -> float:
+    """LoRA scaling s (peft's ``scaling[adapter]``, lora_alpha / r) of the layer whose A factor is ``a_name``."""
+    module_path, rest = a_name.split(".lora_A.", 1)
+    adapter = rest.split(".")[0]
+    layer: Any = model.get_submodule(module_path)
+    return float(layer.scaling[adapter])
+
+
+def norm_of_sum(lefts: Sequence[torch.Tensor], rights: Sequence[torch.Tensor]) -> float:
+    """Frobenius norm of sum_j L_j R_j without forming it: ||P Q|| = ||Rp Q|| for P = Qp Rp.
+
+    Parameters
+    ----------
+    lefts
+        Matrices L_j (O x k_j).
+    rights
+        Matrices R_j (k_j x I).
+
+    Returns
+    -------
+    float
+        ||sum_j L_j R_j||_F, computed in float64.
+    """
+    p = torch.cat([t.double() for t in lefts], dim=1)
+    q = torch.cat([t.double() for t in rights], dim=0)
+    r = torch.linalg.qr(p, mode="r").R
+    return float(torch.linalg.matrix_norm(r @ q))
+
+
+def svd_of_sum(
+    lefts: Sequence[torch.Tensor], rights: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of M = sum_j L_j R_j through QR of the stacked factors (cost O((O + I) k^2), k = sum k_j).
+
+    Parameters
+    ----------
+    lefts
+        Matrices L_j (O x k_j), e.g. w_i s B_i / W.
+    rights
+        Matrices R_j (k_j x I), e.g. A_i.
+
+    Returns
+    -------
+    tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+        float64 U (O x m), S (m, descending), Vh (m x I) with M = U diag(S) Vh, m = min(O, I, k).
+    """
+    p = torch.cat([t.double() for t in lefts], dim=1)
+    q = torch.cat([t.double() for t in rights], dim=0)
+    qp, rp = torch.linalg.qr(p)
+    qq, rq = torch.linalg.qr(q.T)
+    uc, s, vch = torch.linalg.svd(rp @ rq.T, full_matrices=False)
+    return qp @ uc, s, vch @ qq.T
+
+
+def resplit(
+    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, *, rank: int, cutoff: float, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Balanced rank-``rank`` factors of U diag(S) Vh in LoRA's convention (s B A = the truncation).
+
+    Parameters
+    ----------
+    u, s, vh
+        Thin SVD of the target product (already including LoRA's scale).
+    rank
+        R: the factors keep this shape whatever is kept.
+    cutoff
+        Zero the components with s_j <= cutoff * s_1 (0: keep the top R).
+    scale
+        LoRA scaling s = lora_alpha / r.
+
+    Returns
+    -------
+    tuple[torch.Tensor, torch.Tensor, int]
+        B (O x R), A (R x I) in float64, and the number of nonzero components kept.
+    """
+    k = min(rank, s.numel())
+    top = s[:k].clone()
+    if cutoff > 0 and k:
+        top = torch.where(top > cutoff * s[0], top, torch.zeros_like(top))
+    root = (top / scale).sqrt()
+    b = u.new_zeros(u.shape[0], rank)
+    a = vh.new_zeros(rank, vh.shape[1])
+    b[:, :k] = u[:, :k] * root
+    a[:k] = root[:, None] * vh[:k]
+    return b, a, int((top > 0).sum())
+
+
+def is_refactor_round(round_idx: int, refactor_every: int) -> bool:
+    """ab-groups: rounds 1, 1 + F, 1 + 2F, ... train both factors and merge exactly (F = 0: never)."""
+    if refactor_every == 0:
+        return False
+    return (round_idx - 1) % refactor_every == 0
+
+
+def rebound_lr(round_idx: int, *, lr: float, refactor_every: int, rebound_rounds: int, start: float) -> float:
+    """ab-groups learning rate: ``start`` right after a re-factorisation, linear back to ``lr``.
+
+    Parameters
+    ----------
+    round_idx
+        1-based round.
+    lr
+        The learning rate outside rebounds (``kavg.lr``).
+    refactor_every, rebound_rounds, start
+        ``lowrank.refactor_every``, ``lowrank.rebound_rounds``, ``lowrank.rebound_lr``.
+
+    Returns
+    -------
+    float
+        lr(R + j) = start + (lr - start) (j - 1) / rebound_rounds for j = 1..rebound_rounds after a
+        re-factorisation in round R; ``lr`` otherwise.
+    """
+    if refactor_every == 0 or rebound_rounds == 0 or round_idx < 2:
+        return lr
+    last = round_idx - 1 - (round_idx - 2) % refactor_every  # latest re-factorisation before this round
+    j = round_idx - last
+    if j > rebound_rounds:
+        return lr
+    return start + (lr - start) * (j - 1) / rebound_rounds
+
+
+def ab_group(round_idx: int, position: int) -> str:
+    """ab-groups selector of the site at ``position`` in the sorted ids: alternates, swapping every round."""
+    return "lora_A" if (position + round_idx) % 2 == 1 else "lora_B"
+
+
+# ---- server and site ------------------------------------------------------------------------------
+
+
+class LowrankServer(WeightsServer):
+    """Global LoRA factors; per-site train selectors; dW-space screening; factor or product merging."""
+
+    def __init__(self, cfg: RunConfig, ctx: ServerContext) -> None:
+        super().__init__(cfg, ctx)
+        self.lcfg = cfg.lowrank
+        self.pairs = lora_pairs(self.manifest)
+        self.scales = [lora_scale(self.model, self.manifest.entries[a].name) for a, _ in self.pairs]
+        self.screen = cfg.kavg
+        # kavg screens factor-delta norms, which a rescaling (cB, A/c) moves at will; lowrank
+        # screens in dW space (``aggregate``) and switches the factor screens of the base off.
+        self.kcfg = dataclasses.replace(cfg.kavg, outlier_mult=0.0, clip_norm=0.0)
+        self._screened: dict[str, list[torch.Tensor]] = {}
+
+    # ---- plans -------------------------------------------------------------------------------------
+
+    def refactor_round(self, round_idx: int) -> bool:
+        """True when this round merges products: always in ``exact``, periodically in ``ab-groups``."""
+        mode = self.lcfg.mode
+        return mode == "exact" or (mode == "ab-groups" and is_refactor_round(round_idx, self.lcfg.refactor_every))
+
+    def round_lr(self, round_idx: int) -> float:
+        """``kavg.lr``, with the LR rebound after re-factorisations in ``ab-groups``."""
+        if self.lcfg.mode != "ab-groups":
+            return float(self.kcfg.lr)
+        return rebound_lr(
+            round_idx,
+            lr=float(self.kcfg.lr),
+            refactor_every=self.lcfg.refactor_every,
+            rebound_rounds=self.lcfg.rebound_rounds,
+            start=self.lcfg.rebound_lr,
+        )
+
+    def site_plan(self, round_idx: int, site: str, sites: list[str]) -> dict[str, Any]:
+        plan = super().site_plan(round_idx, site, sites)
+        if self.lcfg.mode == "only-b":
+            plan["train"] = "lora_B"
+        elif self.lcfg.mode == "ab-groups" and not self.refactor_round(round_idx):
+            plan["train"] = ab_group(round_idx, sorted(sites).index(site))
+        plan["lr"] = self.round_lr(round_idx)
+        return plan
+
+    # ---- screening ---------------------------------------------------------------------------------
+
+    def delta_w_terms(self, full: Sequence[torch.Tensor]) -> list[tuple[float, float]]:
+        """Per LoRA layer, (||s (dB A + B dA)||, ||s dB dA||) of one site's full delta list."""
+        out = []
+        for (ia, ib), scale in zip(self.pairs, self.scales):
+            a, b, da, db = self.params[ia], self.params[ib], full[ia], full[ib]
+            out.append((scale * norm_of_sum([db, b], [a, da]), scale * norm_of_sum([db], [da])))
+        return out
+
+    def _validate(self, site: str, payload: Payload, plan: dict[str, Any]) -> list[torch.Tensor]:
+        if site in self._screened:  # decoded (and clipped) once, in ``aggregate``
+            return self._screened.pop(site)
+        return super()._validate(site, payload, plan)
+
+    def aggregate(self, round_idx: int, phase: str, replies: dict[str, Payload], *, min_sites: int) -> RoundResult:
+        self._screened = {}
+        for site in sorted(replies):
+            if site in self._plans:
+                try:
+                    self._screened[site] = super()._validate(site, replies[site], self._plans[site])
+                except (WireError, CodecError, ReplyRejected):
+                    pass  # the base class rejects it again, with the same reason
+        terms = {s: self.delta_w_terms(self._expand(d, self._plans[s])) for s, d in self._screened.items()}
+        norms = {s: _scaled_norm(t, 1.0) for s, t in terms.items()}
+        rejected: dict[str, str] = {}
+        if self.screen.outlier_mult and len(norms) >= 3:
+            med = sorted(norms.values())[len(norms) // 2]
+            for s, n in norms.items():
+                if med > 0 and n > self.screen.outlier_mult * med:
+                    rejected[s] = (
+                        f"update norm in dW = s*B*A space {n:.4g} is {n / med:.0f}x the median site's {med:.4g}"
+                    )
+        if self.screen.clip_norm:
+            for s, n in norms.items():
+                if s not in rejected and n > self.screen.clip_norm:
+                    c = _shrink_factor(terms[s], self.screen.clip_norm)
+                    for t in self._screened[s]:
+                        t.mul_(c)
+                    norms[s] = _scaled_norm(terms[s], c)
+        for s in rejected:
+            del self._screened[s]
+        result = super().aggregate(
+            round_idx, phase, {s: p for s, p in replies.items() if s not in rejected}, min_sites=min_sites
+        )
+        self._screened = {}
+        result.rejected.update(rejected)
+        if result.committed:
+            result.metrics["num_rejected"] = float(len(result.rejected))
+            result.metrics["mean_delta_w_norm"] = sum(norms[s] for s in result.accepted) / len(result.accepted)
+            result.metrics["lr"] = self.round_lr(round_idx)
+        return result
+
+    # ---- merging -----------------------------------------------------------------------------------
+
+    def combine(
+        self, round_idx: int, updates: dict[str, list[torch.Tensor]], plans: dict[str, dict]
+    ) -> dict[str, float]:
+        if self.refactor_round(round_idx):
+            return self._merge_products(updates, plans)
+        return self._average_learned(updates, plans)
+
+    def _weights(self, sites: Sequence[str], plans: dict[str, dict]) -> list[float]:
+        return [float(plans[s]["K"] * plans[s]["bs"]) for s in sites]
+
+    def _average_learned(self, updates: dict[str, list[torch.Tensor]], plans: dict[str, dict]) -> dict[str, float]:
+        """Each tensor averaged over the sites that trained it (all of them in fedavg and only-b)."""
+        before = [p.clone() for p in self.params]
+        trained = {s: set(select(self.manifest, plans[s]["train"])) for s in updates}
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i in range(len(self.params)):
+            who = tuple(s for s in sorted(updates) if i in trained[s])
+            if who:
+                groups.setdefault(who, []).append(i)
+        for who, idx in groups.items():
+            mean = aggregate_tensors(
+                [[updates[s][i] for i in idx] for s in who],
+                self._weights(who, plans),
+                self.kcfg.aggregator,
+                self.kcfg.trim_frac,
+            )
+            for i, d in zip(idx, mean):
+                self.params[i].add_(d)
+        if self.lcfg.mode == "ab-groups":
+            return {"refactor": 0.0}
+        return {"product_gap": self._product_gap(before, updates, plans), "refactor": 0.0}
+
+    def _product_gap(
+        self, before: list[torch.Tensor], updates: dict[str, list[torch.Tensor]], plans: dict[str, dict]
+    ) -> float:
+        """Bias of merging factors instead of products, relative to the mean update (all layers).
+
+        ||s B' A' - mean_i s B_i A_i|| / ||mean_i s B_i A_i - s B A||; 0 up to rounding for only-b.
+        """
+        sites = sorted(updates)
+        weights = self._weights(sites, plans)
+        total = sum(weights)
+        gap2 = move2 = 0.0
+        for (ia, ib), scale in zip(self.pairs, self.scales):
+            a_i = [before[ia] + updates[s][ia] for s in sites]
+            b_i = [scale * w / total * (before[ib] + updates[s][ib]) for s, w in zip(sites, weights)]
+            gap2 += norm_of_sum([scale * self.params[ib]] + [-b for b in b_i], [self.params[ia], *a_i]) ** 2
+            move2 += norm_of_sum([*b_i, -scale * before[ib]], [*a_i, before[ia]]) ** 2
+        return math.sqrt(gap2 / move2) if move2 > 0 else 0.0
+
+    def _merge_products(self, updates: dict[str, list[torch.Tensor]], plans: dict[str, dict]) -> dict[str, float]:
+        """Per layer: the (weighted or robust) mean of s B_i A_i, truncated and re-split (``exact``)."""
+        sites = sorted(updates)
+        weights = self._weights(sites, plans)
+        total = sum(weights)
+        kept, energy, tail = [], 0.0, 0.0
+        for (ia, ib), scale in zip(self.pairs, self.scales):
+            a_i = [(self.params[ia] + updates[s][ia]).double() for s in sites]
+            b_i = [(self.params[ib] + updates[s][ib]).double() for s in sites]
+            if self.kcfg.aggregator == "mean":
+                u, sv, vh = svd_of_sum([scale * w / total * b for w, b in zip(weights, b_i)], a_i)
+            else:  # robust statistics need the dense products, coordinate by coordinate
+                (mean,) = aggregate_tensors(
+                    [[scale * b @ a] for b, a in zip(b_i, a_i)], weights, self.kcfg.aggregator, self.kcfg.trim_frac
+                )
+                u, sv, vh = torch.linalg.svd(mean.double(), full_matrices=False)
+            b, a, k = resplit(u, sv, vh, rank=self.params[ia].shape[0], cutoff=self.lcfg.svd_cutoff, scale=scale)
+            self.params[ia].copy_(a)
+            self.params[ib].copy_(b)
+            kept.append(k)
+            energy += float(sv.pow(2).sum())
+            tail += float(sv[k:].pow(2).sum())  # the kept components are the k largest
+        return {
+            "refactor": 1.0,
+            "svd_rank": sum(kept) / len(kept),
+            "svd_tail": math.sqrt(tail / energy) if energy > 0 else 0.0,
+        }
+
+
+def _scaled_norm(terms: Sequence[tuple[float, float]], c: float) -> float:
+    """sqrt(sum_layers (c lin + c^2 quad)^2): the dW-space norm of a site's deltas scaled by c."""
+    return math.sqrt(sum((c * lin + c * c * quad) ** 2 for lin, quad in terms))
+
+
+def _shrink_factor(terms: Sequence[tuple[float, float]], bound: float) -> float:
+    """The c in (0, 1] with _scaled_norm(terms, c) = bound (to 1e-9), never above it."""
+    full = _scaled_norm(terms, 1.0)
+    lo, hi = bound / full, 1.0  # n(c) <= c n(1) for c <= 1, so bound / n(1) is feasible
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if _scaled_norm(terms, mid) <= bound:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-9 * hi:
+            break
+    return lo
+
+
+class LowrankClient(WeightsClient):
+    """A site: K local steps on the LoRA factors its plan selects (both, ``lora_A`` or ``lora_B``)."""
+
+    def __init__(self, cfg: RunConfig, ctx: ClientContext) -> None:
+        super().__init__(cfg, ctx)
+        lora_pairs(self.manifest)  # fail at start, not in round 1, when the model has no LoRA factors
