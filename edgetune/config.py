@@ -252,7 +252,8 @@ class SpsaSection:
 
 @dataclass(frozen=True, kw_only=True)
 class KavgSection:
-    """K local optimizer steps, then averaging (K-AVG, Zhou & Cong 2018); used by kavg, lowrank, dppf, deft."""
+    """K local optimizer steps, then averaging (K-AVG, Zhou & Cong 2018); used by kavg, lowrank, dppf and,
+    for local training and screening, deft (whose values use ``deft.value_codec``, not ``up_codec``)."""
 
     local_steps: int = 4
     """K: local optimizer steps per site per round."""
@@ -275,7 +276,8 @@ class KavgSection:
     aggregator: str = "mean"
     """Across sites, per coordinate: mean (weighted by the examples the server assigned), trimmed, median."""
     trim_frac: float = 0.125
-    """Fraction trimmed from each side by the trimmed mean."""
+    """Fraction trimmed from each side by the trimmed mean (rounded down: with the default 0.125,
+    nothing is trimmed below 8 sites)."""
 
     def __post_init__(self) -> None:
         from edgetune.comm.tensors import TENSOR_CODECS

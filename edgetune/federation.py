@@ -18,15 +18,18 @@ naming every site's failure. No round is ever skipped silently.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from edgetune.algorithms.base import RoundResult, ServerHalf
 from edgetune.comm import wire
 from edgetune.comm.wire import Payload, WireError
 from edgetune.config import RunConfig
+from edgetune.journal import Journal, RunFinished
 from edgetune.runs import RunRecorder
 
 MAX_ROUND_ATTEMPTS = 3
@@ -83,7 +86,12 @@ def _decode_replies(raw: dict[str, bytes | Failure], max_bytes: int) -> tuple[di
 
 
 def run_round(
-    cfg: RunConfig, server: ServerHalf, transport: Transport, recorder: RunRecorder, round_idx: int
+    cfg: RunConfig,
+    server: ServerHalf,
+    transport: Transport,
+    recorder: RunRecorder,
+    round_idx: int,
+    on_planned: Callable[[int], None] | None = None,
 ) -> tuple[dict[str, float], dict[str, str], int]:
     """Run all phases of one round (retrying without quorum); return metrics, rejections, attempts."""
     failures: dict[str, str] = {}
@@ -95,6 +103,8 @@ def run_round(
         for phase in server.phases:
             sites = transport.sites()
             payloads = server.configure(round_idx, phase, sites)
+            if on_planned is not None:
+                on_planned(round_idx)  # saved before anything is sent: a restart resends these bytes
             blobs = {site: wire.encode(p) for site, p in payloads.items()}
             for site, blob in blobs.items():
                 recorder.ledger.add(round_idx, phase, site, "down", len(blob))
@@ -134,6 +144,66 @@ def _probe_imv(cfg: RunConfig, server: ServerHalf, tokenizer: Any, transport: Tr
     return imv_metrics(model_imv(server.global_model(), tokenizer, examples, cfg))
 
 
+def _fault_point(where: str, round_idx: int) -> None:
+    """Fault injection for crash tests: ``EDGETUNE_FAULT=after-plan:3:10`` sleeps 10 s right after
+    round 3 is planned (so a test can kill -9 the server there). Unset in normal use.
+    """
+    spec = os.environ.get("EDGETUNE_FAULT", "")
+    if spec:
+        point, rnd, seconds = spec.split(":")
+        if point == where and int(rnd) == round_idx:
+            print(f"[edgetune] fault point {where} round {round_idx}: pausing {seconds} s", flush=True)
+            time.sleep(float(seconds))
+
+
+def _resume(cfg: RunConfig, server: ServerHalf, recorder: RunRecorder, journal: Journal) -> int:
+    """Load the server state of the last committed round; drop rows recorded after it."""
+    if journal.finished:
+        raise RunFinished(
+            f"{recorder.dir} holds a finished run (journal says so); start a new run with another run.name"
+        )
+    committed = journal.last_commit
+    if committed:
+        if not hasattr(server, "load_state"):
+            raise RuntimeError(f"{cfg.algorithm} cannot resume a run (no load_state)")
+        restored = server.load_state(recorder.dir / "server-state")
+        if restored != committed:
+            raise RuntimeError(f"journal says round {committed} is committed, the saved state is round {restored}")
+    recorder.truncate(committed)
+    return committed
+
+
+def _checkpoint_due(cfg: RunConfig, r: int) -> bool:
+    return r == cfg.num_rounds or bool(cfg.run.checkpoint_every and r % cfg.run.checkpoint_every == 0)
+
+
+def _record_round(
+    cfg: RunConfig,
+    server: ServerHalf,
+    transport: Transport,
+    recorder: RunRecorder,
+    evaluate: Evaluator,
+    tokenizer: Any,
+    r: int,
+    row: dict[str, Any],
+    t0: float,
+) -> Path | None:
+    """Evaluate (held-out loss, accuracy, IMV as configured), write the metrics row, checkpoint."""
+    last = r == cfg.num_rounds
+    if last or r % cfg.eval.every_rounds == 0:
+        acc_every = cfg.eval.accuracy_every_rounds
+        row.update(evaluate(server.global_model(), last or (acc_every > 0 and r % acc_every == 0)))
+    if cfg.imv.every_rounds and (last or r % cfg.imv.every_rounds == 0):
+        row.update(_probe_imv(cfg, server, tokenizer, transport))
+    row["state_hash"] = server.state_hash()
+    row["wall_s"] = round(time.time() - t0, 3)
+    recorder.round_done(row)
+    if _checkpoint_due(cfg, r):
+        imv = {k: row[k] for k in ("imv", "imv_radius", "imv_base_loss", "imv_capped") if k in row}
+        return recorder.checkpoint(server.global_model(), tokenizer, r, {"state_hash": server.state_hash(), **imv})
+    return None
+
+
 def run_federation(
     cfg: RunConfig,
     server: ServerHalf,
@@ -142,7 +212,22 @@ def run_federation(
     evaluate: Evaluator,
     tokenizer: Any,
 ) -> dict[str, Any]:
-    """Evaluate round 0, run ``cfg.num_rounds`` rounds, checkpoint, and write the summary."""
+    """Evaluate round 0, run ``cfg.num_rounds`` rounds, checkpoint, and write the summary.
+
+    A run folder that already has committed rounds (a killed server, restarted) continues after
+    the last committed round with the saved server state; a finished run is refused.
+    """
+    journal = Journal(recorder.dir)
+    committed = _resume(cfg, server, recorder, journal)
+    state_dir = recorder.dir / "server-state"
+    can_save = hasattr(server, "save_state")
+
+    def planned(round_idx: int) -> None:
+        if can_save:
+            server.save_state(state_dir, round_idx - 1)  # type: ignore[attr-defined]
+        journal.plan(round_idx)
+        _fault_point("after-plan", round_idx)
+
     if not recorder.rows:
         t0 = time.time()
         ev = evaluate(server.global_model(), True)
@@ -150,26 +235,40 @@ def run_federation(
             ev.update(_probe_imv(cfg, server, tokenizer, transport))
         recorder.round_done({"round": 0, **ev, "wall_s": round(time.time() - t0, 3), "state_hash": server.state_hash()})
     last_ckpt = None
-    for r in range(1, cfg.num_rounds + 1):
+    if committed and not any(row["round"] == committed for row in recorder.rows):
+        # killed between the commit and its metrics row: rebuild the row, re-evaluating the model
+        last_ckpt = _record_round(
+            cfg,
+            server,
+            transport,
+            recorder,
+            evaluate,
+            tokenizer,
+            committed,
+            dict(journal.commit_record(committed)["metrics"]),
+            time.time(),
+        )
+    elif (
+        committed
+        and _checkpoint_due(cfg, committed)
+        and not (recorder.dir / "checkpoints" / f"round-{committed:04d}").exists()
+    ):
+        # killed between the metrics row and the checkpoint: write the checkpoint now
+        last_ckpt = recorder.checkpoint(
+            server.global_model(), tokenizer, committed, {"state_hash": server.state_hash()}
+        )
+    for r in range(committed + 1, cfg.num_rounds + 1):
         t0 = time.time()
-        metrics, rejected, attempts = run_round(cfg, server, transport, recorder, r)
-        train_s = time.time() - t0
-        row: dict[str, Any] = {"round": r, **metrics, "attempts": attempts, "train_wall_s": round(train_s, 3)}
+        metrics, rejected, attempts = run_round(cfg, server, transport, recorder, r, on_planned=planned)
+        row: dict[str, Any] = {"round": r, **metrics, "attempts": attempts, "train_wall_s": round(time.time() - t0, 3)}
         if rejected:
             row["rejected"] = rejected
-        last = r == cfg.num_rounds
-        if last or r % cfg.eval.every_rounds == 0:
-            acc_every = cfg.eval.accuracy_every_rounds
-            with_acc = last or (acc_every > 0 and r % acc_every == 0)
-            row.update(evaluate(server.global_model(), with_acc))
-        if cfg.imv.every_rounds and (last or r % cfg.imv.every_rounds == 0):
-            row.update(_probe_imv(cfg, server, tokenizer, transport))
-        row["state_hash"] = server.state_hash()
-        row["wall_s"] = round(time.time() - t0, 3)
-        recorder.round_done(row)
-        if last or (cfg.run.checkpoint_every and r % cfg.run.checkpoint_every == 0):
-            imv = {k: row[k] for k in ("imv", "imv_radius", "imv_base_loss", "imv_capped") if k in row}
-            last_ckpt = recorder.checkpoint(
-                server.global_model(), tokenizer, r, {"state_hash": server.state_hash(), **imv}
-            )
-    return recorder.finish({"checkpoint": str(last_ckpt) if last_ckpt else None})
+        if can_save:
+            server.save_state(state_dir, r)  # type: ignore[attr-defined]
+        recorder.ledger.write_jsonl(recorder.dir / "ledger.jsonl")
+        journal.commit(r, server.state_hash(), row)
+        _fault_point("after-commit", r)
+        last_ckpt = _record_round(cfg, server, transport, recorder, evaluate, tokenizer, r, row, t0) or last_ckpt
+    summary = recorder.finish({"checkpoint": str(last_ckpt) if last_ckpt else None})
+    journal.finish(cfg.num_rounds)
+    return summary

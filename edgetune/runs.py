@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from edgetune import config as cfgmod
-from edgetune.comm.ledger import ByteLedger
+from edgetune.comm.ledger import ByteLedger, LedgerRow
 from edgetune.config import RunConfig
 from edgetune.io import append_jsonl, atomic_folder, atomic_write_bytes, atomic_write_json, read_jsonl
 
@@ -53,6 +53,16 @@ class RunRecorder:
     @property
     def metrics_path(self) -> Path:
         return self.dir / "metrics.jsonl"
+
+    def truncate(self, last_round: int) -> None:
+        """Forget rows and ledger entries after ``last_round`` (a resumed run redoes them)."""
+        kept = [r for r in self.rows if r["round"] <= last_round]
+        if len(kept) != len(self.rows):
+            self.rows = kept
+            text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
+            atomic_write_bytes(self.metrics_path, text.encode(), mode=0o644)
+        ledger = read_jsonl(self.dir / "ledger.jsonl")
+        self.ledger.rows = [LedgerRow(**r) for r in ledger if r["round_idx"] <= last_round]
 
     def round_done(self, row: dict[str, Any]) -> None:
         """Append one round's row (bytes filled in from the ledger) and print it."""

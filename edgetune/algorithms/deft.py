@@ -45,6 +45,8 @@ site keeps a (``acc-<r>.npy``) and e (``res-<r>.npy``) under ``ClientContext.sta
 deft``, since the two phases may run in different processes (without a ``state_dir``: the process
 workdir, which is enough in one process only); ``state`` stays empty. A retried round starts
 again from the residual of the round before, so a failed attempt never counts a residual twice.
+A site zeroes its residual at the union once it has sent its values; if the server then rejects
+or clips those values, that part of the site's update is lost (not carried to the next round).
 """
 
 from __future__ import annotations
@@ -352,9 +354,22 @@ class DeftServer(WeightsServer):
         self.k = min(self.dim, max(1, math.floor(self.dcfg.density * self.dim)))
         self.parts: Partitions | None = None
         """Fixed at the first round, from its number of sites."""
+        self.parts_sites = 0
         self.nu: np.ndarray | None = None
         """Per-partition norm of the last applied update (None: sizes)."""
         self.round: _RoundState | None = None
+
+    def extra_state(self) -> dict[str, Any]:
+        return {
+            "nu": None if self.nu is None else [float(x) for x in self.nu],
+            "parts_sites": None if self.parts is None else self.parts_sites,
+        }
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.nu = None if state.get("nu") is None else np.asarray(state["nu"], dtype=np.float64)
+        if state.get("parts_sites"):
+            self.parts_sites = int(state["parts_sites"])
+            self.parts = make_partitions(self.numels, self.parts_sites)
 
     def plan_round(self, round_idx: int, site_ids: list[str]) -> _RoundState:
         """Partitions (first call), k_p, common set, LPT bins and their rotation for one round."""
@@ -363,7 +378,8 @@ class DeftServer(WeightsServer):
         if self.dcfg.selector == "topk":
             return _RoundState(round_idx, plans, {s: self.k for s in sites})
         if self.parts is None:
-            self.parts = make_partitions(self.numels, max(1, len(sites)))
+            self.parts_sites = max(1, len(sites))
+            self.parts = make_partitions(self.numels, self.parts_sites)
         parts = self.parts
         kp = allocate_k(self.nu if self.nu is not None else parts.sizes, parts.sizes, self.k)
         common = np.flatnonzero(kp == parts.sizes)

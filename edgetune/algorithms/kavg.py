@@ -21,11 +21,15 @@ trainable tensors, the per-site plans and the local training loop.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from edgetune.algorithms.base import ClientContext, ReplyRejected, RoundResult, ServerContext
@@ -36,6 +40,7 @@ from edgetune.comm.wire import Payload, WireError
 from edgetune.config import RunConfig
 from edgetune.crypto import schedule
 from edgetune.data.prompts import batch_indices
+from edgetune.io import atomic_write_bytes, atomic_write_json
 from edgetune.models.loss import answer_loss
 from edgetune.models.params import Manifest, manifest_of, sha256_tensors, trainable_tensors
 
@@ -196,6 +201,54 @@ class WeightsServer:
         for p, d in zip(self.params, mean):
             p.add_(d)
         return {}
+
+    def extra_state(self) -> dict[str, Any]:
+        """JSON-able state beyond the parameters that a resumed server needs (subclasses)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Inverse of ``extra_state``."""
+
+    # ---- resume (journal.py) ---------------------------------------------------------------------
+
+    def save_state(self, folder: Path, committed_round: int) -> None:
+        """Persist the global parameters of ``committed_round`` (once) and the extra state."""
+        folder.mkdir(parents=True, exist_ok=True)
+        meta_path = folder / "weights.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        name = f"params-{committed_round:06d}.safetensors"
+        if meta.get("round") != committed_round or not (folder / name).is_file():
+            tensors = {e.name: p.contiguous() for e, p in zip(self.manifest, self.params)}
+            atomic_write_bytes(folder / name, safetensors_bytes(tensors))
+        atomic_write_json(
+            meta_path,
+            {
+                "round": committed_round,
+                "file": name,
+                "hash": self.state_hash(),
+                "manifest": self.manifest.digest(),
+                "extra": self.extra_state(),
+            },
+        )
+        for old in folder.glob("params-*.safetensors"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+
+    def load_state(self, folder: Path) -> int:
+        """Restore what ``save_state`` wrote; returns the committed round."""
+        meta = json.loads((folder / "weights.json").read_text())
+        if meta["manifest"] != self.manifest.digest():
+            raise ValueError(f"{folder}: saved server state has another parameter layout")
+        loaded = safetensors_load((folder / meta["file"]).read_bytes())
+        self.params = [loaded[e.name].to(torch.float32).clone() for e in self.manifest]
+        if self.state_hash() != meta["hash"]:
+            raise ValueError(f"{folder}: saved parameters do not match their recorded hash")
+        with torch.no_grad():
+            for w, p in zip(trainable_tensors(self.model, self.manifest), self.params):
+                w.copy_(p.to(w.device, w.dtype))
+        self._down = {}
+        self.load_extra_state(meta.get("extra", {}))
+        return int(meta["round"])
 
     # ---- protocol --------------------------------------------------------------------------------
 

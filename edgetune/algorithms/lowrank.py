@@ -1,8 +1,8 @@
 """lowrank: LoRA factors trained with K local steps (kavg), merged in one of four ways.
 
 Sources: LoRA, Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"
-(arXiv 2106.09685), through peft; AB-training, Coquelin et al. 2024, "Harnessing Orthogonality to
-Train Low-Rank Neural Networks" (arXiv 2405.01067; code Helmholtz-AI-Energy/AB-Training).
+(arXiv 2106.09685), through peft; AB-training, Coquelin et al. 2024, "AB-Training: A Communication-Efficient
+Approach for Distributed Low-Rank Learning" (arXiv 2405.01067; code Helmholtz-AI-Energy/AB-Training).
 
 Legend: O, I = out / in features of an adapted Linear, R = LoRA rank r, N = accepted sites,
 s = peft's scaling lora_alpha / r, w_i = K x batch size (assigned by the server, as in kavg).
@@ -37,7 +37,7 @@ Each site trains the factors its plan's ``train`` selector names for K steps fro
                After each re-factorisation the learning rate rebounds:
                  lr(R + j) = rebound_lr + (lr - rebound_lr) (j - 1) / rebound_rounds,  j = 1..rebound_rounds.
 
-Screening (security.md 2.2) happens in dW space, not on factor norms. For a site's deltas
+Screening (design notes, security.md section 2.2) happens in dW space, not on factor norms. For a site's deltas
 (dB, dA) on a layer, with (B, A) the global factors::
 
     s (B + dB)(A + dA) - s B A = s (dB A + B dA) + s dB dA

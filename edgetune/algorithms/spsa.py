@@ -9,7 +9,7 @@ One round r, site i, K steps x P probes::
     g = [L(w + eps z; B_k) - L(w - eps z; B_k)] / (2 eps)      # two forwards, no backward
     code = one byte (stochastic rounding inside [-scale, scale]) # comm/codecs.py
     local: w <- w - lr * g_hat * z / P                         # the site's own trajectory
-    reply: K*P bytes                                            # + 89 bytes framing
+    reply: K*P bytes                                            # + 88 bytes framing (K*P < 40)
 
     server and every site:  theta_{r+1} = theta_r - sum_{i,k,p} c_{i,k,p} z_{i,k,p}
                             c = fp32(lr * g_hat / (N * P)), float64 then one cast,
@@ -512,6 +512,46 @@ class SpsaServer:
     def state_hash(self) -> str:
         return self.replica.hash
 
+    # ---- resume (journal.py) ---------------------------------------------------------------------
+
+    def save_state(self, folder: Path, committed_round: int) -> None:
+        """Persist everything a restarted server needs: the replica, the replay log, the secrets,
+        and the byte-identical payloads of a planned but uncommitted round.
+        """
+        assert committed_round == self.replica.applied
+        folder.mkdir(parents=True, exist_ok=True)
+        self.replica.save(folder / "replica")
+        keep = sorted(self.log)[-MAX_LOG_ROUNDS:]
+        state = {
+            "applied": self.replica.applied,
+            "hash": self.replica.hash,
+            "scale": self.scale,
+            "synced": self.synced,
+            "log": encode_log([self.log[r] for r in keep]).hex() if keep else "",
+            "secrets": {str(r): v.hex() for r, v in self.secrets.items() if r in keep or r > committed_round},
+            "plans": {str(r): wire.encode(p).hex() for r, p in self._plans.items() if r > committed_round},
+            "sent": {f"{r}|{site}": wire.encode(p).hex() for (r, site), p in self._sent.items() if r > committed_round},
+        }
+        atomic_write_json(folder / "spsa.json", state)
+
+    def load_state(self, folder: Path) -> int:
+        """Restore what ``save_state`` wrote; returns the committed round."""
+        state = json.loads((folder / "spsa.json").read_text())
+        self.replica.load(folder / "replica", self.run_id)
+        if (self.replica.applied, self.replica.hash) != (state["applied"], state["hash"]):
+            raise ValueError(f"{folder}: replica and spsa.json disagree (a torn save?)")
+        self.scale = float(state["scale"])
+        self.synced = {str(k): int(v) for k, v in state["synced"].items()}
+        entries = decode_log(bytes.fromhex(state["log"])) if state["log"] else []
+        self.log = {e.round_idx: e for e in entries}
+        self.secrets = {int(r): bytes.fromhex(v) for r, v in state["secrets"].items()}
+        self._plans = {int(r): wire.decode(bytes.fromhex(v), max_bytes=1 << 16) for r, v in state["plans"].items()}
+        self._sent = {}
+        for key, v in state["sent"].items():
+            r, site = key.split("|", 1)
+            self._sent[(int(r), site)] = wire.decode(bytes.fromhex(v), max_bytes=64 << 20)
+        return self.replica.applied
+
     def max_reply_bytes(self, phase: str) -> int:
         n = self.scfg.num_steps * self.scfg.num_probes
         return n + reply_overhead_bytes(n)
@@ -682,7 +722,8 @@ class SpsaClient:
         )
         site_dir = self.ctx.state_dir / "spsa" / run_id.hex() if self.ctx.state_dir else None
         saved = Replica.saved_round(site_dir, run_id)
-        if site_dir is not None and saved > replica.applied:
+        target = opened.round_idx - 1  # this round starts from theta after round r-1
+        if site_dir is not None and replica.applied < saved <= target:
             replica.load(site_dir, run_id)  # a fresh process: continue from this site's saved state
         replica.sync(entries, secrets)
         if replica.short_hash != plan["hash"] and plan["first"] == 1:
