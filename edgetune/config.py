@@ -49,6 +49,9 @@ class RunSection:
     """Quorum: a round commits when at least this many replies are valid."""
     round_timeout_s: float = 600.0
     """Deadline for one exchange of a round; replies after it are stale."""
+    quorum_grace_s: float = 30.0
+    """Once ``min_sites`` sites have answered, wait at most this long for the others, then close
+    the exchange (their late replies are counted as stale and never applied)."""
     checkpoint_every: int = 0
     """Write a checkpoint every N rounds (0: only after the last round)."""
     keep_checkpoints: int = 2
@@ -61,6 +64,8 @@ class RunSection:
             raise ValueError(f"run.min_sites must be >= 1, got {self.min_sites}")
         if self.round_timeout_s <= 0:
             raise ValueError(f"run.round_timeout_s must be > 0, got {self.round_timeout_s}")
+        if self.quorum_grace_s < 0:
+            raise ValueError(f"run.quorum_grace_s must be >= 0, got {self.quorum_grace_s}")
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
             raise ValueError("run.checkpoint_every must be >= 0 and run.keep_checkpoints >= 1")
         if "/" in self.name or self.name in {".", ".."}:
@@ -221,6 +226,9 @@ class SpsaSection:
     """Across sites, per coordinate (``shared`` directions only): mean, trimmed or median."""
     trim_frac: float = 0.125
     """Fraction trimmed from each side by the trimmed mean."""
+    snapshot_after: int = 50
+    """A site more rounds behind than this gets a signed snapshot of the weights (fp32) instead of
+    the replay log (bytes, not weights, while the gap is short)."""
     round_start: str = "auto"
     """Where the round-start weights live while a site perturbs its copy: ``host`` memory,
     ``disk`` (a safetensors file read back per tensor), or ``auto`` (disk on CPU, host on GPU)."""
@@ -234,6 +242,8 @@ class SpsaSection:
             raise ValueError(f"spsa.directions must be per-site or shared, got {self.directions!r}")
         if self.seed_pool < 0:
             raise ValueError(f"spsa.seed_pool must be >= 0, got {self.seed_pool}")
+        if not 0 <= self.snapshot_after <= 200:
+            raise ValueError(f"spsa.snapshot_after must be in [0, 200] (the longest log), got {self.snapshot_after}")
         if self.scalar_codec not in {"int8-sr", "log8"}:
             raise ValueError(f"spsa.scalar_codec must be int8-sr or log8, got {self.scalar_codec!r}")
         if not (self.scale > 0 and math.isfinite(self.scale)):
@@ -253,7 +263,8 @@ class SpsaSection:
 @dataclass(frozen=True, kw_only=True)
 class KavgSection:
     """K local optimizer steps, then averaging (K-AVG, Zhou & Cong 2018); used by kavg, lowrank, dppf and,
-    for local training and screening, deft (whose values use ``deft.value_codec``, not ``up_codec``)."""
+    for local training and screening, deft (whose values use ``deft.value_codec``, not ``up_codec``).
+    """
 
     local_steps: int = 4
     """K: local optimizer steps per site per round."""

@@ -113,6 +113,9 @@ def run_round(
                 if isinstance(blob, bytes):
                     recorder.ledger.add(round_idx, phase, site, "up", len(blob))
             replies, failed = _decode_replies(raw, server.max_reply_bytes(phase))
+            drain = getattr(transport, "drain_stale", None)
+            if drain is not None:
+                failed.update(drain())
             result: RoundResult = server.aggregate(round_idx, phase, replies, min_sites=cfg.run.min_sites)
             failures.update(failed)
             failures.update(result.rejected)

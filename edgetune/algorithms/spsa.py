@@ -49,6 +49,7 @@ from torch import nn
 from edgetune.algorithms.base import ClientContext, ReplyRejected, RoundResult, ServerContext
 from edgetune.comm import wire
 from edgetune.comm.codecs import SCALAR_CODECS, CodecError
+from edgetune.comm.tensors import decode_tensors, encode_tensors
 from edgetune.comm.wire import Payload, WireError
 from edgetune.config import RunConfig
 from edgetune.crypto import envelope, keystream, schedule
@@ -80,6 +81,8 @@ _PLAN_SCHEMA: dict[str, type] = {
     "secrets": bytes,
     "first": int,
     "seed": int,
+    "snapd": bytes,
+    "snapr": int,
 }
 _ENTRY_SCHEMA: dict[str, type] = {
     "r": int,
@@ -369,6 +372,15 @@ class Replica:
             raise ValueError(f"{folder}: saved state hashes to {h[:12]}, recorded {meta['hash'][:12]}")
         self.run_id, self.applied, self.hash = run_id, int(meta["applied"]), h
 
+    def load_tensors(self, tensors: Sequence[torch.Tensor], round_idx: int, run_id: bytes) -> None:
+        """Continue from the weights of ``round_idx`` received as a snapshot (already verified)."""
+        with torch.no_grad():
+            for w, t in zip(self.work, tensors, strict=True):
+                w.copy_(t.view_as(w).to(w.device, w.dtype))
+        self.store = self._new_store(run_id.hex()[:12], self.work)
+        self.run_id, self.applied = run_id, round_idx
+        self.hash = master.state_hash(self.store, self.manifest)
+
     @contextmanager
     def local(self):  # type: ignore[no-untyped-def]
         """Local steps may perturb the work weights freely; they are reset from the master after."""
@@ -530,7 +542,12 @@ class SpsaServer:
             "log": encode_log([self.log[r] for r in keep]).hex() if keep else "",
             "secrets": {str(r): v.hex() for r, v in self.secrets.items() if r in keep or r > committed_round},
             "plans": {str(r): wire.encode(p).hex() for r, p in self._plans.items() if r > committed_round},
-            "sent": {f"{r}|{site}": wire.encode(p).hex() for (r, site), p in self._sent.items() if r > committed_round},
+            # snapshots are not stored: they are the replica's weights, rebuilt identically on load
+            "sent": {
+                f"{r}|{site}": wire.encode({**p, "snap": b"\x01" if p["snap"] else b""}).hex()
+                for (r, site), p in self._sent.items()
+                if r > committed_round
+            },
         }
         atomic_write_json(folder / "spsa.json", state)
 
@@ -549,7 +566,10 @@ class SpsaServer:
         self._sent = {}
         for key, v in state["sent"].items():
             r, site = key.split("|", 1)
-            self._sent[(int(r), site)] = wire.decode(bytes.fromhex(v), max_bytes=64 << 20)
+            payload = wire.decode(bytes.fromhex(v), max_bytes=64 << 20)
+            if payload["snap"]:
+                payload["snap"] = self._snapshot()
+            self._sent[(int(r), site)] = payload
         return self.replica.applied
 
     def max_reply_bytes(self, phase: str) -> int:
@@ -589,8 +609,10 @@ class SpsaServer:
             if site not in self.ctx.registry.sites:
                 raise ValueError(f"site {site!r} has no registered key")
             first = self.synced.get(site, 0) + 1
-            if round_idx - first > MAX_LOG_ROUNDS:
-                raise ValueError(f"site {site} is {round_idx - first} rounds behind; it needs a snapshot")
+            snap, snap_round = b"", -1
+            if round_idx - first > self.scfg.snapshot_after or any(t not in self.log for t in range(first, round_idx)):
+                # too far behind (or the log was pruned): the signed weights instead of the log
+                snap, snap_round, first = self._snapshot(), self.replica.applied, round_idx
             entries = [self.log[t] for t in range(first, round_idx)]
             log_blob = encode_log(entries)
             extra = wire.encode(
@@ -599,6 +621,8 @@ class SpsaServer:
                     "logd": hashlib.sha256(log_blob).digest(),
                     "secrets": b"".join(self.secrets[e.round_idx] for e in entries),
                     "first": first,
+                    "snapd": hashlib.sha256(snap).digest() if snap else b"",
+                    "snapr": snap_round,
                 }
             )
             env = envelope.seal(
@@ -611,9 +635,21 @@ class SpsaServer:
                 extra=extra,
                 not_after=time.time() + self.cfg.crypto.envelope_ttl_s,
             )
-            out[site] = {"run": self.run_id, "env": env, "log": log_blob}
+            out[site] = {"run": self.run_id, "env": env, "log": log_blob, "snap": snap}
             self._sent[(round_idx, site)] = out[site]
         return out
+
+    def _snapshot(self) -> bytes:
+        """The current round-start weights (fp32 masters, manifest order), for a site too far behind."""
+        cached = getattr(self, "_snap_cache", None)
+        if cached is None or cached[0] != self.replica.applied:
+            tensors = []
+            for i, e in enumerate(self.replica.manifest):
+                t = torch.empty(e.shape, dtype=torch.float32)
+                self.replica.store.read_into(i, t)
+                tensors.append(t)
+            self._snap_cache = (self.replica.applied, encode_tensors(tensors, "fp32"))
+        return self._snap_cache[1]
 
     def _validate(self, round_idx: int, site: str, payload: Payload) -> tuple[bytes, np.ndarray, float]:
         plan = self._plans[round_idx]
@@ -696,7 +732,7 @@ class SpsaClient:
     def step(self, phase: str, msg: Payload, state: Payload) -> tuple[Payload, Payload]:
         if phase != "train":
             raise ValueError(f"spsa has no phase {phase!r}")
-        wire.require(msg, {"run": bytes, "env": bytes, "log": bytes}, where="spsa round message")
+        wire.require(msg, {"run": bytes, "env": bytes, "log": bytes, "snap": bytes}, where="spsa round message")
         run_id = msg["run"]
         guard = ReplayGuard()
         if state.get("run") == run_id and "guard" in state:
@@ -725,6 +761,12 @@ class SpsaClient:
         target = opened.round_idx - 1  # this round starts from theta after round r-1
         if site_dir is not None and replica.applied < saved <= target:
             replica.load(site_dir, run_id)  # a fresh process: continue from this site's saved state
+        if plan["snapr"] >= 0 and replica.applied != plan["snapr"]:
+            if hashlib.sha256(msg["snap"]).digest() != plan["snapd"]:
+                raise ValueError("weights snapshot does not match the digest in the signed plan")
+            shapes = [e.shape for e in replica.manifest]
+            snap = decode_tensors(msg["snap"], shapes, "fp32", where="weights snapshot")
+            replica.load_tensors(snap, plan["snapr"], run_id)
         replica.sync(entries, secrets)
         if replica.short_hash != plan["hash"] and plan["first"] == 1:
             # This process followed another lineage under the same run id (a restarted run); the

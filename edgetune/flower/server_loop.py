@@ -60,19 +60,47 @@ def wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> list[int]:
 
 
 class FlowerTransport:
-    """Delivers payloads with ``grid.send_and_receive`` and records Flower's serialized sizes."""
+    """Delivers payloads with Flower's Grid (push, then pull until done) and records Flower's
+    serialized sizes.
+
+    An exchange closes when every site has answered, when ``quorum`` sites have answered and
+    ``grace_s`` more seconds have passed, or at the deadline. Replies that arrive after their
+    exchange closed are pulled later, reported as stale, and never applied.
+    """
 
     def __init__(
-        self, grid: Grid, ledger: ByteLedger, node_of: dict[str, int], max_reply_bytes: Callable[[str], int]
+        self,
+        grid: Grid,
+        ledger: ByteLedger,
+        node_of: dict[str, int],
+        max_reply_bytes: Callable[[str], int],
+        *,
+        quorum: int = 1,
+        grace_s: float = 30.0,
+        poll_s: float = 0.5,
     ) -> None:
         self.grid = grid
         self.ledger = ledger
         self.node_of = node_of
         self.site_of = {n: s for s, n in node_of.items()}
         self.max_reply_bytes = max_reply_bytes
+        self.quorum = quorum
+        self.grace_s = grace_s
+        self.poll_s = poll_s
+        self._late: dict[str, tuple[int, str]] = {}  # message id -> (round, site) of closed exchanges
 
     def sites(self) -> list[str]:
         return sorted(self.node_of)
+
+    def drain_stale(self) -> dict[str, str]:
+        """Pull replies to exchanges that already closed; they are reported, never applied."""
+        if not self._late:
+            return {}
+        out = {}
+        for reply in self.grid.pull_messages(list(self._late)):
+            round_idx, site = self._late.pop(reply.metadata.reply_to_message_id, (0, "?"))
+            out[f"{site}@round-{round_idx}"] = "stale: replied after its round closed (ignored)"
+        return out
 
     def exchange(
         self, round_idx: int, phase: str, blobs: dict[str, bytes], *, timeout_s: float
@@ -87,25 +115,46 @@ class FlowerTransport:
             )
             self.ledger.add(round_idx, phase, site, "down", flower_bytes(msg), kind="flower")
             msgs.append(msg)
+        site_of_msg = {}
+        for msg_id, msg in zip(self.grid.push_messages(msgs), msgs, strict=True):
+            site_of_msg[msg_id] = self.site_of[msg.metadata.dst_node_id]
+        pending = set(site_of_msg)
         out: dict[str, bytes | Failure] = {}
-        for reply in self.grid.send_and_receive(msgs, timeout=timeout_s):
-            site = self.site_of.get(reply.metadata.src_node_id)
-            if site is None or site not in blobs or site in out:
-                continue  # not ours, or a duplicate: at most one reply per (round, site)
-            if reply.metadata.group_id != f"round-{round_idx}":
-                out[site] = Failure(f"stale reply for {reply.metadata.group_id}")
-                continue
-            if reply.has_error():
-                out[site] = Failure(f"ClientApp error {reply.error.code}: {reply.error.reason}")
-                continue
-            self.ledger.add(round_idx, phase, site, "up", flower_bytes(reply), kind="flower")
-            try:
-                out[site] = from_content(reply.content, max_bytes=self.max_reply_bytes(phase))
-            except MessageError as err:
-                out[site] = Failure(str(err))
-        for site in blobs:
-            out.setdefault(site, Failure(f"no reply within {timeout_s:.0f} s"))
+        deadline = time.time() + timeout_s
+        quorum_at: float | None = None
+        while pending:
+            for reply in self.grid.pull_messages(list(pending)):
+                msg_id = reply.metadata.reply_to_message_id
+                if msg_id not in pending:
+                    continue  # at most one reply per (round, site)
+                pending.discard(msg_id)
+                out[site_of_msg[msg_id]] = self._unwrap(reply, round_idx, phase, site_of_msg[msg_id])
+            now = time.time()
+            answered = sum(isinstance(v, bytes) for v in out.values())
+            if quorum_at is None and answered >= self.quorum:
+                quorum_at = now
+            if not pending or now >= deadline or (quorum_at is not None and now - quorum_at >= self.grace_s):
+                break
+            time.sleep(self.poll_s)
+        for msg_id in pending:
+            site = site_of_msg[msg_id]
+            self._late[msg_id] = (round_idx, site)
+            waited = (
+                "quorum grace" if quorum_at is not None and time.time() < deadline else f"{timeout_s:.0f} s deadline"
+            )
+            out[site] = Failure(f"no reply before the round closed ({waited})")
         return out
+
+    def _unwrap(self, reply: Message, round_idx: int, phase: str, site: str) -> bytes | Failure:
+        if reply.metadata.group_id != f"round-{round_idx}":
+            return Failure(f"stale reply for {reply.metadata.group_id}")
+        if reply.has_error():
+            return Failure(f"ClientApp error {reply.error.code}: {reply.error.reason}")
+        self.ledger.add(round_idx, phase, site, "up", flower_bytes(reply), kind="flower")
+        try:
+            return from_content(reply.content, max_bytes=self.max_reply_bytes(phase))
+        except MessageError as err:
+            return Failure(str(err))
 
 
 def discover_sites(grid: Grid, node_ids: list[int], kit_root: str, timeout_s: float) -> dict[str, int]:
@@ -150,5 +199,7 @@ def run(grid: Grid, context: Context) -> dict[str, Any]:
     server, tokenizer, evaluate = build_server(cfg, run_dir, site_ids)
     recorder = RunRecorder(cfg, run_dir, on_row=lambda row: print("[edgetune] " + format_row(row), flush=True))
     print(f"[edgetune] run {run_dir.name}: {len(site_ids)} sites {site_ids}, writing {run_dir}", flush=True)
-    transport = FlowerTransport(grid, recorder.ledger, node_of, server.max_reply_bytes)
+    transport = FlowerTransport(
+        grid, recorder.ledger, node_of, server.max_reply_bytes, quorum=cfg.run.min_sites, grace_s=cfg.run.quorum_grace_s
+    )
     return run_federation(cfg, server, transport, recorder, evaluate, tokenizer)

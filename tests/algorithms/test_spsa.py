@@ -365,3 +365,28 @@ def test_site_in_a_fresh_process_continues_from_its_saved_state(tmp_path):
     assert [e.round_idx for e in spsa.decode_log(payloads["site-0"]["log"])] == [3]
     metrics, rejected, _ = run_round(cfg, server, transport, recorder, 4)
     assert not rejected and metrics["num_accepted"] == 2
+
+
+def test_site_far_behind_gets_a_signed_snapshot(tmp_path):
+    """A site more than spsa.snapshot_after rounds behind receives the fp32 weights (digest signed in
+    its envelope) instead of the log, loads them, and is accepted with the server's state."""
+    cfg = _cfg(**{"num_rounds": 5, "spsa.snapshot_after": 1})
+    server, transport, recorder, *_ = _federation(tmp_path, cfg, 2, separate=True)
+    transport.offline = {"site-1"}
+    for r in (1, 2, 3):
+        run_round(cfg, server, transport, recorder, r)
+    transport.offline = set()
+    payloads = server.configure(4, "train", transport.sites())
+    assert payloads["site-1"]["snap"] and not payloads["site-0"]["snap"]
+    assert spsa.decode_log(payloads["site-1"]["log"]) == []
+    metrics, rejected, _ = run_round(cfg, server, transport, recorder, 4)
+    assert not rejected and metrics["num_accepted"] == 2
+    # a tampered snapshot is refused (its digest is in the signed plan)
+    transport.offline = {"site-1"}
+    run_round(cfg, server, transport, recorder, 5)
+    transport.offline = set()
+    bad = server.configure(6, "train", transport.sites())["site-1"]
+    snap = bytearray(bad["snap"])
+    snap[0] ^= 1
+    with pytest.raises(ValueError, match="snapshot does not match"):
+        transport.clients["site-1"].step("train", {**bad, "snap": bytes(snap)}, {})

@@ -1,0 +1,108 @@
+"""One bad site among eight: robust aggregation keeps every aggregated value in the honest range."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from conftest import tiny_flat
+from edgetune import config as cfgmod
+from edgetune import inproc
+from edgetune.algorithms import spsa
+from edgetune.algorithms.kavg import aggregate_tensors
+from edgetune.comm import wire
+from edgetune.crypto import envelope
+from edgetune.crypto.envelope import ReplayGuard
+from edgetune.federation import run_federation
+
+NUM_SITES = 8
+EVIL = "site-5"
+
+
+class MaxMagnitude:
+    """A site that answers every probe with the largest code (+127 or -127, alternating)."""
+
+    def __init__(self, honest, nan: bool = False) -> None:
+        self.honest, self.ctx, self.nan = honest, honest.ctx, nan
+
+    def step(self, phase, msg, state):
+        reply, state = self.honest.step(phase, msg, state)  # stays in sync, then lies
+        opened, _ = envelope.open_envelope(
+            msg["env"], self.ctx.site_keys, run_id=msg["run"], guard=ReplayGuard(), now=0.0
+        )
+        inner = wire.decode(
+            envelope.open_reply(
+                opened.secret,
+                run_id=msg["run"],
+                round_idx=opened.round_idx,
+                site_id=self.ctx.site_id,
+                blob=reply["blob"],
+                max_bytes=4096,
+            ),
+            max_bytes=4096,
+        )
+        n = len(inner["codes"])
+        codes = np.full(n, np.nan).tobytes() if self.nan else np.array([127, -127] * n, np.int8)[:n].tobytes()
+        forged = wire.encode({**inner, "codes": codes})
+        blob = envelope.seal_reply(
+            opened.secret, run_id=msg["run"], round_idx=opened.round_idx, site_id=self.ctx.site_id, payload=forged
+        )
+        return {"blob": blob}, state
+
+
+def _run(tmp_path, name, attacker=None):
+    flat = tiny_flat(
+        **{
+            "num_rounds": 4,
+            "spsa.directions": "shared",
+            "spsa.aggregator": "trimmed",
+            "spsa.trim_frac": 0.125,
+            "spsa.lr": 3e-3,
+            "spsa.num_steps": 2,
+            "data.demo_facts": 2,
+            "run.min_sites": 6,
+        }
+    )
+    cfg = cfgmod.from_run_config(flat)
+    server, transport, recorder, evaluate, tok = inproc.build(cfg, NUM_SITES, run_dir=tmp_path / name / "run")
+    if attacker is not None:
+        transport.clients[EVIL] = attacker(transport.clients[EVIL])
+    summary = run_federation(cfg, server, transport, recorder, evaluate, tok)
+    return server, summary
+
+
+def test_max_magnitude_site_stays_inside_honest_range_and_loss_within_5pct(tmp_path):
+    """Shared directions + trimmed mean: with site-5 sending +-127 on every probe, every aggregated
+    coordinate of every round lies within [min, max] of the seven honest sites' values, and the final
+    held-out loss is within 5% of a clean eight-site run."""
+    clean_server, clean = _run(tmp_path, "clean")
+    server, attacked = _run(tmp_path, "attacked", MaxMagnitude)
+    for entry in server.log.values():
+        assert EVIL in entry.sites  # the lie was well-formed, so it was aggregated (robustly)
+        decoded = entry.decoded()
+        honest = np.stack([decoded[s] for s in entry.sites if s != EVIL])
+        agg = [
+            spsa._robust([float(decoded[s][j]) for s in entry.sites], "trimmed", 0.125) for j in range(honest.shape[1])
+        ]
+        assert np.all(np.array(agg) >= honest.min(axis=0) - 1e-12)
+        assert np.all(np.array(agg) <= honest.max(axis=0) + 1e-12)
+    assert abs(attacked["heldout_loss_last"] - clean["heldout_loss_last"]) <= 0.05 * clean["heldout_loss_last"]
+    assert attacked["heldout_loss_last"] < attacked["heldout_loss_first"]
+
+
+def test_nan_scalars_are_rejected_not_aggregated(tmp_path):
+    """NaN cannot be sent as a one-byte code; a site sending float NaN bytes instead is rejected
+    every round and the others carry the run."""
+    server, summary = _run(tmp_path, "nan", lambda honest: MaxMagnitude(honest, nan=True))
+    assert all(EVIL not in e.sites and len(e.sites) == NUM_SITES - 1 for e in server.log.values())
+    assert np.isfinite(summary["heldout_loss_last"])
+
+
+def test_factor_median_stays_inside_honest_range():
+    """Coordinate-wise median over eight sites' updates, one at +-1e3: inside the honest range."""
+    gen = torch.Generator().manual_seed(0)
+    honest = [[torch.randn(64, generator=gen) * 0.01] for _ in range(NUM_SITES - 1)]
+    evil = [torch.where(torch.arange(64) % 2 == 0, 1e3, -1e3)]
+    (agg,) = aggregate_tensors([*honest, evil], [1.0] * NUM_SITES, "median", 0.0)
+    stacked = torch.stack([h[0] for h in honest])
+    assert bool((agg >= stacked.min(0).values).all()) and bool((agg <= stacked.max(0).values).all())
