@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny_flat
+
 from edgetune import config as cfgmod
 from edgetune.io import StorageError
 from edgetune.models.load import load_model

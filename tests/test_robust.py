@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
 from conftest import tiny_flat
+
 from edgetune import config as cfgmod
 from edgetune import inproc
 from edgetune.algorithms import spsa

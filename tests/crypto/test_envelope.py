@@ -352,9 +352,7 @@ def test_peek_round(valid: bytes):
 # ReplayGuard
 
 
-@pytest.mark.parametrize(
-    "guard", [ReplayGuard(), ReplayGuard(7, b"\x5a" * 32), ReplayGuard(2**64 - 1, b"\x01" * 32)]
-)
+@pytest.mark.parametrize("guard", [ReplayGuard(), ReplayGuard(7, b"\x5a" * 32), ReplayGuard(2**64 - 1, b"\x01" * 32)])
 def test_guard_round_trips(guard: ReplayGuard):
     """to_bytes/from_bytes is the identity."""
     assert ReplayGuard.from_bytes(guard.to_bytes()) == guard
