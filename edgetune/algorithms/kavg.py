@@ -60,6 +60,26 @@ _PLAN_SCHEMA: dict[str, type] = {
 }
 
 
+def check_plan(plan: dict[str, Any]) -> None:
+    """Refuse a round plan that no valid ``KavgSection`` could have produced (the config's own checks)."""
+    problems = []
+    if plan["K"] < 1 or plan["bs"] < 1:
+        problems.append(f"K={plan['K']} and bs={plan['bs']} must be >= 1")
+    if not (plan["lr"] > 0 and math.isfinite(plan["lr"])):
+        problems.append(f"lr={plan['lr']} must be a finite number > 0")
+    if plan["opt"] not in {"sgd", "adamw"}:
+        problems.append(f"opt={plan['opt']!r} must be sgd or adamw")
+    if not 0 <= plan["mom"] < 1:
+        problems.append(f"mom={plan['mom']} must be in [0, 1)")
+    if not (plan["wd"] >= 0 and math.isfinite(plan["wd"])):
+        problems.append(f"wd={plan['wd']} must be a finite number >= 0")
+    for key in ("down", "up"):
+        if plan[key] not in TENSOR_CODECS:
+            problems.append(f"{key}={plan[key]!r} is not a tensor codec ({', '.join(TENSOR_CODECS)})")
+    if problems:
+        raise ValueError("round plan refused: " + "; ".join(problems))
+
+
 def aggregate_tensors(
     updates: Sequence[Sequence[torch.Tensor]], weights: Sequence[float], aggregator: str, trim_frac: float
 ) -> list[torch.Tensor]:
@@ -340,6 +360,7 @@ class WeightsClient:
         wire.require(msg, {"plan": bytes, "params": bytes}, where="round message")
         plan = wire.decode(msg["plan"], max_bytes=4096)
         wire.require(plan, _PLAN_SCHEMA, where="round plan")
+        check_plan(plan)
         start = decode_tensors(msg["params"], self.shapes, plan["down"], where="global parameters")
         with torch.no_grad():
             for w, p in zip(trainable_tensors(self.ctx.model, self.manifest), start):

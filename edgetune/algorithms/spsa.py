@@ -734,9 +734,11 @@ class SpsaClient:
             raise ValueError(f"spsa has no phase {phase!r}")
         wire.require(msg, {"run": bytes, "env": bytes, "log": bytes, "snap": bytes}, where="spsa round message")
         run_id = msg["run"]
-        guard = ReplayGuard()
-        if state.get("run") == run_id and "guard" in state:
-            guard = ReplayGuard.from_bytes(state["guard"])
+        if "run" in state and state["run"] != run_id:
+            # the state (and its replay guard) belongs to one run; a signed envelope of another run
+            # sent here must not replace that guard, or old envelopes of this run open again
+            raise EnvelopeError("run", f"envelope of run {run_id.hex()[:16]}, this site is in another run")
+        guard = ReplayGuard.from_bytes(state["guard"]) if "guard" in state else ReplayGuard()
         opened, guard = envelope.open_envelope(
             msg["env"],
             self.ctx.site_keys,
@@ -761,9 +763,9 @@ class SpsaClient:
         target = opened.round_idx - 1  # this round starts from theta after round r-1
         if site_dir is not None and replica.applied < saved <= target:
             replica.load(site_dir, run_id)  # a fresh process: continue from this site's saved state
+        if (hashlib.sha256(msg["snap"]).digest() if msg["snap"] else b"") != plan["snapd"]:
+            raise ValueError("weights snapshot does not match the digest in the signed plan")
         if plan["snapr"] >= 0 and replica.applied != plan["snapr"]:
-            if hashlib.sha256(msg["snap"]).digest() != plan["snapd"]:
-                raise ValueError("weights snapshot does not match the digest in the signed plan")
             shapes = [e.shape for e in replica.manifest]
             snap = decode_tensors(msg["snap"], shapes, "fp32", where="weights snapshot")
             replica.load_tensors(snap, plan["snapr"], run_id)

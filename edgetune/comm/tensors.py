@@ -142,6 +142,8 @@ def encode_tensors(tensors: Sequence[torch.Tensor], codec: str) -> bytes:
     bytes
         The concatenated encodings.
     """
+    if codec not in TENSOR_CODECS:
+        raise ValueError(f"unknown tensor codec {codec!r}; expected one of {', '.join(TENSOR_CODECS)}")
     cod = TENSOR_CODECS[codec]
     parts = []
     for i, t in enumerate(tensors):

@@ -162,6 +162,8 @@ def decode(blob: bytes, *, max_bytes: int) -> Payload:
         elif kind == b"i":
             zig, pos = _read_varint(blob, pos)
             value = (zig >> 1) if not zig & 1 else -((zig + 1) >> 1)
+            if not -(1 << 63) <= value < (1 << 63):
+                raise WireError(f"payload int {key!r} is outside int64")
         elif kind == b"f":
             if pos + 8 > len(blob):
                 raise WireError(f"payload float {key!r} is truncated")
