@@ -7,6 +7,9 @@
     edgetune certs KEYS --hosts link.example.org,10.0.0.5
     edgetune server RECIPE --keys KEYS [--address 0.0.0.0:9091]
     edgetune site --kit KEYS/sites/<id> --superlink HOST:PORT --data site.jsonl [--device cuda]
+    edgetune bench [--quick] [--only NAME,...]
+    edgetune report RUN_DIR [--out PATH] [--format html|md]
+    edgetune compare RUN_DIR... [--out compare.png]
 
 ``simulate`` runs Flower's simulation engine (``flwr run`` against a private local SuperLink,
 offline) and follows the run's ``metrics.jsonl`` in a live table; ``--engine inproc`` runs the
@@ -23,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -38,6 +42,11 @@ from edgetune.runs import new_run_name
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fine-tuning over thin links.")
 console = Console(stderr=False)
+
+
+ACTIVATION_REFUSED = "Failed to activate SuperNode"
+"""What flower-supernode prints (exit code 305; its process status is 1) when the SuperLink refuses
+to activate the node."""
 
 
 def _fail(message: str) -> typer.Exit:
@@ -364,23 +373,37 @@ def imv(
 def certs(
     keys_dir: Annotated[Path, typer.Argument(help="The folder made by `edgetune keys`")],
     hosts: Annotated[str, typer.Option(help="SuperLink DNS names / IPs for its certificate, comma-separated")],
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing CA and node keys")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing CA and every node key")] = False,
 ) -> None:
-    """TLS (a private CA + the SuperLink certificate) and Flower node-auth keys for every site kit."""
+    """TLS (a private CA + the SuperLink certificate) and Flower node-auth keys for every site kit.
+
+    Run again after `edgetune keys --add`: an existing CA and existing node keys are kept, and only
+    the kits without a node key get one (``--overwrite`` replaces everything; every site then needs
+    its kit again).
+    """
     import json as _json
 
     from edgetune.crypto import certs as certmod
+    from edgetune.crypto.keys import site_kit_dir
 
+    if not (keys_dir / "registry.json").is_file():
+        raise _fail(f"no site registry in {keys_dir}: run `edgetune keys {keys_dir} --sites ...` first")
     try:
         sites = sorted(_json.loads((keys_dir / "registry.json").read_text())["sites"])
-        certmod.generate_tls(keys_dir, [h.strip() for h in hosts.split(",") if h.strip()], overwrite=overwrite)
-        certmod.generate_node_keys(keys_dir, sites, overwrite=overwrite)
+        host_list = [h.strip() for h in hosts.split(",") if h.strip()]
+        ca_kept = (certmod.tls_dir(keys_dir) / "ca.crt").exists() and not overwrite
+        if not ca_kept:
+            certmod.generate_tls(keys_dir, host_list, overwrite=overwrite)
+        new = [s for s in sites if overwrite or not (site_kit_dir(keys_dir, s) / "node.key").exists()]
+        certmod.generate_node_keys(keys_dir, new, overwrite=overwrite)
     except (ValueError, OSError, KeyError) as err:
         raise _fail(str(err)) from err
-    console.print(f"CA:         {certmod.tls_dir(keys_dir) / 'ca.crt'} (ca.key: keep offline)")
-    console.print(f"SuperLink:  {certmod.tls_dir(keys_dir) / 'superlink.crt'} for {hosts}")
+    kept = " (kept; --overwrite replaces it)" if ca_kept else ""
+    console.print(f"CA:         {certmod.tls_dir(keys_dir) / 'ca.crt'} (ca.key: keep offline){kept}")
+    console.print(f"SuperLink:  {certmod.tls_dir(keys_dir) / 'superlink.crt'}{kept or f' for {hosts}'}")
     for site in sites:
-        console.print(f"site kit:   {keys_dir / 'sites' / site} (+ node.key, node.pub, ca.crt)")
+        what = "new node key" if site in new else "node key kept"
+        console.print(f"site kit:   {keys_dir / 'sites' / site} ({what}; node.key, node.pub, ca.crt)")
 
 
 @app.command()
@@ -463,6 +486,9 @@ def site(
     port: Annotated[int, typer.Option(help="Local port of this SuperNode's runtime API")] = 9094,
     state: Annotated[Path, typer.Option(help="This site's Flower home")] = Path(".edgetune/site"),
     insecure: Annotated[bool, typer.Option(help="No TLS, no node auth: loopback tests only")] = False,
+    activation_wait: Annotated[
+        float, typer.Option(help="Keep retrying for this many seconds while the SuperLink refuses to activate the node")
+    ] = 180.0,
 ) -> None:
     """Run this factory's site: a Flower SuperNode with its kit, data and device."""
     from edgetune import deploy
@@ -494,7 +520,6 @@ def site(
         raise _fail(str(err)) from err
     env = deploy.flower_env(state.resolve())
     console.print(f"site {kit.name} -> {superlink}; logs below (Ctrl+C stops the site)")
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
 
     def _stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -503,21 +528,109 @@ def site(
     # even when started in the background (where SIGINT is ignored by default).
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
-    try:
-        code = proc.wait()
-    except KeyboardInterrupt:
-        console.print("stopping the site")
-        os.killpg(proc.pid, signal.SIGTERM)
+    started = time.time()
+    while True:
+        proc = subprocess.Popen(
+            cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
+        refused = threading.Event()
+
+        def pump(stream: Any = proc.stdout, flag: threading.Event = refused) -> None:
+            # pass the SuperNode's log through, watching for a refusal; its SuperExec child may keep
+            # the pipe open after the SuperNode exited, so this runs beside the wait, not before it
+            for line in stream:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                if ACTIVATION_REFUSED in line:
+                    flag.set()
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
         try:
-            code = proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            code = 130
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+            code = proc.wait()
+        except KeyboardInterrupt:
+            console.print("stopping the site")
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                code = proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                code = 130
+            break
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            reader.join(timeout=5)
+        refused_now = refused.is_set()
+        # The SuperLink refused to activate this node: its key is not registered, or a previous
+        # session of this site (killed without saying goodbye) has not timed out yet (Flower waits
+        # for two missed 30 s heartbeats). Retry for a while in the second case.
+        if not refused_now or time.time() - started + 15 > activation_wait:
+            if refused_now:
+                console.print(
+                    "[bold red]the SuperLink refuses this node: is its node.pub registered "
+                    "(`edgetune server` registers every kit in the key folder)?[/]"
+                )
+            break
+        console.print("SuperLink refused activation (an earlier session may still be open); retrying in 15 s")
+        time.sleep(15)
     raise typer.Exit(code=code)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(
+    ctx: typer.Context,
+    quick: Annotated[bool, typer.Option(help="Tiny model, smallest settings: a smoke run of every benchmark")] = False,
+) -> None:
+    """Run the CPU benchmarks (benchmarks/run_all.py): JSON rows and plots in benchmarks/results/.
+
+    Extra options go to ``python -m benchmarks.run_all`` (``--only``, ``--skip``, ``--sim-sites``,
+    ``--results-dir``). About 20 minutes on 2 idle cores; ``--quick`` a few minutes.
+    """
+    root = app_dir()
+    if not (root / "benchmarks" / "run_all.py").is_file():
+        raise _fail(f"{root / 'benchmarks'} not found: `edgetune bench` runs from the source checkout")
+    cmd = [sys.executable, "-m", "benchmarks.run_all", *(["--quick"] if quick else []), *ctx.args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    raise typer.Exit(code=subprocess.run(cmd, cwd=root, env=env, check=False).returncode)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (runs/<run-id>)")],
+    out: Annotated[
+        Path | None, typer.Option(help="Report file (default: RUN_DIR/report.html, or report.md with --format md)")
+    ] = None,
+    format_: Annotated[
+        str | None,
+        typer.Option("--format", help="html (one self-contained file, plots embedded) or md (plots linked)"),
+    ] = None,
+) -> None:
+    """A report of one run: config, summary, per-round table, plots, bytes per site, IMV."""
+    from edgetune import report as reportmod
+
+    try:
+        path = reportmod.write_report(run_dir, out=out, fmt=format_)
+    except ValueError as err:
+        raise _fail(str(err)) from err
+    console.print(f"report: {path}")
+
+
+@app.command()
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run folders (runs/<run-id> ...)")],
+    out: Annotated[Path, typer.Option(help="The plot (PNG)")] = Path("compare.png"),
+) -> None:
+    """Several runs on one plot: held-out loss (and accuracy) against cumulative uplink bytes."""
+    from edgetune import report as reportmod
+
+    try:
+        rows = reportmod.compare(run_dirs, out)
+    except ValueError as err:
+        raise _fail(str(err)) from err
+    console.print(reportmod.format_compare_table(rows), markup=False, highlight=False, soft_wrap=True, end="")
+    console.print(f"plot: {out}")
 
 
 def main() -> None:

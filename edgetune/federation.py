@@ -18,13 +18,13 @@ naming every site's failure. No round is ever skipped silently.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from edgetune import faults
 from edgetune.algorithms.base import RoundResult, ServerHalf
 from edgetune.comm import wire
 from edgetune.comm.wire import Payload, WireError
@@ -147,18 +147,6 @@ def _probe_imv(cfg: RunConfig, server: ServerHalf, tokenizer: Any, transport: Tr
     return imv_metrics(model_imv(server.global_model(), tokenizer, examples, cfg))
 
 
-def _fault_point(where: str, round_idx: int) -> None:
-    """Fault injection for crash tests: ``EDGETUNE_FAULT=after-plan:3:10`` sleeps 10 s right after
-    round 3 is planned (so a test can kill -9 the server there). Unset in normal use.
-    """
-    spec = os.environ.get("EDGETUNE_FAULT", "")
-    if spec:
-        point, rnd, seconds = spec.split(":")
-        if point == where and int(rnd) == round_idx:
-            print(f"[edgetune] fault point {where} round {round_idx}: pausing {seconds} s", flush=True)
-            time.sleep(float(seconds))
-
-
 def _resume(cfg: RunConfig, server: ServerHalf, recorder: RunRecorder, journal: Journal) -> int:
     """Load the server state of the last committed round; drop rows recorded after it."""
     if journal.finished:
@@ -229,7 +217,7 @@ def run_federation(
         if can_save:
             server.save_state(state_dir, round_idx - 1)  # type: ignore[attr-defined]
         journal.plan(round_idx)
-        _fault_point("after-plan", round_idx)
+        faults.point("after-plan", round_idx)
 
     if not recorder.rows:
         t0 = time.time()
@@ -270,7 +258,7 @@ def run_federation(
             server.save_state(state_dir, r)  # type: ignore[attr-defined]
         recorder.ledger.write_jsonl(recorder.dir / "ledger.jsonl")
         journal.commit(r, server.state_hash(), row)
-        _fault_point("after-commit", r)
+        faults.point("after-commit", r)
         last_ckpt = _record_round(cfg, server, transport, recorder, evaluate, tokenizer, r, row, t0) or last_ckpt
     summary = recorder.finish({"checkpoint": str(last_ckpt) if last_ckpt else None})
     journal.finish(cfg.num_rounds)

@@ -18,6 +18,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from edgetune import config as cfgmod
+from edgetune import faults
 from edgetune.algorithms.base import ClientHalf
 from edgetune.build import build_client, process_workdir, site_name
 from edgetune.comm import wire
@@ -90,6 +91,8 @@ def handle(msg: Message, context: Context, phase: str) -> Message:
     try:
         payload = wire.decode(from_content(msg.content, max_bytes=MAX_DOWN_BYTES), max_bytes=MAX_DOWN_BYTES)
         reply, state = _client(context).step(phase, payload, state)
+        group = msg.metadata.group_id
+        faults.point("site-before-reply", int(group.split("-")[-1]) if group.startswith("round-") else 0)
     except ValueError as err:
         reply = {"error": f"{type(err).__name__}: {err}"}
     context.state[STATE_KEY] = ConfigRecord(state)

@@ -78,6 +78,7 @@ class FlowerTransport:
         quorum: int = 1,
         grace_s: float = 30.0,
         poll_s: float = 0.5,
+        kit_root: str = "",
     ) -> None:
         self.grid = grid
         self.ledger = ledger
@@ -88,8 +89,22 @@ class FlowerTransport:
         self.grace_s = grace_s
         self.poll_s = poll_s
         self._late: dict[str, tuple[int, str]] = {}  # message id -> (round, site) of closed exchanges
+        self.kit_root = kit_root
 
     def sites(self) -> list[str]:
+        """Known sites; nodes that connected since the last round (a restarted SuperNode may get a
+        new node id) are asked who they are first.
+        """
+        new = [n for n in self.grid.get_node_ids() if n not in self.site_of]
+        if new:
+            try:
+                found = discover_sites(self.grid, new, self.kit_root, timeout_s=30.0)
+            except RuntimeError:
+                found = {}
+            for site, node in found.items():
+                self.site_of.pop(self.node_of.get(site, -1), None)
+                self.node_of[site] = node
+                self.site_of[node] = site
         return sorted(self.node_of)
 
     def drain_stale(self) -> dict[str, str]:
@@ -107,11 +122,14 @@ class FlowerTransport:
     ) -> dict[str, bytes | Failure]:
         msgs = []
         for site, blob in blobs.items():
+            # a message lives as long as its exchange: a site that comes back later must not work
+            # through a backlog of rounds that already closed
             msg = Message(
                 to_content(blob),
                 dst_node_id=self.node_of[site],
                 message_type=message_type(phase),
                 group_id=f"round-{round_idx}",
+                ttl=max(timeout_s, 60.0),
             )
             self.ledger.add(round_idx, phase, site, "down", flower_bytes(msg), kind="flower")
             msgs.append(msg)
@@ -200,6 +218,12 @@ def run(grid: Grid, context: Context) -> dict[str, Any]:
     recorder = RunRecorder(cfg, run_dir, on_row=lambda row: print("[edgetune] " + format_row(row), flush=True))
     print(f"[edgetune] run {run_dir.name}: {len(site_ids)} sites {site_ids}, writing {run_dir}", flush=True)
     transport = FlowerTransport(
-        grid, recorder.ledger, node_of, server.max_reply_bytes, quorum=cfg.run.min_sites, grace_s=cfg.run.quorum_grace_s
+        grid,
+        recorder.ledger,
+        node_of,
+        server.max_reply_bytes,
+        quorum=cfg.run.min_sites,
+        grace_s=cfg.run.quorum_grace_s,
+        kit_root=kit_root,
     )
     return run_federation(cfg, server, transport, recorder, evaluate, tokenizer)

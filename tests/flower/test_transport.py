@@ -25,8 +25,12 @@ class FakeGrid:
     """Push stores messages; a site answers ``delay[site]`` seconds after the push (echoing)."""
 
     def __init__(self, delay: dict[int, float]) -> None:
+        self.nodes = list(delay)
         self.delay = delay
         self.inbox: dict[str, tuple[float, Message]] = {}
+
+    def get_node_ids(self):
+        return self.nodes
 
     def push_messages(self, messages):
         ids = []

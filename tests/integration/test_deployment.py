@@ -1,0 +1,179 @@
+"""A real deployment on loopback: SuperLink with TLS + node authentication, three SuperNodes.
+
+`edgetune server` starts the SuperLink, registers the site kits' node keys and submits the run;
+three `edgetune site` processes join. A fourth node whose key was never registered is refused. One
+site is killed mid-round: the round completes with the other two; the site restarts, catches up
+from its saved state and the replay log, and ends with the server's state hash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from edgetune.crypto import certs, keys
+
+ROOT = Path(__file__).resolve().parents[2]
+EDGETUNE = [sys.executable, "-m", "edgetune.cli"]
+pytestmark = pytest.mark.slow
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(predicate, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant (a power cut: the SuperNode runs in its own session)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo, victims = [pid], []
+    while todo:
+        p = todo.pop()
+        victims.append(p)
+        todo.extend(children.get(p, []))
+    for p in victims:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def test_tls_node_auth_three_sites_kill_and_catch_up(tmp_path):
+    fed = tmp_path / "fed"
+    keys.generate(fed, ["site-0", "site-1", "site-2"])
+    certs.generate_tls(fed, ["127.0.0.1", "localhost"])
+    certs.generate_node_keys(fed, ["site-0", "site-1", "site-2"])
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "EDGETUNE_CACHE": str(tmp_path / "cache"),
+        "OMP_NUM_THREADS": "1",
+        "COLUMNS": "200",
+    }
+    port = _port()
+    server_log = open(tmp_path / "server.out", "w")
+    server = subprocess.Popen(
+        [
+            *EDGETUNE,
+            "server",
+            "recipes/spsa/tiny-4c.toml",
+            "--keys",
+            str(fed),
+            "--address",
+            f"127.0.0.1:{port}",
+            "--state",
+            str(tmp_path / "server"),
+            "--rounds",
+            "8",
+            "--set",
+            f"run.dir={tmp_path / 'runs'}",
+            "--set",
+            "run.min_sites=2",
+            "--set",
+            "run.quorum_grace_s=3",
+            "--set",
+            "run.round_timeout_s=120",
+        ],
+        cwd=ROOT,
+        # the server pauses after committing round 4, long enough for Flower to let the killed site's
+        # node back in (it refuses a node key until its old session misses two 30 s heartbeats)
+        env={**env, "EDGETUNE_FAULT": "after-commit:4:100"},
+        stdout=server_log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    sites: dict[str, subprocess.Popen] = {}
+
+    def start_site(name: str, index: int, kit: Path, fault: str = "", wait: float = 180) -> subprocess.Popen:
+        log = open(tmp_path / f"{name}.out", "a")
+        return subprocess.Popen(
+            [
+                *EDGETUNE,
+                "site",
+                "--kit",
+                str(kit),
+                "--superlink",
+                f"127.0.0.1:{port}",
+                "--demo-index",
+                str(index),
+                "--num-sites",
+                "3",
+                "--port",
+                str(_port()),
+                "--state",
+                str(tmp_path / f"state-{name}"),
+                "--activation-wait",
+                str(wait),
+            ],
+            cwd=ROOT,
+            env={**env, "EDGETUNE_FAULT": fault},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    try:
+        _wait(lambda: "registered node keys" in (tmp_path / "server.out").read_text(), 120, "site registration")
+        # a node with a key the SuperLink never registered is refused
+        keys.add_sites(fed, ["rogue"])
+        certs.generate_node_keys(fed, ["rogue"])
+        rogue = start_site("rogue", 0, fed / "sites" / "rogue", wait=0)
+        assert rogue.wait(timeout=120) != 0
+        assert "Failed to activate SuperNode" in (tmp_path / "rogue.out").read_text()
+
+        for i in range(3):  # site-2 stalls before replying in round 2, so it can be killed mid-round
+            fault = "site-before-reply:2:300" if i == 2 else ""
+            sites[f"site-{i}"] = start_site(f"site-{i}", i, fed / "sites" / f"site-{i}", fault)
+        runs = tmp_path / "runs"
+        _wait(lambda: runs.exists() and any(runs.iterdir()), 180, "the run folder")
+        run_dir = next(runs.iterdir())
+        metrics = run_dir / "metrics.jsonl"
+        _wait(lambda: any(r["round"] == 1 for r in _rows(metrics)), 300, "round 1")
+        # kill site-2 in the middle of round 2: it has computed, and stalls before replying
+        site2_log = tmp_path / "site-2.out"
+        _wait(lambda: "fault point site-before-reply round 2" in site2_log.read_text(), 300, "site-2 mid-round")
+        _kill_tree(sites["site-2"].pid)
+        _wait(lambda: any(r["round"] == 2 for r in _rows(metrics)), 300, "round 2 without site-2")
+        sites["site-2"] = start_site("site-2", 2, fed / "sites" / "site-2")
+        assert server.wait(timeout=600) == 0, (tmp_path / "server.out").read_text()[-3000:]
+    finally:
+        for p in [server, *sites.values()]:
+            _kill_tree(p.pid)
+
+    rows = _rows(metrics)
+    assert [r["round"] for r in rows] == list(range(9))
+    assert rows[1]["num_accepted"] == 3
+    assert rows[2]["num_accepted"] == 2 and "site-2" in rows[2]["rejected"]
+    assert rows[-1]["num_accepted"] == 3  # site-2 caught up and was accepted again
+    # its own saved replica equals the server's state at the round it last replayed
+    saved = json.loads(next((tmp_path / "cache" / "sites" / "site-2" / "spsa").glob("*/replica.json")).read_text())
+    assert saved["hash"] == rows[saved["applied"]]["state_hash"]
+    assert saved["applied"] == 7
