@@ -1,6 +1,7 @@
 # edgetune: two commands set up everything on a fresh machine with Python 3.11.
 #   make demo   create .venv, install, run the default recipe end to end (Flower simulation, 4 sites)
 #   make test   create .venv, install, run the test suite
+#   make bench  the CPU benchmarks; make docs  the documentation site
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -11,7 +12,7 @@ export HF_HUB_OFFLINE=1
 export FLWR_TELEMETRY_ENABLED=0
 export FLWR_DISABLE_UPDATE_CHECK=1
 
-.PHONY: demo test test-fast lint install clean
+.PHONY: demo test test-fast bench lint docs install clean
 
 install: $(STAMP)
 
@@ -34,10 +35,19 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
+# CPU benchmarks (about 20 minutes on 2 cores): benchmarks/results/*.json and *.png
+bench: $(STAMP)
+	$(BIN)/edgetune bench
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# The docs site: regenerate docs/benchmarks.md from benchmarks/results/*.json, then build offline, strict.
+docs: $(STAMP)
+	$(BIN)/python docs/gen_benchmarks.py
+	$(BIN)/mkdocs build --strict -d site
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
