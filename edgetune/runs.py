@@ -113,13 +113,13 @@ class RunRecorder:
             "final_state_hash": self.rows[-1].get("state_hash") if self.rows else None,
             **extra,
         }
-        atomic_write_json(self.dir / "summary.json", summary)
         try:
             plot_loss_vs_bytes(self.rows, self.dir / "loss_vs_bytes.png", title=self.dir.name)
             if any(r.get("imv") is not None or r.get("worker_imv") is not None for r in self.rows):
                 plot_imv(self.rows, self.dir / "imv.png", title=self.dir.name)
-        except Exception as err:  # a plot must never fail a finished run
-            summary["plot_error"] = str(err)
+        except Exception as err:  # a plot must never fail a finished run; the summary says what went wrong
+            summary["plot_error"] = f"{type(err).__name__}: {err}"
+        atomic_write_json(self.dir / "summary.json", summary)
         return summary
 
 

@@ -1,0 +1,55 @@
+"""The run folder: summary.json records what happened, including a plot that could not be drawn."""
+
+from __future__ import annotations
+
+import json
+
+from edgetune import config as cfgmod
+from edgetune import runs
+
+
+def _row(r: int, loss: float) -> dict:
+    return {
+        "round": r,
+        "heldout_loss": loss,
+        "uplink_bytes": 92 * (r > 0),
+        "downlink_bytes": 500 * (r > 0),
+        "cum_uplink_bytes": 92 * r,
+        "cum_downlink_bytes": 500 * r,
+        "state_hash": f"{r:064x}",
+    }
+
+
+def test_finish_writes_summary_with_the_plot_error_when_a_plot_fails(tmp_path, monkeypatch):
+    """A failing plot never fails the run, and summary.json on disk says why the plot is missing."""
+    # Prepare
+    cfg = cfgmod.RunConfig()
+    rec = runs.RunRecorder(cfg, tmp_path / "run")
+    rec.rows = [_row(0, 5.0), _row(1, 4.5)]
+
+    def broken(*args, **kwargs):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(runs, "plot_loss_vs_bytes", broken)
+
+    # Execute
+    summary = rec.finish({})
+
+    # Assert
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert on_disk["plot_error"] == "OSError: no space left on device" == summary["plot_error"]
+    assert on_disk["heldout_loss_first"] == 5.0 and on_disk["heldout_loss_last"] == 4.5
+    assert on_disk["uplink_bytes_total"] == 92
+    assert not (tmp_path / "run" / "loss_vs_bytes.png").exists()
+
+
+def test_finish_draws_the_plot_and_writes_no_error(tmp_path):
+    """With working plots: the PNG exists and the summary has no plot_error."""
+    rec = runs.RunRecorder(cfgmod.RunConfig(), tmp_path / "run")
+    rec.rows = [_row(0, 5.0), _row(1, 4.5), _row(2, 4.2)]
+
+    summary = rec.finish({})
+
+    assert "plot_error" not in json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["rounds_completed"] == 2
+    assert (tmp_path / "run" / "loss_vs_bytes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
