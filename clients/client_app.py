@@ -22,11 +22,11 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.train("indices")
 def train_indices(msg: Message, context: Context) -> Message:
-    """deft phase 1: train locally, upload top-k indices of the assigned partitions."""
+    """DEFT phase 1: train locally, upload top-k indices of the assigned partitions."""
     return client_handler.handle(msg, context, "indices")
 
 
 @app.train("values")
 def train_values(msg: Message, context: Context) -> Message:
-    """deft phase 2: upload values at the union of indices."""
+    """DEFT phase 2: upload values at the union of indices."""
     return client_handler.handle(msg, context, "values")
