@@ -96,6 +96,15 @@ def plan(quick: bool, sim_sites: str) -> list[Step]:
                 ("quality_per_byte.json", "quality_per_byte.png"),
             ),
             Step(
+                "site_reload",
+                "benchmarks.site_reload",
+                ("--recipe", "recipes/spsa/tiny-4c.toml"),
+                "tiny",
+                "--quick: smoke run",
+                0.3,
+                ("site_reload.json",),
+            ),
+            Step(
                 "spsa_step",
                 "benchmarks.spsa_step",
                 ("--model", "tiny", "--repeats", "2"),
@@ -161,6 +170,17 @@ def plan(quick: bool, sim_sites: str) -> list[Step]:
             ("quality_per_byte.json", "quality_per_byte.png"),
         ),
     ]
+    steps.append(
+        Step(
+            "site_reload",
+            "benchmarks.site_reload",
+            (),
+            "smollm2",
+            "a deployed site starts a fresh process per message: reload vs the round's local compute, real model",
+            1.5,
+            ("site_reload.json",),
+        )
+    )
     steps.append(
         Step(
             "spsa_step",
