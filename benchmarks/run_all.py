@@ -154,7 +154,7 @@ def plan(quick: bool, sim_sites: str) -> list[Step]:
         Step(
             "sim_scale",
             "benchmarks.sim_scale",
-            ("--sites", sim_sites or "16,64"),
+            ("--sites", sim_sites or "16,64,200"),
             "tiny",
             "the number of simulated sites is the variable; SmolLM2 at 64 sites is an hour of CPU on 2 cores",
             5.0,
