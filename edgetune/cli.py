@@ -489,6 +489,12 @@ def site(
     activation_wait: Annotated[
         float, typer.Option(help="Keep retrying for this many seconds while the SuperLink refuses to activate the node")
     ] = 180.0,
+    keep_loaded: Annotated[
+        bool,
+        typer.Option(
+            help="Keep the model loaded between rounds in a site host process (else every message reloads it)"
+        ),
+    ] = True,
 ) -> None:
     """Run this factory's site: a Flower SuperNode with its kit, data and device."""
     from edgetune import deploy
@@ -505,6 +511,7 @@ def site(
         if not deploy.is_loopback(host):
             raise _fail("--insecure is for loopback tests only; use the kit's TLS and node key")
         console.print("[bold red]WARNING: --insecure: no TLS, no node authentication. Loopback tests only.[/]")
+    socket_path = _site_host_socket(state.resolve()) if keep_loaded else None
     try:
         cmd = deploy.supernode_command(
             kit,
@@ -515,10 +522,12 @@ def site(
             insecure=insecure,
             site_index=demo_index if demo_index >= 0 else None,
             num_sites=num_sites or None,
+            site_host=str(socket_path) if socket_path else "",
         )
     except (deploy.DeployError, OSError, ValueError) as err:
         raise _fail(str(err)) from err
     env = deploy.flower_env(state.resolve())
+    host_proc = _start_site_host(socket_path) if socket_path else None
     console.print(f"site {kit.name} -> {superlink}; logs below (Ctrl+C stops the site)")
 
     def _stop(signum: int, frame: Any) -> None:
@@ -575,7 +584,41 @@ def site(
             break
         console.print("SuperLink refused activation (an earlier session may still be open); retrying in 15 s")
         time.sleep(15)
+    if host_proc is not None:
+        host_proc.terminate()
+        try:
+            host_proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            host_proc.kill()
     raise typer.Exit(code=code)
+
+
+def _site_host_socket(state: Path) -> Path:
+    """Where the site host listens: in the site's state folder, or a private temp folder when that
+    path is too long for a Unix socket (about 100 bytes).
+    """
+    state.mkdir(parents=True, exist_ok=True)
+    path = state / "site-host.sock"
+    if len(str(path)) > 100:
+        path = Path(tempfile.mkdtemp(prefix="edgetune-site-")) / "host.sock"  # mode 0700
+    return path
+
+
+def _start_site_host(socket_path: Path) -> subprocess.Popen:
+    """Start the site host (``edgetune/sitehost.py``) and wait until it listens."""
+    ready = socket_path.with_name(socket_path.name + ".ready")
+    ready.unlink(missing_ok=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgetune.sitehost", "--socket", str(socket_path), "--ready-file", str(ready)]
+    )
+    deadline = time.time() + 120
+    while not ready.exists():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise _fail(f"the site host did not start (exit {proc.poll()}); run with --no-keep-loaded to skip it")
+        time.sleep(0.2)
+    console.print(f"site host (model kept loaded between rounds): pid {proc.pid}, {socket_path}")
+    return proc
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -225,10 +225,13 @@ def supernode_command(
     insecure: bool,
     site_index: int | None,
     num_sites: int | None,
+    site_host: str = "",
 ) -> list[str]:
-    """``flower-supernode`` for one site: its kit, its data, its device."""
+    """``flower-supernode`` for one site: its kit, its data, its device (and its site host's socket)."""
     site = json.loads((kit / "site.json").read_text())["site_id"]
     node_config: dict[str, Any] = {"site-id": site, "kit-dir": str(kit.resolve())}
+    if site_host:
+        node_config["site-host"] = site_host
     if data_path:
         node_config["data-path"] = str(Path(data_path).resolve())
     if device:

@@ -8,21 +8,27 @@ the server.
 
 A site's per-run state (e.g. the envelope replay guard) lives in ``context.state`` as a
 ConfigRecord, so Flower keeps it between rounds.
+
+When the node config names a ``site-host`` socket (``edgetune site`` starts one; see
+``edgetune/sitehost.py``), the step runs there, on the model the host keeps loaded, and this
+process (a fresh ``flwr-clientapp`` per message) never imports torch: the heavy imports below are
+deferred to the in-process path.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from edgetune import config as cfgmod
 from edgetune import faults
-from edgetune.algorithms.base import ClientHalf
-from edgetune.build import build_client, process_workdir, site_name
 from edgetune.comm import wire
 from edgetune.flower.messages import from_content, to_content
+
+if TYPE_CHECKING:
+    from edgetune.algorithms.base import ClientHalf
 
 STATE_KEY = "edgetune"
 MAX_DOWN_BYTES = 1 << 30
@@ -49,7 +55,7 @@ def identity(context: Context, kit_root: str = "") -> dict[str, Any]:
     if "partition-id" not in nc:
         raise ValueError("node config has neither site-id (deployment) nor partition-id (simulation)")
     index = int(nc["partition-id"])
-    site = site_name(index)
+    site = f"site-{index}"  # build.site_name, without importing torch
     kit = str(Path(kit_root) / site) if kit_root else ""
     return {"site": site, "index": index, "num": int(nc["num-partitions"]), "kit": kit, "data": ""}
 
@@ -62,17 +68,24 @@ def hello(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"hello": ConfigRecord({"site": me["site"]})}), reply_to=msg)
 
 
+def _run_config(context: Context) -> dict[str, Any]:
+    flat = dict(context.run_config)
+    if "device" in context.node_config:  # a site's own accelerator (edgetune site --device)
+        flat["model.device"] = str(context.node_config["device"])
+    return flat
+
+
 def _client(context: Context) -> ClientHalf:
+    from edgetune import config as cfgmod
+    from edgetune.build import build_client, process_workdir
+
     kit_root = ""
     if "edgetune-hello" in context.state:
         kit_root = str(context.state.config_records["edgetune-hello"]["kit_root"])
     me = identity(context, kit_root)
     key = (context.run_id, me["site"])
     if key not in _CLIENTS:
-        flat = dict(context.run_config)
-        if "device" in context.node_config:  # a site's own accelerator (edgetune site --device)
-            flat["model.device"] = str(context.node_config["device"])
-        cfg = cfgmod.from_run_config(flat)
+        cfg = cfgmod.from_run_config(_run_config(context))
         if not _WORKDIR:
             _WORKDIR.append(process_workdir(cfg))
         _CLIENTS[key] = build_client(
@@ -90,10 +103,43 @@ def handle(msg: Message, context: Context, phase: str) -> Message:
         state = dict(context.state.config_records[STATE_KEY])
     try:
         payload = wire.decode(from_content(msg.content, max_bytes=MAX_DOWN_BYTES), max_bytes=MAX_DOWN_BYTES)
-        reply, state = _client(context).step(phase, payload, state)
+        if "site-host" in context.node_config:
+            reply, state = _on_site_host(context, phase, payload, state)
+        else:
+            reply, state = _client(context).step(phase, payload, state)
         group = msg.metadata.group_id
         faults.point("site-before-reply", int(group.split("-")[-1]) if group.startswith("round-") else 0)
     except ValueError as err:
         reply = {"error": f"{type(err).__name__}: {err}"}
     context.state[STATE_KEY] = ConfigRecord(state)
     return Message(to_content(wire.encode(reply)), reply_to=msg)
+
+
+def _on_site_host(
+    context: Context, phase: str, payload: dict[str, Any], state: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run the step on this site's host process (model kept loaded); its ValueErrors come back as such."""
+    from edgetune import sitehost
+
+    me = identity(context)
+    answer = sitehost.request(
+        Path(str(context.node_config["site-host"])),
+        {
+            "cfg": json.dumps(_run_config(context), sort_keys=True),
+            "run": str(context.run_id),
+            "site": me["site"],
+            "index": me["index"],
+            "num": me["num"],
+            "kit": me["kit"],
+            "data": me["data"],
+            "phase": phase,
+            "payload": wire.encode(payload),
+            "state": wire.encode(state),
+        },
+    )
+    if "error" in answer:
+        raise ValueError(str(answer["error"]))
+    if "crash" in answer:
+        raise sitehost.SiteHostError(f"site host crashed: {answer['crash']}")
+    reply = wire.decode(answer["reply"], max_bytes=MAX_DOWN_BYTES)
+    return reply, wire.decode(answer["state"], max_bytes=MAX_DOWN_BYTES)
