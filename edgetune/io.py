@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -145,3 +146,28 @@ def atomic_folder(final: Path, fill: Callable[[Path], None], *, keep: int | None
         for old_dir in [p for p in siblings[:-keep] if p != final]:
             shutil.rmtree(old_dir, ignore_errors=True)
     return final
+
+
+RUN_FOLDER = re.compile(r"[0-9a-f]{16,}")
+"""Names of per-run folders (hex run ids); nothing else next to them is ever pruned."""
+
+
+def prune_sibling_runs(folder: Path, keep: int = 2) -> list[Path]:
+    """Delete all but the ``keep`` most recently modified run folders next to ``folder`` (never ``folder``).
+
+    A site keeps per-run state (spsa replicas, dppf copies, deft residuals) in folders named by the
+    hex run id; without pruning, every run would leave its copy of the trainable weights behind.
+    Only siblings whose names are run ids (``RUN_FOLDER``) are candidates. Returns the folders removed.
+    """
+    parent = Path(folder).parent
+    if not parent.is_dir():
+        return []
+    runs = sorted(
+        (p for p in parent.iterdir() if p.is_dir() and RUN_FOLDER.fullmatch(p.name)), key=lambda p: p.stat().st_mtime
+    )
+    removed = []
+    for stale in runs[: max(0, len(runs) - keep)]:
+        if stale.resolve() != Path(folder).resolve():
+            shutil.rmtree(stale, ignore_errors=True)
+            removed.append(stale)
+    return removed

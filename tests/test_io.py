@@ -413,3 +413,24 @@ def test_keep_never_prunes_the_folder_just_written(tmp_path: Path):
     # Assert
     assert out.is_dir()
     assert listing(tmp_path) == ["round-10000"]
+
+
+def test_prune_sibling_runs_keeps_the_newest_two_and_the_current(tmp_path: Path):
+    """Only the two most recently modified run folders survive, and the current one always does."""
+    # Prepare: four runs (hex run ids), the current one the oldest by mtime (a resumed old run)
+    runs = []
+    (tmp_path / "spsa").mkdir()  # not a run folder: never pruned
+    for i in range(4):
+        d = tmp_path / f"{i:016x}"
+        d.mkdir()
+        (d / "x.safetensors").write_bytes(b"x" * 10)
+        os.utime(d, (1000 + i, 1000 + i))
+        runs.append(d)
+
+    # Execute
+    removed = eio.prune_sibling_runs(runs[0])
+
+    # Assert
+    assert [p.name for p in removed] == [f"{1:016x}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i:016x}" for i in (0, 2, 3)] + ["spsa"]
+    assert eio.prune_sibling_runs(tmp_path / "missing" / "run") == []

@@ -77,6 +77,7 @@ from edgetune.comm.codecs import CodecError
 from edgetune.comm.tensors import TENSOR_CODECS, decode_tensors, encode_tensors
 from edgetune.comm.wire import Payload, WireError
 from edgetune.config import RunConfig
+from edgetune.io import prune_sibling_runs
 from edgetune.models.params import trainable_tensors
 
 MAX_VARINT_BYTES = 5
@@ -589,6 +590,7 @@ class SiteVectors:
         with open(tmp, "wb") as fh:
             np.save(fh, vec.detach().to("cpu", torch.float32).numpy(), allow_pickle=False)
         os.replace(tmp, path)
+        prune_sibling_runs(self.folder.parent)  # this site's two most recent runs only (<run>/deft)
 
     def load(self, kind: str, round_idx: int) -> torch.Tensor | None:
         path = self._path(kind, round_idx)

@@ -71,7 +71,7 @@ from edgetune.comm import wire
 from edgetune.comm.tensors import encode_tensors
 from edgetune.comm.wire import Payload
 from edgetune.config import DppfSection, RunConfig
-from edgetune.io import atomic_write_bytes
+from edgetune.io import atomic_write_bytes, prune_sibling_runs
 from edgetune.models.params import Manifest, trainable_tensors
 
 _RUN_HEX = re.compile(r"[0-9a-f]{2,64}")
@@ -195,6 +195,7 @@ class SiteCopy:
         for r in self.rounds():
             if r not in keep:
                 self._path(r).unlink(missing_ok=True)
+        prune_sibling_runs(self.folder.parent)  # and only this site's two most recent runs (<run>/dppf)
 
 
 # ---- server and site ------------------------------------------------------------------------------

@@ -33,7 +33,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import statistics
 import time
 from collections.abc import Sequence
@@ -55,7 +54,7 @@ from edgetune.config import RunConfig
 from edgetune.crypto import envelope, keystream, schedule
 from edgetune.crypto.envelope import EnvelopeError, ReplayGuard
 from edgetune.data.prompts import batch_indices
-from edgetune.io import atomic_write_json
+from edgetune.io import atomic_write_json, prune_sibling_runs
 from edgetune.models import master
 from edgetune.models.loss import answer_loss
 from edgetune.models.params import Manifest, manifest_of, trainable_tensors
@@ -341,11 +340,7 @@ class Replica:
         for old in folder.glob("master-*.safetensors"):
             if old.name != name:
                 old.unlink(missing_ok=True)
-        # keep the saved states of this site's two most recent runs only
-        runs = sorted((p for p in folder.parent.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
-        for stale in runs[:-2]:
-            if stale != folder:
-                shutil.rmtree(stale, ignore_errors=True)
+        prune_sibling_runs(folder)  # keep the saved states of this site's two most recent runs only
 
     @staticmethod
     def saved_round(folder: Path | None, run_id: bytes) -> int:
