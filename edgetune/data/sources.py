@@ -12,7 +12,6 @@ from edgetune.config import RunConfig
 from edgetune.crypto import schedule
 from edgetune.data.demo import demo_heldout, demo_sites
 from edgetune.data.jsonl import load_jsonl
-from edgetune.data.partition import partition
 
 EVAL_FRACTION = 0.1
 
@@ -53,6 +52,10 @@ def site_examples(cfg: RunConfig, site_index: int, num_sites: int, data_path: st
         raise ValueError(f"site index {site_index} out of range for {num_sites} sites")
     if cfg.data.source == "demo":
         return list(demo_sites(num_sites, facts_per_site=cfg.data.demo_facts, seed=cfg.run.seed)[site_index].train)
+    # flwr-datasets' partitioners: a Flower package, so they live in edgetune/flower/ (imported only
+    # when a simulated site partitions a data file)
+    from edgetune.flower.partition import partition
+
     train, _ = _split_path(cfg)
     parts = partition(
         train,

@@ -1,4 +1,4 @@
-"""Tests for simulation partitions (edgetune/data/partition.py)."""
+"""Tests for simulation partitions (edgetune/flower/partition.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from edgetune.data.demo import demo_sites
-from edgetune.data.partition import partition
+from edgetune.flower.partition import partition
 
 
 @pytest.fixture(scope="module")
