@@ -68,9 +68,7 @@ from edgetune.algorithms.kavg import (
     WeightsClient,
     WeightsServer,
     aggregate_tensors,
-    local_train,
     select,
-    site_batches,
 )
 from edgetune.comm import wire
 from edgetune.comm.codecs import CodecError
@@ -666,16 +664,7 @@ class DeftClient(WeightsClient):
         assigned = self._assigned(msg) if msg["sel"] == "deft" else []
         named = dict(self.ctx.model.named_parameters())
         chosen = [named[self.manifest.entries[i].name] for i in select(self.manifest, plan["train"])]
-        batches = site_batches(self.ctx, plan["seed"], plan["round"], plan["K"], plan["bs"])
-        losses = local_train(
-            self.ctx.model,
-            chosen,
-            batches,
-            lr=plan["lr"],
-            optimizer=plan["opt"],
-            momentum=plan["mom"],
-            weight_decay=plan["wd"],
-        )
+        losses = self.train_plan(plan, chosen)
         work = trainable_tensors(self.ctx.model, self.manifest)
         acc = torch.cat([(w.detach().to("cpu", torch.float32) - s).reshape(-1) for w, s in zip(work, start)])
         store = self.vectors(plan["run"])

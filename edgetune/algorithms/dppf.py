@@ -65,7 +65,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from edgetune.algorithms.base import ServerContext
-from edgetune.algorithms.kavg import WeightsClient, WeightsServer, local_train, site_batches
+from edgetune.algorithms.kavg import WeightsClient, WeightsServer
 from edgetune.algorithms.lowrank import lora_pairs, lora_scale, norm_of_sum
 from edgetune.comm import wire
 from edgetune.comm.tensors import encode_tensors
@@ -287,16 +287,7 @@ class DppfClient(WeightsClient):
                     w.copy_(p.to(w.device, w.dtype))
         named = dict(self.ctx.model.named_parameters())
         chosen = [named[e.name] for e in self.manifest]
-        batches = site_batches(self.ctx, plan["seed"], plan["round"], plan["K"], plan["bs"])
-        losses = local_train(
-            self.ctx.model,
-            chosen,
-            batches,
-            lr=plan["lr"],
-            optimizer=plan["opt"],
-            momentum=plan["mom"],
-            weight_decay=plan["wd"],
-        )
+        losses = self.train_plan(plan, chosen)
         trained = [w.detach().to("cpu", torch.float32) for w in work]
         store.save(plan["round"], trained)
         deltas = [t - b for t, b in zip(trained, x_bar)]

@@ -367,16 +367,10 @@ class WeightsClient:
                 w.copy_(p.to(w.device, w.dtype))
         return plan, start
 
-    def step(self, phase: str, msg: Payload, state: Payload) -> tuple[Payload, Payload]:
-        if phase != "train":
-            raise ValueError(f"{type(self).__name__} has no phase {phase!r}")
-        plan, start = self.load_global(msg)
-        idx = select(self.manifest, plan["train"])
-        work = trainable_tensors(self.ctx.model, self.manifest)
-        params = dict(self.ctx.model.named_parameters())
-        chosen = [params[self.manifest.entries[i].name] for i in idx]
+    def train_plan(self, plan: dict[str, Any], chosen: list[torch.Tensor]) -> list[float]:
+        """The plan's K local optimizer steps on ``chosen`` over this site's keyed batches; the losses."""
         batches = site_batches(self.ctx, plan["seed"], plan["round"], plan["K"], plan["bs"])
-        losses = local_train(
+        return local_train(
             self.ctx.model,
             chosen,
             batches,
@@ -385,6 +379,16 @@ class WeightsClient:
             momentum=plan["mom"],
             weight_decay=plan["wd"],
         )
+
+    def step(self, phase: str, msg: Payload, state: Payload) -> tuple[Payload, Payload]:
+        if phase != "train":
+            raise ValueError(f"{type(self).__name__} has no phase {phase!r}")
+        plan, start = self.load_global(msg)
+        idx = select(self.manifest, plan["train"])
+        work = trainable_tensors(self.ctx.model, self.manifest)
+        params = dict(self.ctx.model.named_parameters())
+        chosen = [params[self.manifest.entries[i].name] for i in idx]
+        losses = self.train_plan(plan, chosen)
         deltas = [work[i].detach().to("cpu", torch.float32) - start[i] for i in idx]
         reply = {"delta": encode_tensors(deltas, plan["up"]), "loss": sum(losses) / len(losses)}
         return reply, state
