@@ -122,7 +122,8 @@ class DataSection:
     """Where each site's examples come from and how they are batched."""
 
     source: str = "demo"
-    """``demo`` (the built-in factory maintenance data) or ``jsonl`` (``path``)."""
+    """``demo`` (the built-in fact-recall data: alarm codes -> procedures), ``triage`` (the built-in
+    fault-report routing data: report -> one of the site's categories) or ``jsonl`` (``path``)."""
     path: str = ""
     """JSONL file with ``instruction``/``response`` (or ``text``) rows, for ``source = "jsonl"``.
     In deployment each site's node config ``data-path`` overrides it."""
@@ -141,10 +142,13 @@ class DataSection:
     """Token limit per example (prompt + answer); longer examples are cut from the left."""
     batch_size: int = 8
     """Examples per local step."""
+    system_prompt: str = ""
+    """System prompt of every example; empty: the source's own (``demo`` and ``jsonl``: a factory
+    maintenance assistant; ``triage``: a fault-report router)."""
 
     def __post_init__(self) -> None:
-        if self.source not in {"demo", "jsonl"}:
-            raise ValueError(f"data.source must be demo or jsonl, got {self.source!r}")
+        if self.source not in {"demo", "triage", "jsonl"}:
+            raise ValueError(f"data.source must be demo, triage or jsonl, got {self.source!r}")
         if self.source == "jsonl" and not self.path:
             raise ValueError("data.source = 'jsonl' needs data.path")
         if self.partition not in {"natural", "iid", "dirichlet"}:

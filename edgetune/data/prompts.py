@@ -17,6 +17,8 @@ import torch
 from edgetune.crypto import schedule
 
 SYSTEM_PROMPT = "You are a factory maintenance assistant. Answer with the procedure only."
+"""Default system prompt (the fact-recall demo's). An example dict may carry its own in ``"system"``
+(data sources set it from ``data.system_prompt`` or their own default)."""
 
 IGNORE_INDEX = -100
 """Label of positions without loss (prompt and padding); PyTorch's cross-entropy default."""
@@ -25,7 +27,7 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 """End-of-turn markers of common chat templates, tried before the plain eos token."""
 
 
-def format_prompt(tokenizer: Any, instruction: str) -> str:
+def format_prompt(tokenizer: Any, instruction: str, system: str | None = None) -> str:
     """The prompt text for ``instruction``, up to where the answer starts.
 
     Parameters
@@ -35,19 +37,22 @@ def format_prompt(tokenizer: Any, instruction: str) -> str:
         generation prompt. Without: ``SYSTEM_PROMPT``, ``### Question:``, ``### Answer:``.
     instruction
         The question.
+    system
+        System prompt; ``None`` uses ``SYSTEM_PROMPT``.
 
     Returns
     -------
     str
         Prompt text; the answer follows it directly.
     """
+    system = SYSTEM_PROMPT if system is None else system
     if getattr(tokenizer, "chat_template", None):
         messages = [
-            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "system", "content": system},
             {"role": "user", "content": instruction},
         ]
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return f"{SYSTEM_PROMPT}\n### Question:\n{instruction}\n### Answer:\n"
+    return f"{system}\n### Question:\n{instruction}\n### Answer:\n"
 
 
 def end_token_id(tokenizer: Any) -> int:
@@ -85,9 +90,9 @@ def pad_token_id(tokenizer: Any) -> int:
     raise ValueError(f"{type(tokenizer).__name__} has neither a pad nor an eos token")
 
 
-def encode_prompt(tokenizer: Any, instruction: str) -> list[int]:
-    """Token ids of ``format_prompt(tokenizer, instruction)``."""
-    return list(tokenizer(format_prompt(tokenizer, instruction), add_special_tokens=False)["input_ids"])
+def encode_prompt(tokenizer: Any, instruction: str, system: str | None = None) -> list[int]:
+    """Token ids of ``format_prompt(tokenizer, instruction, system)``."""
+    return list(tokenizer(format_prompt(tokenizer, instruction, system), add_special_tokens=False)["input_ids"])
 
 
 def encode_example(tokenizer: Any, example: Mapping[str, str], max_length: int) -> tuple[list[int], list[int]]:
@@ -98,7 +103,7 @@ def encode_example(tokenizer: Any, example: Mapping[str, str], max_length: int) 
     tokenizer
         A Hugging Face tokenizer.
     example
-        ``{"instruction": str, "response": str, ...}``.
+        ``{"instruction": str, "response": str, ...}``, optionally ``"system"`` (its system prompt).
     max_length
         Most tokens kept. A longer example loses the left of its prompt, never its answer;
         an answer longer than ``max_length`` on its own keeps its first ``max_length``
@@ -112,7 +117,7 @@ def encode_example(tokenizer: Any, example: Mapping[str, str], max_length: int) 
     """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
-    prompt = encode_prompt(tokenizer, example["instruction"])
+    prompt = encode_prompt(tokenizer, example["instruction"], example.get("system"))
     answer = list(tokenizer(example["response"], add_special_tokens=False)["input_ids"])
     answer.append(end_token_id(tokenizer))
     if len(answer) >= max_length:
@@ -207,7 +212,9 @@ def batch_indices(num_examples: int, batch_size: int, key: bytes) -> list[int]:
     return out
 
 
-def generation_batch(tokenizer: Any, instructions: Sequence[str]) -> dict[str, torch.Tensor]:
+def generation_batch(
+    tokenizer: Any, instructions: Sequence[str], systems: Sequence[str | None] | None = None
+) -> dict[str, torch.Tensor]:
     """Left-padded prompts for batched greedy decoding.
 
     Left padding puts every prompt's last token in the last column, so all rows start
@@ -220,7 +227,9 @@ def generation_batch(tokenizer: Any, instructions: Sequence[str]) -> dict[str, t
     """
     if len(instructions) == 0:
         raise ValueError("generation_batch needs at least one instruction")
-    prompts = [encode_prompt(tokenizer, q) for q in instructions]
+    if systems is not None and len(systems) != len(instructions):
+        raise ValueError(f"{len(instructions)} instructions but {len(systems)} system prompts")
+    prompts = [encode_prompt(tokenizer, q, None if systems is None else systems[i]) for i, q in enumerate(instructions)]
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_token_id(tokenizer), dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)

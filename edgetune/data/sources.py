@@ -1,6 +1,6 @@
 """Which examples each site trains on and which the server evaluates on.
 
-Simulation: site ``i`` of ``N`` gets demo site ``i`` (``data.source = "demo"``) or partition
+Simulation: site ``i`` of ``N`` gets demo site ``i`` (``data.source = "demo"`` or ``"triage"``) or partition
 ``i`` of ``data.path`` (``natural``/``iid``/``dirichlet``). Deployment: a site's node config
 ``data-path`` names its own JSONL file. The server evaluates on the demo held-out questions, on
 ``data.eval_path``, or on a keyed 10% split of ``data.path`` that the sites then exclude.
@@ -12,6 +12,8 @@ from edgetune.config import RunConfig
 from edgetune.crypto import schedule
 from edgetune.data.demo import demo_heldout, demo_sites
 from edgetune.data.jsonl import load_jsonl
+from edgetune.data.triage import SYSTEM_PROMPT as TRIAGE_SYSTEM_PROMPT
+from edgetune.data.triage import triage_heldout, triage_sites
 
 EVAL_FRACTION = 0.1
 
@@ -47,11 +49,14 @@ def site_examples(cfg: RunConfig, site_index: int, num_sites: int, data_path: st
         Examples with ``instruction`` and ``response``.
     """
     if data_path:
-        return load_jsonl(data_path)
+        return _with_system(cfg, load_jsonl(data_path))
     if not 0 <= site_index < num_sites:
         raise ValueError(f"site index {site_index} out of range for {num_sites} sites")
     if cfg.data.source == "demo":
-        return list(demo_sites(num_sites, facts_per_site=cfg.data.demo_facts, seed=cfg.run.seed)[site_index].train)
+        sites = demo_sites(num_sites, facts_per_site=cfg.data.demo_facts, seed=cfg.run.seed)
+        return _with_system(cfg, list(sites[site_index].train))
+    if cfg.data.source == "triage":
+        return _with_system(cfg, list(triage_sites(num_sites, seed=cfg.run.seed)[site_index].train))
     # flwr-datasets' partitioners: a Flower package, so they live in edgetune/flower/ (imported only
     # when a simulated site partitions a data file)
     from edgetune.flower.partition import partition
@@ -65,13 +70,27 @@ def site_examples(cfg: RunConfig, site_index: int, num_sites: int, data_path: st
         alpha=cfg.data.dirichlet_alpha,
         seed=cfg.run.seed,
     )
-    return parts[site_index]
+    return _with_system(cfg, parts[site_index])
 
 
 def heldout_examples(cfg: RunConfig, num_sites: int) -> list[dict]:
     """The server's held-out set (first ``eval.num_examples``)."""
     if cfg.data.source == "demo":
         rows = demo_heldout(num_sites, facts_per_site=cfg.data.demo_facts, seed=cfg.run.seed)
+    elif cfg.data.source == "triage":
+        rows = triage_heldout(num_sites, seed=cfg.run.seed)
     else:
         _, rows = _split_path(cfg)
-    return list(rows[: cfg.eval.num_examples])
+    return _with_system(cfg, list(rows[: cfg.eval.num_examples]))
+
+
+def system_prompt(cfg: RunConfig) -> str | None:
+    """The system prompt every example of this run carries (None: ``prompts.SYSTEM_PROMPT``)."""
+    if cfg.data.system_prompt:
+        return cfg.data.system_prompt
+    return TRIAGE_SYSTEM_PROMPT if cfg.data.source == "triage" else None
+
+
+def _with_system(cfg: RunConfig, rows: list[dict]) -> list[dict]:
+    system = system_prompt(cfg)
+    return rows if system is None else [{**row, "system": system} for row in rows]

@@ -1,7 +1,15 @@
-"""Held-out evaluation: answer-token loss and greedy exact-match accuracy.
+"""Held-out evaluation: answer-token loss, label accuracy, greedy exact match and graded scores.
 
-Both use the prompt format of ``data/prompts.py``, so the model is scored on the prompts it
-was trained on. Neither changes the model: no gradients, and its train/eval mode is put back.
+All use the prompt format of ``data/prompts.py``, so the model is scored on the prompts it was
+trained on. None changes the model: no gradients, and its train/eval mode is put back.
+
+* ``heldout_loss``: mean negative log-likelihood per answer token.
+* ``choice_accuracy`` (examples with ``choices``, e.g. the triage data): each candidate answer is
+  scored by its log-likelihood; the best one is the prediction. Candidates whose first answer
+  tokens differ are ranked by that token alone (one forward pass per example); otherwise by the
+  whole answer (one pass per candidate).
+* ``exact_match`` and ``graded_scores`` (free-form answers, e.g. the fact-recall demo): greedy
+  decoding, then the whole answer, the procedure number, and token F1 of the actions.
 """
 
 from __future__ import annotations
@@ -17,11 +25,15 @@ from transformers import GenerationConfig
 from edgetune.data.prompts import (
     IGNORE_INDEX,
     TokenizedSet,
+    encode_prompt,
     generation_batch,
     pad_token_id,
     stop_token_ids,
 )
-from edgetune.models.loss import answer_loss
+from edgetune.models.loss import answer_loss, last_position_logits, sequence_logprobs
+
+CHOICE_SEPARATOR = "\n"
+"""Candidates in an example's ``choices`` field are separated by newlines."""
 
 
 def heldout_loss(
@@ -104,6 +116,20 @@ def exact_match(
     float
         Correct answers / number of examples.
     """
+    answers = greedy_answers(model, tokenizer, examples, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    correct = sum(normalize_answer(a) == normalize_answer(ex["response"]) for a, ex in zip(answers, examples))
+    return correct / len(examples)
+
+
+def greedy_answers(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Mapping[str, str]],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+) -> list[str]:
+    """The model's greedy answer to each example's prompt (decoded, special tokens removed)."""
     _check(examples, batch_size)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -117,16 +143,143 @@ def exact_match(
         pad_token_id=pad_token_id(tokenizer),
     )
     device = _device(model)
-    correct = 0
+    answers: list[str] = []
     with _eval_mode(model), torch.no_grad():
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
-            batch = generation_batch(tokenizer, [ex["instruction"] for ex in chunk])
+            batch = generation_batch(tokenizer, [ex["instruction"] for ex in chunk], [ex.get("system") for ex in chunk])
             out = model.generate(**{k: v.to(device) for k, v in batch.items()}, generation_config=config)
             new_tokens = out[:, batch["input_ids"].shape[1] :].tolist()
-            for ex, tokens in zip(chunk, new_tokens, strict=True):
-                answer = tokenizer.decode(_until_stop(tokens, stops), skip_special_tokens=True)
-                correct += normalize_answer(answer) == normalize_answer(ex["response"])
+            for tokens in new_tokens:
+                answers.append(tokenizer.decode(_until_stop(tokens, stops), skip_special_tokens=True))
+    return answers
+
+
+_PROCEDURE = re.compile(r"\bPR-(\d+)\b")
+
+
+def graded_scores(answers: Sequence[str], examples: Sequence[Mapping[str, str]]) -> dict[str, float]:
+    """Scores of free-form answers that move before whole answers are right.
+
+    Returns
+    -------
+    dict[str, float]
+        ``exact_match`` (whole answer), ``procedure_accuracy`` (the ``PR-<n>`` number matches, for
+        responses that carry one) and ``action_f1`` (token F1 of the text after the first colon,
+        averaged over examples).
+    """
+    if len(answers) != len(examples) or not examples:
+        raise ValueError(f"graded_scores: {len(answers)} answers for {len(examples)} examples")
+    exact = procedure_hits = procedure_total = 0
+    f1s = []
+    for answer, ex in zip(answers, examples):
+        gold = ex["response"]
+        exact += normalize_answer(answer) == normalize_answer(gold)
+        gold_number = _PROCEDURE.search(gold)
+        if gold_number:
+            procedure_total += 1
+            got = _PROCEDURE.search(answer)
+            procedure_hits += bool(got) and got.group(1) == gold_number.group(1)  # type: ignore[union-attr]
+        f1s.append(_token_f1(_after_colon(answer), _after_colon(gold)))
+    scores = {"exact_match": exact / len(examples), "action_f1": sum(f1s) / len(f1s)}
+    if procedure_total:
+        scores["procedure_accuracy"] = procedure_hits / procedure_total
+    return scores
+
+
+def _after_colon(text: str) -> list[str]:
+    body = text.split(":", 1)[1] if ":" in text else text
+    return re.findall(r"[a-z0-9-]+", body.lower())
+
+
+def _token_f1(pred: list[str], gold: list[str]) -> float:
+    if not pred or not gold:
+        return float(pred == gold)
+    common = 0
+    remaining = list(gold)
+    for t in pred:
+        if t in remaining:
+            remaining.remove(t)
+            common += 1
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def choices_of(example: Mapping[str, str]) -> list[str]:
+    """The candidate answers of ``example`` (its ``choices`` field, newline-separated)."""
+    raw = example.get("choices")
+    if not isinstance(raw, str) or not raw.strip():
+        raise ValueError(f"example has no choices: {str(example.get('instruction', ''))[:80]!r}")
+    choices = [c for c in raw.split(CHOICE_SEPARATOR) if c]
+    if len(set(choices)) != len(choices) or example["response"] not in choices:
+        raise ValueError(f"example's choices must be distinct and include its response: {choices!r}")
+    return choices
+
+
+def choice_accuracy(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Mapping[str, str]],
+    *,
+    batch_size: int,
+    max_length: int,
+) -> float:
+    """Fraction of examples whose response is the best-scored of its ``choices``.
+
+    Parameters
+    ----------
+    model, tokenizer
+        A causal LM and its tokenizer.
+    examples
+        Example dicts with ``instruction``, ``response`` and ``choices`` (``choices_of``).
+    batch_size
+        Prompts (or candidate sequences) per forward pass.
+    max_length
+        Token limit per example, as in training.
+
+    Returns
+    -------
+    float
+        Correct / number of examples. Ties go to the candidate listed first.
+    """
+    _check(examples, batch_size)
+    first_token: list[list[int]] = []
+    fast: list[int] = []
+    slow: list[int] = []
+    for i, ex in enumerate(examples):
+        firsts = [tokenizer(c, add_special_tokens=False)["input_ids"][:1] for c in choices_of(ex)]
+        ids = [f[0] if f else -1 for f in firsts]
+        first_token.append(ids)
+        (fast if -1 not in ids and len(set(ids)) == len(ids) else slow).append(i)
+    correct = 0
+    pad = pad_token_id(tokenizer)
+    with _eval_mode(model), torch.no_grad():
+        for start in range(0, len(fast), batch_size):
+            idx = fast[start : start + batch_size]
+            prompts = [
+                encode_prompt(tokenizer, examples[i]["instruction"], examples[i].get("system"))[-max_length:]
+                for i in idx
+            ]
+            width = max(len(p) for p in prompts)
+            input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            attention_mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, p in enumerate(prompts):
+                input_ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+                attention_mask[row, width - len(p) :] = 1
+            logits = last_position_logits(model, input_ids, attention_mask)
+            for row, i in enumerate(idx):
+                scores = logits[row, first_token[i]]
+                choices = choices_of(examples[i])
+                correct += choices[int(torch.argmax(scores))] == examples[i]["response"]
+        for i in slow:
+            ex = examples[i]
+            choices = choices_of(ex)
+            rows = [{**ex, "response": c} for c in choices]
+            data = TokenizedSet(tokenizer, rows, max_length)
+            scores = sequence_logprobs(model, data.batch(list(range(len(rows)))))
+            correct += choices[int(torch.argmax(scores))] == ex["response"]
     return correct / len(examples)
 
 
@@ -140,18 +293,26 @@ def evaluate(
     max_new_tokens: int,
     accuracy: bool,
 ) -> dict[str, float]:
-    """Held-out loss, and exact-match accuracy when ``accuracy`` (greedy decoding is slower).
+    """Held-out loss, and accuracy when ``accuracy`` (slower: ranking or greedy decoding).
 
     Returns
     -------
     dict[str, float]
-        ``{"heldout_loss": ...}``, plus ``"accuracy"`` when asked for.
+        ``{"heldout_loss": ...}``, plus, when asked for, ``"accuracy"``: label accuracy
+        (``choice_accuracy``) when every example has ``choices``, else greedy exact match, with
+        the graded scores ``procedure_accuracy`` and ``action_f1`` next to it.
     """
     metrics = {"heldout_loss": heldout_loss(model, tokenizer, examples, batch_size=batch_size, max_length=max_length)}
     if accuracy:
-        metrics["accuracy"] = exact_match(
-            model, tokenizer, examples, batch_size=batch_size, max_new_tokens=max_new_tokens
-        )
+        if all(ex.get("choices") for ex in examples):
+            metrics["accuracy"] = choice_accuracy(
+                model, tokenizer, examples, batch_size=batch_size, max_length=max_length
+            )
+        else:
+            answers = greedy_answers(model, tokenizer, examples, batch_size=batch_size, max_new_tokens=max_new_tokens)
+            graded = graded_scores(answers, examples)
+            metrics["accuracy"] = graded.pop("exact_match")
+            metrics.update(graded)
     return metrics
 
 

@@ -41,3 +41,25 @@ def answer_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tenso
     mask = targets != IGNORE_INDEX
     logits = base.get_output_embeddings()(hidden[:, :-1][mask])
     return F.cross_entropy(logits.float(), targets[mask])
+
+
+def last_position_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Next-token logits (float32) after the last column of left-padded prompts, shape (batch, vocab)."""
+    device = next(model.parameters()).device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    base = _plain(model)
+    if base is None:
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -1].float()
+    hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return base.get_output_embeddings()(hidden[:, -1]).float()
+
+
+def sequence_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per row, the summed log-probability (float64) of its labelled tokens (labels -100 elsewhere)."""
+    device = next(model.parameters()).device
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    targets = batch["labels"][:, 1:].to(device)
+    mask = targets != IGNORE_INDEX
+    logp = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(dim=-1).cpu()
