@@ -1,8 +1,10 @@
 """Fault injection for crash tests (unset in normal use).
 
 ``EDGETUNE_FAULT=<point>:<round>:<seconds>`` makes the process print a marker and pause at that
-point of that round, so a test can kill it there with certainty. Points: ``after-plan`` and
-``after-commit`` (server), ``site-before-reply`` (a site, after computing, before replying).
+point of that round, so a test can kill it there with certainty. Points: every step of a server
+round (``federation.FAULT_POINTS``: ``plan-saved``, ``after-plan``, ..., ``after-commit``, ...) and
+``site-before-reply`` (a site, after computing, before replying). The crash matrix
+(``tests/integration/test_crash_matrix.py``) replaces ``point`` to kill a forked server at each one.
 """
 
 from __future__ import annotations

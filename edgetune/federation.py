@@ -14,10 +14,18 @@ cannot drift apart. Bytes are counted here, where payloads are encoded and decod
 A round without quorum is retried with the same round id (and, for spsa, the same secret and
 byte-identical envelopes) up to ``MAX_ROUND_ATTEMPTS`` times; then the run stops with an error
 naming every site's failure. No round is ever skipped silently.
+
+Crash safety (``journal.py``): the server half's state goes into a new, private (0700/0600),
+checksummed folder under ``server-state/`` before the journal line that names it; the journal
+line is the single commit point, so a kill at any point, a torn journal line or a full disk
+leaves a run that resumes and ends on the uninterrupted run's state hash. ``faults.point`` marks
+every step of a round (``FAULT_POINTS``) for the crash tests.
 """
 
 from __future__ import annotations
 
+import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,11 +36,56 @@ from edgetune import faults
 from edgetune.algorithms.base import RoundResult, ServerHalf
 from edgetune.comm import wire
 from edgetune.comm.wire import Payload, WireError
-from edgetune.config import RunConfig
-from edgetune.journal import Journal, RunFinished
+from edgetune.config import RunConfig, flatten
+from edgetune.io import (
+    atomic_folder,
+    link_or_copy_tree,
+    private_dir,
+    read_state_json,
+    set_private_tree,
+    write_state_json,
+)
+from edgetune.journal import Journal, JournalMismatch, RunFinished
 from edgetune.runs import RunRecorder
 
 MAX_ROUND_ATTEMPTS = 3
+
+FAULT_POINTS = (
+    "plan-saved",  # round r's plan state folder written, its journal line not yet
+    "after-plan",  # the plan line is on disk; nothing sent
+    "after-exchange",  # replies in, nothing aggregated
+    "after-aggregate",  # the server half applied round r in memory only
+    "commit-saved",  # round r's state folder written, its commit line not yet
+    "after-ledger",  # ledger written, commit line not yet
+    "after-commit",  # the commit line is on disk
+    "after-row",  # the metrics row is on disk, the checkpoint (if due) not yet
+    "after-checkpoint",  # the round is fully recorded
+    "after-summary",  # (last round) summary written, finished line not yet
+)
+"""Every step of a round at which the crash tests kill the server (``faults.point(name, round)``)."""
+
+STATE_DIR = "server-state"
+STATE_MARKER = "edgetune-state.json"
+_STATE_NAME = re.compile(r"(plan|commit)-\d{6,}-\d{6,}")
+_STATE_LEFTOVER = re.compile(r"\.(plan|commit)-\d{6,}-\d{6,}\.(tmp|old)-.*")
+
+OPERATIONAL_KEYS = frozenset(
+    {
+        "num_rounds",
+        "run.dir",
+        "run.round_timeout_s",
+        "run.quorum_grace_s",
+        "run.checkpoint_every",
+        "run.keep_checkpoints",
+        "model.device",
+        "model.cache_dir",
+        "crypto.keys_dir",
+        "crypto.envelope_ttl_s",
+        "eval.batch_size",
+    }
+)
+"""Config keys a restarted server may change (where it runs, how long it waits, how long it trains);
+any other difference means the folder holds another run's journal, which is refused."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +162,7 @@ def run_round(
             for site, blob in blobs.items():
                 recorder.ledger.add(round_idx, phase, site, "down", len(blob))
             raw = transport.exchange(round_idx, phase, blobs, timeout_s=cfg.run.round_timeout_s)
+            faults.point("after-exchange", round_idx)
             for site, blob in raw.items():
                 if isinstance(blob, bytes):
                     recorder.ledger.add(round_idx, phase, site, "up", len(blob))
@@ -147,21 +201,107 @@ def _probe_imv(cfg: RunConfig, server: ServerHalf, tokenizer: Any, transport: Tr
     return imv_metrics(model_imv(server.global_model(), tokenizer, examples, cfg))
 
 
+def training_identity(cfg: RunConfig) -> dict[str, Any]:
+    """The configuration that defines what a run trains (everything but ``OPERATIONAL_KEYS``)."""
+    return {k: v for k, v in sorted(flatten(cfg).items()) if k not in OPERATIONAL_KEYS}
+
+
+def _check_identity(cfg: RunConfig, recorder: RunRecorder, journal: Journal) -> None:
+    """Refuse a journal written by another run: another folder name, or another training configuration."""
+    start = journal.start_record()
+    if start is None:
+        return  # a new run, or a journal written before start lines existed
+    if start.get("run") != recorder.dir.name:
+        raise JournalMismatch(
+            f"{journal.path} belongs to run {start.get('run')!r}, not {recorder.dir.name!r} (a copied or renamed "
+            "run folder?); start a new run in an empty folder"
+        )
+    recorded = start.get("config", {})
+    now = training_identity(cfg)
+    differ = sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))
+    if differ:
+        detail = ", ".join(f"{k}: {recorded.get(k)!r} -> {now.get(k)!r}" for k in differ[:8])
+        raise JournalMismatch(
+            f"{recorder.dir} holds a run trained with another configuration ({detail}); resume it with its own "
+            "config.toml, or start a new run with another run.name"
+        )
+
+
 def _resume(cfg: RunConfig, server: ServerHalf, recorder: RunRecorder, journal: Journal) -> int:
-    """Load the server state of the last committed round; drop rows recorded after it."""
+    """Load the server state the journal names last; drop rows recorded after the last commit."""
     if journal.finished:
         raise RunFinished(
             f"{recorder.dir} holds a finished run (journal says so); start a new run with another run.name"
         )
+    _check_identity(cfg, recorder, journal)
     committed = journal.last_commit
-    if committed:
+    named = journal.last_state()
+    if named is not None:
+        expected = named["round"] if named["t"] == "commit" else named["round"] - 1
+        if expected != committed:
+            raise ValueError(
+                f"{journal.path}: the last state line ({named['t']} {named['round']}) does not follow "
+                f"the last commit ({committed})"
+            )
+        folder = recorder.dir / STATE_DIR / named["state"]
+        marker = read_state_json(folder / STATE_MARKER)
+        if marker.get("run") != recorder.dir.name or marker.get("committed") != committed:
+            raise ValueError(
+                f"{folder}: holds round {marker.get('committed')} of run {marker.get('run')!r}, the journal "
+                f"expects round {committed} of {recorder.dir.name!r}"
+            )
+        restored = server.load_state(folder)  # type: ignore[attr-defined]
+        if restored != committed:
+            raise RuntimeError(f"journal says round {committed} is committed, {folder} holds round {restored}")
+    elif committed:  # a journal from before state folders were named: the state is server-state/ itself
         if not hasattr(server, "load_state"):
             raise RuntimeError(f"{cfg.algorithm} cannot resume a run (no load_state)")
-        restored = server.load_state(recorder.dir / "server-state")
+        restored = server.load_state(recorder.dir / STATE_DIR)
         if restored != committed:
             raise RuntimeError(f"journal says round {committed} is committed, the saved state is round {restored}")
+    _prune_states(recorder, journal)
     recorder.truncate(committed)
     return committed
+
+
+def _save_state(server: ServerHalf, recorder: RunRecorder, journal: Journal, kind: str, round_idx: int) -> str | None:
+    """Write the server half's state into a new folder (not yet committed: no journal line names it).
+
+    The folder starts as hard links to the files of the state the journal names last, so what did
+    not change (spsa's replica, kavg's weights of an unchanged round) costs no copy; ``save_state``
+    replaces files atomically and never writes into them in place.
+    """
+    if not hasattr(server, "save_state"):
+        return None
+    root = private_dir(recorder.dir / STATE_DIR)
+    committed = round_idx if kind == "commit" else round_idx - 1
+    name = f"{kind}-{round_idx:06d}-{len(journal.records):06d}"
+    prev = journal.last_state()
+
+    def fill(tmp: Path) -> None:
+        if prev is not None and (root / prev["state"]).is_dir():
+            link_or_copy_tree(root / prev["state"], tmp)
+        server.save_state(tmp, committed)  # type: ignore[attr-defined]
+        write_state_json(
+            tmp / STATE_MARKER, {"run": recorder.dir.name, "committed": committed, "kind": kind, "round": round_idx}
+        )
+        set_private_tree(tmp)
+
+    if (root / name).exists():
+        shutil.rmtree(root / name)  # left by a crash before its journal line: never named, never loaded
+    atomic_folder(root / name, fill)
+    return name
+
+
+def _prune_states(recorder: RunRecorder, journal: Journal) -> None:
+    """Delete state folders no journal line needs (older rounds, folders a crash left unnamed)."""
+    root = recorder.dir / STATE_DIR
+    if not root.is_dir():
+        return
+    keep = journal.state_names()
+    for path in root.iterdir():
+        if (_STATE_NAME.fullmatch(path.name) and path.name not in keep) or _STATE_LEFTOVER.fullmatch(path.name):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _checkpoint_due(cfg: RunConfig, r: int) -> bool:
@@ -189,6 +329,7 @@ def _record_round(
     row["state_hash"] = server.state_hash()
     row["wall_s"] = round(time.time() - t0, 3)
     recorder.round_done(row)
+    faults.point("after-row", r)
     if _checkpoint_due(cfg, r):
         imv = {k: row[k] for k in ("imv", "imv_radius", "imv_base_loss", "imv_capped") if k in row}
         return recorder.checkpoint(server.global_model(), tokenizer, r, {"state_hash": server.state_hash(), **imv})
@@ -210,13 +351,14 @@ def run_federation(
     """
     journal = Journal(recorder.dir)
     committed = _resume(cfg, server, recorder, journal)
-    state_dir = recorder.dir / "server-state"
-    can_save = hasattr(server, "save_state")
+    if not journal.records:
+        journal.start(recorder.dir.name, training_identity(cfg))
 
     def planned(round_idx: int) -> None:
-        if can_save:
-            server.save_state(state_dir, round_idx - 1)  # type: ignore[attr-defined]
-        journal.plan(round_idx)
+        state = _save_state(server, recorder, journal, "plan", round_idx)
+        faults.point("plan-saved", round_idx)
+        journal.plan(round_idx, state)
+        _prune_states(recorder, journal)
         faults.point("after-plan", round_idx)
 
     if not recorder.rows:
@@ -251,15 +393,20 @@ def run_federation(
     for r in range(committed + 1, cfg.num_rounds + 1):
         t0 = time.time()
         metrics, rejected, attempts = run_round(cfg, server, transport, recorder, r, on_planned=planned)
+        faults.point("after-aggregate", r)
         row: dict[str, Any] = {"round": r, **metrics, "attempts": attempts, "train_wall_s": round(time.time() - t0, 3)}
         if rejected:
             row["rejected"] = rejected
-        if can_save:
-            server.save_state(state_dir, r)  # type: ignore[attr-defined]
+        state = _save_state(server, recorder, journal, "commit", r)
+        faults.point("commit-saved", r)
         recorder.ledger.write_jsonl(recorder.dir / "ledger.jsonl")
-        journal.commit(r, server.state_hash(), row)
+        faults.point("after-ledger", r)
+        journal.commit(r, server.state_hash(), row, state)
+        _prune_states(recorder, journal)
         faults.point("after-commit", r)
         last_ckpt = _record_round(cfg, server, transport, recorder, evaluate, tokenizer, r, row, t0) or last_ckpt
+        faults.point("after-checkpoint", r)
     summary = recorder.finish({"checkpoint": str(last_ckpt) if last_ckpt else None})
+    faults.point("after-summary", cfg.num_rounds)
     journal.finish(cfg.num_rounds)
     return summary

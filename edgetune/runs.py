@@ -12,6 +12,7 @@ runs/<run-id>/
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import time
 from collections.abc import Callable
@@ -47,8 +48,9 @@ class RunRecorder:
         self.on_row = on_row
         self.t_start = time.time()
         self.rows: list[dict[str, Any]] = read_jsonl(self.dir / "metrics.jsonl")
-        flat = cfgmod.flatten(cfg)
-        atomic_write_bytes(self.dir / "config.toml", cfgmod.to_toml(flat).encode())
+        if not (self.dir / "config.toml").is_file():
+            # a restarted server keeps the run's own record (journal.py refuses another run's journal)
+            atomic_write_bytes(self.dir / "config.toml", cfgmod.to_toml(cfgmod.flatten(cfg)).encode())
 
     @property
     def metrics_path(self) -> Path:
@@ -168,11 +170,10 @@ def plot_loss_vs_bytes(rows: list[dict[str, Any]], path: Path, *, title: str = "
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    buf = path.with_suffix(".tmp.png")
-    fig.savefig(buf)
+    buf = io.BytesIO()  # in memory: a temp file at a guessable name could be a planted symlink
+    fig.savefig(buf, format="png")
     plt.close(fig)
-    atomic_write_bytes(path, buf.read_bytes(), mode=0o644)
-    buf.unlink(missing_ok=True)
+    atomic_write_bytes(path, buf.getvalue(), mode=0o644)
 
 
 def plot_imv(rows: list[dict[str, Any]], path: Path, *, title: str = "") -> None:
@@ -197,8 +198,7 @@ def plot_imv(rows: list[dict[str, Any]], path: Path, *, title: str = "") -> None
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    buf = path.with_suffix(".tmp.png")
-    fig.savefig(buf)
+    buf = io.BytesIO()  # in memory: a temp file at a guessable name could be a planted symlink
+    fig.savefig(buf, format="png")
     plt.close(fig)
-    atomic_write_bytes(path, buf.read_bytes(), mode=0o644)
-    buf.unlink(missing_ok=True)
+    atomic_write_bytes(path, buf.getvalue(), mode=0o644)

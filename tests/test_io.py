@@ -434,3 +434,126 @@ def test_prune_sibling_runs_keeps_the_newest_two_and_the_current(tmp_path: Path)
     assert [p.name for p in removed] == [f"{1:016x}"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i:016x}" for i in (0, 2, 3)] + ["spsa"]
     assert eio.prune_sibling_runs(tmp_path / "missing" / "run") == []
+
+
+# --- issue 13: the reader and the appender agree on what is committed --------------------------------------------
+
+
+@pytest.mark.parametrize("tail", ['{"round": 3}', '{"round": 3, "lo', "garbage\n"])
+def test_unterminated_or_garbage_last_line_is_never_read_and_is_cut_by_the_next_append(tmp_path: Path, tail: str):
+    """A complete record without its newline is torn (it was never committed): read_jsonl does not return
+    it, and the next append cuts it off instead of leaving the reader and the appender in disagreement.
+    Likewise a complete last line that is not JSON. Earlier records are never touched."""
+    # Prepare
+    path = tmp_path / "journal.jsonl"
+    path.write_text('{"round": 1}\n{"round": 2}\n' + tail)
+
+    # Execute
+    before = read_jsonl(path)
+    append_jsonl(path, {"round": 4})
+
+    # Assert
+    assert before == [{"round": 1}, {"round": 2}]
+    assert path.read_text() == '{"round": 1}\n{"round": 2}\n{"round": 4}\n'
+    assert read_jsonl(path) == [{"round": 1}, {"round": 2}, {"round": 4}]
+
+
+def test_jsonl_valid_prefix_at_every_offset_of_a_line(tmp_path: Path):
+    """Cut at every byte offset of its last line, a log reads as the lines before it, and the length the
+    appender keeps is exactly those lines' bytes; only the complete line with its newline counts."""
+    head = b'{"a": 1}\n'
+    line = b'{"round": 2, "hash": "abc"}'
+    for offset in range(len(line) + 1):
+        keep, rows = eio.jsonl_valid_prefix(head + line[:offset])
+        assert (keep, rows) == (len(head), [{"a": 1}]), offset
+    whole = head + line + b"\n"
+    assert eio.jsonl_valid_prefix(whole) == (len(whole), [{"a": 1}, {"round": 2, "hash": "abc"}])
+
+
+def test_deep_nesting_in_a_log_is_corruption_not_a_recursion_error(tmp_path: Path):
+    """A line nested deeper than the parser's recursion limit raises ValueError naming file:line."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("[" * 100_000 + "]" * 100_000 + '\n{"round": 2}\n')
+    with pytest.raises(ValueError, match=f"{path}:1"):
+        read_jsonl(path)
+
+
+# --- issue 13: temporary names cannot be captured by planted symlinks ----------------------------------------------
+
+
+def test_atomic_write_never_writes_through_a_planted_symlink(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Symlinks planted at every temp name the old code used (``.name.tmp-<pid>``) and at a name chosen by
+    the attacker are never written through: the target file keeps its content and the write succeeds."""
+    # Prepare
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"do not touch")
+    target = tmp_path / "state" / "secret.json"
+    target.parent.mkdir()
+    (target.parent / f".secret.json.tmp-{os.getpid()}").symlink_to(victim)
+
+    # Execute
+    atomic_write_bytes(target, b"round secrets")
+    with pytest.raises(FileExistsError):
+        eio.create_exclusive(target.parent / f".secret.json.tmp-{os.getpid()}")
+
+    # Assert
+    assert victim.read_bytes() == b"do not touch"
+    assert target.read_bytes() == b"round secrets" and not target.is_symlink()
+
+
+def test_write_exclusive_replaces_a_planted_symlink_instead_of_following_it(tmp_path: Path):
+    """A key file whose name an attacker pre-created as a symlink gets a fresh 0600 file; the link target
+    is untouched."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"x")
+    key = tmp_path / "host.sock.key"
+    key.symlink_to(victim)
+    eio.write_exclusive(key, b"k" * 32)
+    assert victim.read_bytes() == b"x"
+    assert key.read_bytes() == b"k" * 32 and not key.is_symlink()
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+
+
+# --- issue 13: private, checksummed state ------------------------------------------------------------------------
+
+
+def test_state_json_is_private_and_refuses_any_changed_field(tmp_path: Path):
+    """write_state_json writes 0600; read_state_json returns the state, and refuses a file where one field
+    changed (naming the file), a file without the checksum, and a file that is not JSON."""
+    # Prepare
+    path = tmp_path / "spsa.json"
+    state = {"scale": 8.0, "secrets": {"3": "ab" * 32}, "applied": 2}
+
+    # Execute
+    eio.write_state_json(path, state)
+    good = eio.read_state_json(path)
+    doc = json.loads(path.read_text())
+    doc["state"]["scale"] = 9.0
+    path.write_text(json.dumps(doc))
+
+    # Assert
+    assert good == state
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    with pytest.raises(ValueError, match=f"{path}: checksum mismatch"):
+        eio.read_state_json(path)
+    path.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="no checksum"):
+        eio.read_state_json(path)
+    path.write_bytes(b"\x00\x01")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        eio.read_state_json(path)
+
+
+def test_private_dir_and_tree_modes(tmp_path: Path):
+    """private_dir makes a 0700 folder whatever the umask; set_private_tree makes files 0600, folders 0700."""
+    old = os.umask(0o022)
+    try:
+        d = eio.private_dir(tmp_path / "server-state")
+        (d / "sub").mkdir()
+        (d / "sub" / "f").write_bytes(b"x")
+        eio.set_private_tree(d)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    assert stat.S_IMODE((d / "sub").stat().st_mode) == 0o700
+    assert stat.S_IMODE((d / "sub" / "f").stat().st_mode) == 0o600
