@@ -30,7 +30,6 @@ replay costs S tensor passes however many sites there are.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import statistics
@@ -54,7 +53,7 @@ from edgetune.config import RunConfig
 from edgetune.crypto import envelope, keystream, schedule
 from edgetune.crypto.envelope import EnvelopeError, ReplayGuard
 from edgetune.data.prompts import batch_indices
-from edgetune.io import atomic_write_json, prune_sibling_runs
+from edgetune.io import prune_sibling_runs, read_state_json, write_state_json
 from edgetune.models import master
 from edgetune.models.loss import answer_loss
 from edgetune.models.params import Manifest, manifest_of, trainable_tensors
@@ -327,7 +326,7 @@ class Replica:
                     self.store.read_into(i, t)
                 master.DiskStore(tmp, self.manifest, tensors)
             os.replace(tmp, target)
-        atomic_write_json(
+        write_state_json(
             folder / "replica.json",
             {
                 "run": self.run_id.hex(),
@@ -348,14 +347,16 @@ class Replica:
         if folder is None or not (folder / "replica.json").is_file():
             return -1
         try:
-            meta = json.loads((folder / "replica.json").read_text())
+            meta = read_state_json(folder / "replica.json")
         except ValueError:
             return -1
         return int(meta["applied"]) if meta.get("run") == run_id.hex() else -1
 
     def load(self, folder: Path, run_id: bytes) -> None:
         """Continue from a state saved by ``save`` (checked against its recorded hash)."""
-        meta = json.loads((folder / "replica.json").read_text())
+        meta = read_state_json(folder / "replica.json")
+        if meta["run"] != run_id.hex():
+            raise ValueError(f"{folder}: saved state belongs to run {meta['run'][:16]}, not {run_id.hex()[:16]}")
         if meta["manifest"] != self.manifest.digest():
             raise ValueError(f"{folder}: saved state has another parameter layout")
         saved = master.DiskStore(folder / meta["file"], self.manifest)
@@ -544,11 +545,11 @@ class SpsaServer:
                 if r > committed_round
             },
         }
-        atomic_write_json(folder / "spsa.json", state)
+        write_state_json(folder / "spsa.json", state)
 
     def load_state(self, folder: Path) -> int:
         """Restore what ``save_state`` wrote; returns the committed round."""
-        state = json.loads((folder / "spsa.json").read_text())
+        state = read_state_json(folder / "spsa.json")
         self.replica.load(folder / "replica", self.run_id)
         if (self.replica.applied, self.replica.hash) != (state["applied"], state["hash"]):
             raise ValueError(f"{folder}: replica and spsa.json disagree (a torn save?)")
