@@ -21,7 +21,6 @@ trainable tensors, the per-site plans and the local training loop.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,7 +39,7 @@ from edgetune.comm.wire import Payload, WireError
 from edgetune.config import RunConfig
 from edgetune.crypto import schedule
 from edgetune.data.prompts import batch_indices
-from edgetune.io import atomic_write_bytes, atomic_write_json
+from edgetune.io import atomic_write_bytes, read_state_json, write_state_json
 from edgetune.models.loss import answer_loss
 from edgetune.models.params import Manifest, manifest_of, sha256_tensors, trainable_tensors
 
@@ -235,12 +234,12 @@ class WeightsServer:
         """Persist the global parameters of ``committed_round`` (once) and the extra state."""
         folder.mkdir(parents=True, exist_ok=True)
         meta_path = folder / "weights.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        meta = read_state_json(meta_path) if meta_path.is_file() else {}
         name = f"params-{committed_round:06d}.safetensors"
         if meta.get("round") != committed_round or not (folder / name).is_file():
             tensors = {e.name: p.contiguous() for e, p in zip(self.manifest, self.params)}
             atomic_write_bytes(folder / name, safetensors_bytes(tensors))
-        atomic_write_json(
+        write_state_json(
             meta_path,
             {
                 "round": committed_round,
@@ -256,7 +255,7 @@ class WeightsServer:
 
     def load_state(self, folder: Path) -> int:
         """Restore what ``save_state`` wrote; returns the committed round."""
-        meta = json.loads((folder / "weights.json").read_text())
+        meta = read_state_json(folder / "weights.json")
         if meta["manifest"] != self.manifest.digest():
             raise ValueError(f"{folder}: saved server state has another parameter layout")
         loaded = safetensors_load((folder / meta["file"]).read_bytes())
