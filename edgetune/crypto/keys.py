@@ -112,8 +112,35 @@ class Registry:
     def __post_init__(self) -> None:
         if self.server_kid != key_id(self.server_public):
             raise ValueError("Registry: server_kid does not match server_public")
-        for site_id in self.sites:
+        for site_id, public in self.sites.items():
             valid_site_id(site_id)
+            check_agreement_key(public, f"Registry: site {site_id!r}")
+
+
+_PROBE = X25519PrivateKey.from_private_bytes(hashlib.sha256(b"edgetune-x25519-probe").digest())
+
+
+def check_agreement_key(public: X25519PublicKey, where: str) -> None:
+    """Refuse a small-order X25519 public key (all zeros and the other points of order 1, 2, 4, 8).
+
+    Every shared secret with such a key is all zeros, whatever the other side's private key (the
+    clamped scalar is a multiple of 8): sealing for it fails, and a key that worked would protect
+    nothing. ``cryptography`` raises on the all-zero result, so one exchange finds them all.
+
+    Parameters
+    ----------
+    public
+        A site's agreement public key.
+    where
+        Names the key in the error (file and site).
+    """
+    try:
+        _PROBE.exchange(public)
+    except ValueError:
+        raise ValueError(
+            f"{where}: the X25519 public key {public.public_bytes_raw().hex()} has small order (every shared "
+            "secret would be zero); re-enrol the site with `edgetune keys DIR --add SITE`"
+        ) from None
 
 
 def site_kit_dir(out_dir: Path, site_id: str) -> Path:
@@ -369,6 +396,7 @@ def load_registry(out_dir: Path) -> Registry:
             raise ValueError(f"{path}: sites {owner[site_raw]!r} and {site_id!r} share one public key")
         owner[site_raw] = site_id
         sites[site_id] = X25519PublicKey.from_public_bytes(site_raw)
+        check_agreement_key(sites[site_id], f"{path}: site {site_id!r}")
     return Registry(server_public, key_id(server_public), sites)
 
 

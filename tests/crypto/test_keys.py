@@ -239,3 +239,43 @@ def test_generate_rejects_duplicate_ids(tmp_path: Path):
     """Two sites with one id would share a kit folder; generate refuses."""
     with pytest.raises(ValueError, match="duplicate"):
         keys.generate(tmp_path, ["a", "b", "a"])
+
+
+# The X25519 points of small order (order 1, 2, 4, 8) and their non-canonical encodings (libsodium's
+# blocklist in crypto_scalarmult/curve25519/ref10/x25519_ref10.c): every shared secret with them is zero.
+SMALL_ORDER = [
+    "0000000000000000000000000000000000000000000000000000000000000000",
+    "0100000000000000000000000000000000000000000000000000000000000000",
+    "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+    "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+]
+
+
+@pytest.mark.parametrize("point", SMALL_ORDER)
+def test_small_order_site_key_is_refused_naming_the_site(key_dir: Path, point: str):
+    """A registry entry with a low-order X25519 key (all zeros and the other small-order points) is refused
+    when the registry is loaded, naming the file and the site, instead of failing later in a round."""
+    import base64
+
+    path = key_dir / "registry.json"
+    doc = json.loads(path.read_text())
+    doc["sites"]["site-b"] = base64.b64encode(bytes.fromhex(point)).decode()
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=f"{path}: site 'site-b': .*small order"):
+        keys.load_registry(key_dir)
+
+
+def test_small_order_key_in_a_registry_object_is_refused():
+    """Registry objects built in code get the same check."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+    signing = Ed25519PrivateKey.generate()
+    with pytest.raises(ValueError, match="site 'site-z'.*small order"):
+        keys.Registry(
+            signing.public_key(),
+            keys.key_id(signing.public_key()),
+            {"site-z": X25519PublicKey.from_public_bytes(bytes(32))},
+        )
