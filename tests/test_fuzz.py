@@ -800,11 +800,14 @@ def test_fuzz_spsa_reply(tmp_path):
     tally = Tally("spsa reply")
     rng = random.Random(SEED + 2)
     server, cfg = w.server, w.cfg
-    secret = server.secrets[2]
+
+    def key(site: str) -> bytes:
+        return envelope.reply_key(server.ctx.server_keys, server.run_id, 2, site)
+
     inner_of = {
         site: wire.decode(
             envelope.open_reply(
-                secret,
+                key(site),
                 run_id=server.run_id,
                 round_idx=2,
                 site_id=site,
@@ -817,7 +820,7 @@ def test_fuzz_spsa_reply(tmp_path):
     }
 
     def sealed_garbage(site: str) -> bytes:
-        """A reply that authenticates (sealed with the round secret) around a malformed payload."""
+        """A reply that authenticates (sealed with the site's reply key) around a malformed payload."""
         honest = inner_of[site]
         while True:
             body = _encode(_field_op(rng, honest, FOREIGN)) if rng.random() < 0.7 else _raw_op(rng, honest)
@@ -831,7 +834,7 @@ def test_fuzz_spsa_reply(tmp_path):
             )
             if not well_formed:  # a participant may send any well-formed codes: not a fuzz case
                 break
-        blob = envelope.seal_reply(secret, run_id=server.run_id, round_idx=2, site_id=site, payload=body)
+        blob = envelope.seal_reply(key(site), run_id=server.run_id, round_idx=2, site_id=site, payload=body)
         return wire.encode({"blob": blob})
 
     class SpsaMutator(Mutator):

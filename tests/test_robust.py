@@ -32,7 +32,7 @@ class MaxMagnitude:
         )
         inner = wire.decode(
             envelope.open_reply(
-                opened.secret,
+                opened.reply_key,
                 run_id=msg["run"],
                 round_idx=opened.round_idx,
                 site_id=self.ctx.site_id,
@@ -45,7 +45,7 @@ class MaxMagnitude:
         codes = np.full(n, np.nan).tobytes() if self.nan else np.array([127, -127] * n, np.int8)[:n].tobytes()
         forged = wire.encode({**inner, "codes": codes})
         blob = envelope.seal_reply(
-            opened.secret, run_id=msg["run"], round_idx=opened.round_idx, site_id=self.ctx.site_id, payload=forged
+            opened.reply_key, run_id=msg["run"], round_idx=opened.round_idx, site_id=self.ctx.site_id, payload=forged
         )
         return {"blob": blob}, state
 

@@ -2,12 +2,13 @@
 
 Server -> site, one envelope per (round, site)::
 
-    header = ver(1)=1 | suite(1)=1 | kid(8) | run_id(16) | round(8) | site_tag(16) | epk(32)
+    header = ver(1)=2 | suite(1)=1 | kid(8) | run_id(16) | round(8) | site_tag(16) | epk(32)
              | commit(32) | not_after(8) | nonce(12)                  (134 bytes, big-endian)
     shared = X25519(e, site_pub)                                       e: fresh per envelope
     k      = HKDF-SHA256(shared, salt = run_id | round,
                          info = "edgetune-seed-v1|s2c|" | run_id | round | site_tag | epk | site_pub)
-    ct     = ChaCha20Poly1305(k).encrypt(nonce, secret | extra, aad = header)
+    rk     = reply_key(server, run_id, round, site)                   this site's reply key
+    ct     = ChaCha20Poly1305(k).encrypt(nonce, secret | rk | extra, aad = header)
     sig    = Ed25519(server, "edgetune-sig-v1" | header | ct)
     envelope = header | ct | sig
 
@@ -20,8 +21,11 @@ round rules (replay guard), expiry, decryption, commitment. Everything before th
 is untrusted; everything after it was written by the pinned server, so a rejection there is a
 protocol event worth logging (``EnvelopeError.reason``), not line noise.
 
-Replies (site -> server) are sealed under a key derived from the round secret; see
-``seal_reply`` for what that does and does not protect.
+Replies (site -> server) are sealed under the site's own reply key ``rk``, which reaches only that
+site, inside its envelope: a reply proves "this site" (or the server), not "some participant of the
+round" as a key derived from the shared round secret would. The server derives ``rk`` again from its
+signing key when a reply arrives (``reply_key``), so it stores nothing and a resend after a crash
+uses the same key.
 
 Functions here are pure: no file I/O, no clock, no global state. The caller persists
 ``ReplayGuard.to_bytes()`` atomically *before* using the secret, and the server must keep the
@@ -46,11 +50,13 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from edgetune.crypto.keys import ServerKeys, SiteKeys, valid_site_id
 
-VERSION = 1
+VERSION = 2
+"""2: the plaintext carries the site's reply key after the secret (1 had none; sites refuse 1)."""
 SUITE = 1
 """X25519 + HKDF-SHA256 + ChaCha20-Poly1305 + Ed25519; the only suite so far."""
 
 SECRET_BYTES = 32
+REPLY_KEY_BYTES = 32
 RUN_ID_BYTES = 16
 MAX_EXTRA_BYTES = 64 * 1024
 CLOCK_SKEW_S = 30.0
@@ -62,7 +68,7 @@ _ROUND = struct.Struct(">Q")
 _ROUND_OFFSET = 1 + 1 + 8 + 16
 _TAG_BYTES = 16
 _SIG_BYTES = 64
-MIN_ENVELOPE_BYTES = HEADER_BYTES + SECRET_BYTES + _TAG_BYTES + _SIG_BYTES  # 246
+MIN_ENVELOPE_BYTES = HEADER_BYTES + SECRET_BYTES + REPLY_KEY_BYTES + _TAG_BYTES + _SIG_BYTES  # 278
 MAX_ENVELOPE_BYTES = MIN_ENVELOPE_BYTES + MAX_EXTRA_BYTES
 
 _NONCE_BYTES = 12
@@ -72,6 +78,7 @@ REPLY_OVERHEAD = _NONCE_BYTES + _TAG_BYTES
 _SIG_LABEL = b"edgetune-sig-v1"
 _SEED_LABEL = b"edgetune-seed-v1|s2c|"
 _REPLY_LABEL = b"edgetune-reply-v1|"
+_REPLY_KEY_LABEL = b"edgetune-reply-key-v1|"
 _GUARD_MAGIC = b"ETG1"
 _GUARD = struct.Struct(">4sQ32s8s")
 
@@ -99,6 +106,8 @@ class Opened:
     round_idx: int
     secret: bytes
     """The round's 32-byte secret."""
+    reply_key: bytes
+    """This site's key for its reply of this round (``seal_reply``); no other site has it."""
     extra: bytes
     """Opaque bytes sealed with the secret (the round config)."""
     digest: bytes
@@ -223,7 +232,7 @@ def seal(
     Returns
     -------
     bytes
-        ``header | ct | sig``: ``MIN_ENVELOPE_BYTES + len(extra)`` bytes (246 + len(extra)).
+        ``header | ct | sig``: ``MIN_ENVELOPE_BYTES + len(extra)`` bytes (278 + len(extra)).
     """
     _check_run_id(run_id)
     _check_round(round_idx)
@@ -246,7 +255,8 @@ def seal(
         VERSION, SUITE, server.kid, run_id, round_idx, tag, epk, commitment(secret),
         math.ceil(not_after), nonce,
     )  # fmt: skip
-    ct = ChaCha20Poly1305(key).encrypt(nonce, secret + extra, header)
+    rk = reply_key(server, run_id, round_idx, site_id)
+    ct = ChaCha20Poly1305(key).encrypt(nonce, secret + rk + extra, header)
     sig = server.signing_key.sign(_SIG_LABEL + header + ct)
     return header + ct + sig
 
@@ -353,11 +363,12 @@ def open_envelope(
         raise EnvelopeError("decrypt", "AEAD tag mismatch (sealed for another key?)") from None
 
     # 7. The commitment binds the header to the secret inside.
-    secret, extra = plain[:SECRET_BYTES], plain[SECRET_BYTES:]
+    secret, extra = plain[:SECRET_BYTES], plain[SECRET_BYTES + REPLY_KEY_BYTES :]
+    rk = plain[SECRET_BYTES : SECRET_BYTES + REPLY_KEY_BYTES]
     if not hmac.compare_digest(commit, commitment(secret)):
         raise EnvelopeError("commit", "secret does not match the header's commitment")
 
-    opened = Opened(round_idx, secret, extra, digest, duplicate)
+    opened = Opened(round_idx, secret, rk, extra, digest, duplicate)
     return opened, (guard if duplicate else ReplayGuard(round_idx, digest))
 
 
@@ -379,25 +390,51 @@ def peek_round(blob: bytes) -> int:
     return _ROUND.unpack_from(blob, _ROUND_OFFSET)[0]
 
 
-def _reply_key_and_aad(secret: bytes, run_id: bytes, round_idx: int, site_id: str) -> tuple[bytes, bytes]:
-    _check_secret(secret)
-    _check_run_id(run_id)
-    _check_round(round_idx)
-    aad = run_id + _ROUND.pack(round_idx) + _site_tag(site_id)
-    return _hkdf(secret, None, _REPLY_LABEL + aad), aad
+def reply_key(server: ServerKeys, run_id: bytes, round_idx: int, site_id: str) -> bytes:
+    """The key site ``site_id`` seals its reply of ``round_idx`` with (sent inside its envelope only).
 
-
-def seal_reply(secret: bytes, *, run_id: bytes, round_idx: int, site_id: str, payload: bytes) -> bytes:
-    """Encrypt a site's reply for (run, round, site) under a key derived from the round secret.
-
-    Confidential against whoever relays it (the SuperLink operator) and bound to (run, round,
-    site). Every site of the round knows the secret, though, so another participant could read
-    or forge this reply: it authenticates "a participant of this round", not one site.
+    ``HKDF-SHA256(server signing key seed, info = "edgetune-reply-key-v1|" | run_id | round | site_tag)``:
+    deterministic, so the server recomputes it for every reply and after a restart; one key per
+    (run, round, site), so another site of the round cannot read or forge this site's reply.
 
     Parameters
     ----------
-    secret
-        The round secret from ``open_envelope``.
+    server
+        The server's keys (only the server can derive reply keys).
+    run_id, round_idx, site_id
+        What the key is for.
+
+    Returns
+    -------
+    bytes
+        32 bytes.
+    """
+    _check_run_id(run_id)
+    _check_round(round_idx)
+    seed = server.signing_key.private_bytes_raw()
+    return _hkdf(seed, None, _REPLY_KEY_LABEL + run_id + _ROUND.pack(round_idx) + _site_tag(site_id))
+
+
+def _reply_key_and_aad(key: bytes, run_id: bytes, round_idx: int, site_id: str) -> tuple[bytes, bytes]:
+    if not isinstance(key, bytes) or len(key) != REPLY_KEY_BYTES:
+        raise ValueError(f"reply key must be {REPLY_KEY_BYTES} bytes")
+    _check_run_id(run_id)
+    _check_round(round_idx)
+    aad = run_id + _ROUND.pack(round_idx) + _site_tag(site_id)
+    return _hkdf(key, None, _REPLY_LABEL + aad), aad
+
+
+def seal_reply(key: bytes, *, run_id: bytes, round_idx: int, site_id: str, payload: bytes) -> bytes:
+    """Encrypt a site's reply for (run, round, site) under the site's reply key.
+
+    Confidential against whoever relays it (the SuperLink operator) and bound to (run, round,
+    site). ``key`` is ``Opened.reply_key``, which only this site and the server hold, so the reply
+    authenticates this site: another participant of the round can neither read nor forge it.
+
+    Parameters
+    ----------
+    key
+        The site's reply key for this round (``Opened.reply_key``; the server: ``reply_key``).
     run_id, round_idx, site_id
         What the reply is bound to (its associated data).
     payload
@@ -408,19 +445,19 @@ def seal_reply(secret: bytes, *, run_id: bytes, round_idx: int, site_id: str, pa
     bytes
         ``nonce | ct``: ``len(payload) + REPLY_OVERHEAD`` bytes.
     """
-    key, aad = _reply_key_and_aad(secret, run_id, round_idx, site_id)
+    aead_key, aad = _reply_key_and_aad(key, run_id, round_idx, site_id)
     # The key is reused for a resend after a crash, so the nonce must be random, not fixed.
     nonce = os.urandom(_NONCE_BYTES)
-    return nonce + ChaCha20Poly1305(key).encrypt(nonce, payload, aad)
+    return nonce + ChaCha20Poly1305(aead_key).encrypt(nonce, payload, aad)
 
 
-def open_reply(secret: bytes, *, run_id: bytes, round_idx: int, site_id: str, blob: bytes, max_bytes: int) -> bytes:
+def open_reply(key: bytes, *, run_id: bytes, round_idx: int, site_id: str, blob: bytes, max_bytes: int) -> bytes:
     """Decrypt a reply sealed by ``seal_reply``; raise ``EnvelopeError`` otherwise.
 
     Parameters
     ----------
-    secret
-        The round secret the server sealed.
+    key
+        The site's reply key (``reply_key(server, run_id, round_idx, site_id)``).
     run_id, round_idx, site_id
         Where the reply is expected from; a reply bound to anything else fails to decrypt.
     blob
@@ -437,9 +474,9 @@ def open_reply(secret: bytes, *, run_id: bytes, round_idx: int, site_id: str, bl
         raise EnvelopeError("size", f"expected bytes, got {type(blob).__name__}")
     if not REPLY_OVERHEAD <= len(blob) <= max_bytes:
         raise EnvelopeError("size", f"reply of {len(blob)} bytes, expected {REPLY_OVERHEAD}..{max_bytes}")
-    key, aad = _reply_key_and_aad(secret, run_id, round_idx, site_id)
+    aead_key, aad = _reply_key_and_aad(key, run_id, round_idx, site_id)
     blob = bytes(blob)
     try:
-        return ChaCha20Poly1305(key).decrypt(blob[:_NONCE_BYTES], blob[_NONCE_BYTES:], aad)
+        return ChaCha20Poly1305(aead_key).decrypt(blob[:_NONCE_BYTES], blob[_NONCE_BYTES:], aad)
     except InvalidTag:
         raise EnvelopeError("decrypt", f"reply does not authenticate for round {round_idx}") from None

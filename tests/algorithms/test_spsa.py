@@ -60,7 +60,7 @@ def _sealed(inner):
     def make(client, msg):
         opened = _open_secret(client, msg)
         blob = envelope.seal_reply(
-            opened.secret,
+            opened.reply_key,
             run_id=msg["run"],
             round_idx=opened.round_idx,
             site_id=client.ctx.site_id,

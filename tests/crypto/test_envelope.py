@@ -103,9 +103,9 @@ def test_valid_envelope_opens(valid: bytes):
 
 
 def test_envelope_size():
-    """The envelope is 246 bytes plus the extra: 346 bytes for a 100-byte extra."""
-    assert MIN_ENVELOPE_BYTES == HEADER_BYTES + 32 + 16 + 64 == 246
-    assert len(seal_for(extra=b"x" * 100)) == 346
+    """The envelope is 278 bytes plus the extra: 378 bytes for a 100-byte extra."""
+    assert MIN_ENVELOPE_BYTES == HEADER_BYTES + 32 + 32 + 16 + 64 == 278
+    assert len(seal_for(extra=b"x" * 100)) == 378
 
 
 def test_keys_from_disk_round_trip(tmp_path: Path):
@@ -191,14 +191,14 @@ def test_every_extension_is_rejected(valid: bytes):
 def test_oversize_rejected_before_parsing(valid: bytes):
     """Anything longer than max_bytes is refused on size alone."""
     assert reason_of(valid, max_bytes=len(valid) - 1) == "size"
-    assert reason_of(b"\x01\x01" + SERVER.kid + bytes(70_000)) == "size"
+    assert reason_of(bytes([envelope.VERSION, envelope.SUITE]) + SERVER.kid + bytes(70_000)) == "size"
 
 
 def test_random_bytes_are_rejected():
     """2,000 random byte strings (some with a valid-looking prefix) raise EnvelopeError, nothing else."""
     # Prepare: half pure noise, half with version, suite and kid right so they reach the signature.
     rng = random.Random(20240607)
-    prefix = b"\x01\x01" + SERVER.kid
+    prefix = bytes([envelope.VERSION, envelope.SUITE]) + SERVER.kid
     blobs = []
     for i in range(2000):
         n = rng.choice([rng.randrange(0, 400), rng.randrange(MIN_ENVELOPE_BYTES, 1200)])
@@ -435,3 +435,49 @@ def test_reply_size_checked_first():
         with pytest.raises(EnvelopeError) as err:
             open_reply(SECRET, blob=candidate, max_bytes=max_bytes, **REPLY)  # type: ignore[arg-type]
         assert err.value.reason == "size"
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 13: a reply proves which site sent it, not only "a participant of the round"
+
+
+def test_a_participant_cannot_forge_or_read_another_sites_reply():
+    """Both sites of round 3 hold the round secret. Site B can seal a reply as site A neither with the secret
+    nor with its own reply key: the server opens site A's replies only with A's key, which reaches A alone
+    (inside A's envelope). A's own reply opens; B cannot open it either."""
+    # Prepare
+    secret = os.urandom(32)
+    env_a = seal_for(SITE_A, 3, secret=secret)
+    env_b = seal_for(SITE_B, 3, secret=secret)
+    opened_a, _ = open_at(env_a)
+    opened_b, _ = open_at(env_b, site=SITE_B)
+    where = {"run_id": RUN, "round_idx": 3, "site_id": "site-a"}
+    server_key_a = envelope.reply_key(SERVER, RUN, 3, "site-a")
+
+    # Execute
+    honest = seal_reply(opened_a.reply_key, payload=b"codes-a", **where)
+    forged = [seal_reply(k, payload=b"evil", **where) for k in (opened_b.secret, opened_b.reply_key)]
+
+    # Assert
+    assert opened_a.secret == opened_b.secret and opened_a.reply_key != opened_b.reply_key
+    assert opened_a.reply_key == server_key_a
+    assert open_reply(server_key_a, blob=honest, max_bytes=1024, **where) == b"codes-a"
+    for blob in forged:
+        with pytest.raises(EnvelopeError, match="decrypt"):
+            open_reply(server_key_a, blob=blob, max_bytes=1024, **where)
+    with pytest.raises(EnvelopeError, match="decrypt"):
+        open_reply(opened_b.reply_key, blob=honest, max_bytes=1024, **where)
+
+
+def test_reply_keys_are_per_run_round_site_and_server():
+    """A reply key differs for every (run, round, site) and for another server key; it is stable for the same
+    inputs (a restarted server derives it again without storing it)."""
+    base = envelope.reply_key(SERVER, RUN, 3, "site-a")
+    others = [
+        envelope.reply_key(SERVER, bytes(16), 3, "site-a"),
+        envelope.reply_key(SERVER, RUN, 4, "site-a"),
+        envelope.reply_key(SERVER, RUN, 3, "site-b"),
+        envelope.reply_key(make_server(), RUN, 3, "site-a"),
+    ]
+    assert envelope.reply_key(SERVER, RUN, 3, "site-a") == base and len(base) == 32
+    assert len({base, *others}) == 5
