@@ -652,7 +652,7 @@ class SpsaServer:
         n = plan["K"] * plan["P"]
         wire.require(payload, {"blob": bytes}, where=f"{site} reply")
         inner_blob = envelope.open_reply(
-            self.secrets[round_idx],
+            envelope.reply_key(self.ctx.server_keys, self.run_id, round_idx, site),  # this site's own key
             run_id=self.run_id,
             round_idx=round_idx,
             site_id=site,
@@ -781,7 +781,9 @@ class SpsaClient:
         r = opened.round_idx
         codes, loss = self._local_round(replica, opened.secret, run_id, r, plan)
         inner = wire.encode({"codes": codes, "hash": replica.short_hash, "loss": loss})
-        blob = envelope.seal_reply(opened.secret, run_id=run_id, round_idx=r, site_id=self.ctx.site_id, payload=inner)
+        blob = envelope.seal_reply(
+            opened.reply_key, run_id=run_id, round_idx=r, site_id=self.ctx.site_id, payload=inner
+        )
         return {"blob": blob}, {"run": run_id, "guard": guard.to_bytes()}
 
     def _local_round(
