@@ -285,14 +285,17 @@ class KavgSection:
     up_codec: str = "fp32"
     """Codec of the updates sites send back: fp32, fp16, bf16, int8-row."""
     clip_norm: float = 0.0
-    """Clip every site's update to this L2 norm before aggregation (0: off)."""
+    """Clip every site's update to this fixed L2 norm before aggregation (0: use ``clip_mult``)."""
+    clip_mult: float = 2.0
+    """Adaptive clip (when ``clip_norm`` is 0): every update is clipped to this multiple of the lower
+    median of the round's update norms, so no site weighs more than that, even among two (0: off)."""
     outlier_mult: float = 10.0
     """Reject an update whose norm exceeds this multiple of the median norm (3+ sites; 0: off)."""
     aggregator: str = "mean"
     """Across sites, per coordinate: mean (weighted by the examples the server assigned), trimmed, median."""
     trim_frac: float = 0.125
     """Fraction trimmed from each side by the trimmed mean (rounded down: with the default 0.125,
-    nothing is trimmed below 8 sites)."""
+    nothing is trimmed below 8 sites, so ``trimmed`` needs ``run.min_sites`` >= 8 or a larger fraction)."""
 
     def __post_init__(self) -> None:
         from edgetune.comm.tensors import TENSOR_CODECS
@@ -306,8 +309,12 @@ class KavgSection:
         for key in ("down_codec", "up_codec"):
             if getattr(self, key) not in TENSOR_CODECS:
                 raise ValueError(f"kavg.{key} must be one of {', '.join(TENSOR_CODECS)}, got {getattr(self, key)!r}")
-        if self.clip_norm < 0 or self.outlier_mult < 0:
-            raise ValueError("kavg.clip_norm and kavg.outlier_mult must be >= 0")
+        if self.clip_norm < 0 or self.outlier_mult < 0 or self.clip_mult < 0:
+            raise ValueError("kavg.clip_norm, kavg.clip_mult and kavg.outlier_mult must be >= 0")
+        if 0 < self.clip_mult < 1:
+            raise ValueError(
+                f"kavg.clip_mult must be 0 (off) or >= 1 (1 clips every site to the median), got {self.clip_mult}"
+            )
         if self.aggregator not in {"mean", "trimmed", "median"}:
             raise ValueError(f"kavg.aggregator must be mean, trimmed or median, got {self.aggregator!r}")
         if not 0 <= self.trim_frac < 0.5:
@@ -414,6 +421,63 @@ class ImvSection:
 
 ALGORITHM_NAMES = ("spsa", "kavg", "lowrank", "deft", "dppf")
 
+INT_LIMITS: dict[str, tuple[int, int]] = {
+    "num_rounds": (1, 1_000_000),
+    "run.seed": (-(2**63), 2**63 - 1),  # the data stream key packs it as a signed 64-bit integer
+    "run.num_sites": (0, 100_000),
+    "run.min_sites": (1, 100_000),
+    "run.keep_checkpoints": (1, 1_000),
+    "model.lora_rank": (1, 4_096),
+    "data.demo_facts": (1, 100_000),
+    "data.max_length": (8, 131_072),
+    "data.batch_size": (1, 4_096),
+    "eval.num_examples": (1, 1_000_000),
+    "eval.batch_size": (1, 4_096),
+    "eval.max_new_tokens": (1, 4_096),
+    "spsa.num_steps": (1, 10_000),
+    "spsa.num_probes": (1, 10_000),
+    "spsa.seed_pool": (0, 1_000_000),
+    "kavg.local_steps": (1, 100_000),
+    "imv.num_directions": (1, 1_024),
+    "imv.num_examples": (1, 100_000),
+    "imv.bisect_steps": (1, 64),
+}
+"""Bounds of integer keys that size memory, compute or the wire (a batch of 1e12 examples or 1e9 local
+steps is a typo, not a plan). Any other integer key must lie in ``DEFAULT_INT_RANGE``."""
+DEFAULT_INT_RANGE = (-(2**31), 2**31 - 1)
+MAX_SPSA_SCALARS = 1_000_000
+"""spsa.num_steps x spsa.num_probes: one byte each per site per round."""
+
+
+def _check_bounds(cfg: RunConfig) -> None:
+    for key, value in flatten(cfg).items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            continue
+        lo, hi = INT_LIMITS.get(key, DEFAULT_INT_RANGE)
+        if not lo <= value <= hi:
+            raise ValueError(f"{key} = {value} is outside [{lo:,}, {hi:,}]")
+    if cfg.spsa.num_steps * cfg.spsa.num_probes > MAX_SPSA_SCALARS:
+        raise ValueError(
+            f"spsa.num_steps x spsa.num_probes = {cfg.spsa.num_steps * cfg.spsa.num_probes:,} scalars per site "
+            f"per round; at most {MAX_SPSA_SCALARS:,}"
+        )
+
+
+def _check_trim(cfg: RunConfig) -> None:
+    """A trimmed mean that trims nothing for the smallest quorum is a mean: refuse it."""
+    section = "spsa" if cfg.algorithm == "spsa" else "kavg"
+    sec = getattr(cfg, section)
+    if sec.aggregator != "trimmed":
+        return
+    if math.floor(sec.trim_frac * cfg.run.min_sites) < 1:
+        need = math.ceil(1 / sec.trim_frac) if sec.trim_frac > 0 else None
+        raise ValueError(
+            f"{section}.aggregator = 'trimmed' with {section}.trim_frac = {sec.trim_frac} trims nothing when a round "
+            f"commits with run.min_sites = {cfg.run.min_sites} sites (floor({sec.trim_frac} x {cfg.run.min_sites}) "
+            f"= 0): raise run.min_sites to {need or 'a count that trims'} or more, or {section}.trim_frac to "
+            f"{1 / cfg.run.min_sites:.4g} or more"
+        )
+
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
@@ -442,6 +506,8 @@ class RunConfig:
             raise ValueError(f"num_rounds must be >= 1, got {self.num_rounds}")
         if self.algorithm == "lowrank" and self.model.trainable.strip() != "lora":
             raise ValueError("algorithm = 'lowrank' trains LoRA factors: set model.trainable = 'lora'")
+        _check_bounds(self)
+        _check_trim(self)
 
 
 def _sections() -> dict[str, type]:

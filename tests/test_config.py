@@ -556,3 +556,42 @@ def test_module_exposes_algorithm_names():
     from edgetune.algorithms import ALGORITHMS
 
     assert set(config.ALGORITHM_NAMES) == set(ALGORITHMS)
+
+
+# --- issue 13: sizes that could only be typos are refused at load, naming the key --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("data.batch_size", 10**12),
+        ("kavg.local_steps", 10**9),
+        ("spsa.num_steps", 10**9),
+        ("eval.num_examples", 10**12),
+        ("num_rounds", 10**9),
+        ("run.seed", 2**64),
+        ("run.seed", -(2**63) - 1),
+        ("data.max_length", 10**9),
+    ],
+)
+def test_absurd_sizes_and_seeds_beyond_64_bits_are_refused(key, value):
+    """A batch of 1e12 examples, 1e9 local steps or a seed that does not fit the 64-bit key schedule is
+    refused when the config is read (before a site gets it), with the key and its range."""
+    with pytest.raises(ValueError, match=rf"{re.escape(key)} = {value} is outside"):
+        from_run_config({key: value})
+
+
+def test_every_integer_key_has_a_bound():
+    """No integer key accepts 2**62 except the seed (64-bit by design): each is bounded explicitly or by
+    the default range, so a new key cannot reintroduce the class."""
+    for key, default in flatten(RunConfig()).items():
+        if isinstance(default, bool) or not isinstance(default, int) or key == "run.seed":
+            continue
+        with pytest.raises(ValueError, match=re.escape(key)):
+            from_run_config({key: 2**62})
+    from_run_config({"run.seed": 2**63 - 1})
+
+
+def test_spsa_scalars_per_round_are_bounded():
+    with pytest.raises(ValueError, match="spsa.num_steps x spsa.num_probes"):
+        from_run_config({"spsa.num_steps": 10_000, "spsa.num_probes": 10_000})
