@@ -11,9 +11,11 @@ The weights w_i are the examples the server assigned to site i (K x batch size),
 number read from a reply. With K = 1 and plain SGD this is one synchronous SGD step on the
 union of the sites' batches (the objective being the mean of the site losses).
 
-Updates are screened before they count: exact size for the codec, finite values, an optional
-norm clip, and rejection of updates far larger than the median site's (a scaled or corrupted
-update). Coordinate-wise trimmed mean and median are available for Byzantine sites.
+Updates are screened before they count: exact size for the codec, finite values, rejection of
+updates far larger than the median site's (a scaled or corrupted update; 3+ sites), and a norm
+clip in every federation size (adaptive by default, ``screening.py``); the aggregate itself must be
+finite and no larger than the clipped updates allow. Coordinate-wise trimmed mean and median are
+available for Byzantine sites.
 
 ``WeightsServer``/``WeightsClient`` are shared with lowrank, dppf and deft: they hold the global
 trainable tensors, the per-site plans and the local training loop.
@@ -31,6 +33,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from edgetune.algorithms import screening
 from edgetune.algorithms.base import ClientContext, ReplyRejected, RoundResult, ServerContext
 from edgetune.comm import wire
 from edgetune.comm.codecs import CodecError
@@ -295,6 +298,10 @@ class WeightsServer:
         idx = select(self.manifest, plan["train"])
         return decode_tensors(payload["delta"], [self.shapes[i] for i in idx], plan["up"], where=f"{site} update")
 
+    def step_bound(self, round_idx: int, clipped_norms: Sequence[float]) -> float:
+        """Largest norm the aggregate step can have from updates of these norms (``check_applied``)."""
+        return screening.applied_bound(clipped_norms, self.kcfg.aggregator)
+
     def aggregate(self, round_idx: int, phase: str, replies: dict[str, Payload], *, min_sites: int) -> RoundResult:
         accepted: dict[str, list[torch.Tensor]] = {}
         losses: dict[str, float] = {}
@@ -304,9 +311,10 @@ class WeightsServer:
                 rejected[site] = "reply from a site that was not asked"
                 continue
             try:
-                accepted[site] = self._validate(site, replies[site], self._plans[site])
-                losses[site] = float(replies[site]["loss"])
-            except (WireError, CodecError, ReplyRejected) as err:
+                deltas = self._validate(site, replies[site], self._plans[site])
+                losses[site] = screening.reported_loss(site, replies[site]["loss"])
+                accepted[site] = deltas
+            except (WireError, CodecError, ReplyRejected, ValueError) as err:
                 rejected[site] = str(err)
         norms = {s: norm(d) for s, d in accepted.items()}
         if self.kcfg.outlier_mult and len(accepted) >= 3:
@@ -315,15 +323,34 @@ class WeightsServer:
                 if med > 0 and norms[s] > self.kcfg.outlier_mult * med:
                     rejected[s] = f"update norm {norms[s]:.4g} is {norms[s] / med:.0f}x the median site's {med:.4g}"
                     del accepted[s]
-        if self.kcfg.clip_norm:
-            for s, d in accepted.items():
-                if norms[s] > self.kcfg.clip_norm:
-                    for t in d:
-                        t.mul_(self.kcfg.clip_norm / norms[s])
+        # fixed or adaptive clip (screening.py): bounds every site's weight, whatever the number of sites
+        bound = screening.clip_bound(
+            {s: norms[s] for s in accepted}, clip_norm=self.kcfg.clip_norm, clip_mult=self.kcfg.clip_mult
+        )
+        clipped = {}
+        for s, factor in screening.clip_factors({s: norms[s] for s in accepted}, bound).items():
+            if factor < 1.0:
+                for t in accepted[s]:
+                    t.mul_(factor)
+            clipped[s] = norms[s] * factor
         if len(accepted) < min_sites:
             return RoundResult(False, {"num_accepted": float(len(accepted))}, rejected)
         full = {s: self._expand(d, self._plans[s]) for s, d in accepted.items()}
-        extra = self.combine(round_idx, full, self._plans)
+        before = [p.clone() for p in self.params]
+        while True:
+            extra = self.combine(round_idx, full, self._plans)
+            problem = screening.check_applied(before, self.params, self.step_bound(round_idx, list(clipped.values())))
+            if problem is None:
+                break
+            # undo, and leave out the largest update: the round goes on without it
+            for p, b in zip(self.params, before):
+                p.copy_(b)
+            worst = max(full, key=lambda s: (clipped[s], s))
+            rejected[worst] = f"left out of the aggregate: with it, {problem}"
+            for gone in (full, accepted, clipped):
+                del gone[worst]
+            if len(full) < min_sites:
+                return RoundResult(False, {"num_accepted": float(len(full))}, rejected)
         with torch.no_grad():
             for w, p in zip(trainable_tensors(self.model, self.manifest), self.params):
                 w.copy_(p.to(w.device, w.dtype))
@@ -332,6 +359,8 @@ class WeightsServer:
             "num_accepted": float(len(accepted)),
             "num_rejected": float(len(rejected)),
             "mean_update_norm": sum(norms[s] for s in accepted) / len(accepted),
+            "num_clipped": float(sum(clipped[s] < norms[s] for s in accepted)),
+            **({"clip_bound": bound} if math.isfinite(bound) else {}),
             **extra,
         }
         return RoundResult(True, metrics, rejected, tuple(sorted(accepted)))
