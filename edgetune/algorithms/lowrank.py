@@ -46,10 +46,12 @@ Screening (design notes, security.md section 2.2) happens in dW space, not on fa
 n bounds the dW change the update makes (triangle inequality) and equals it when only one factor
 moves (only-b, ab-groups). It cannot be lowered by a rescaling (c B_i, A_i / c), which keeps the
 product and would slip past a pure product norm, yet multiplies fedavg's factor average: its
-first-order term grows with c. Sites with n above ``kavg.outlier_mult`` x the median are rejected;
-with ``kavg.clip_norm`` the deltas are scaled by the c in (0, 1] with n(c dB, c dA) = clip, so every
-site moves dW by at most the clip (the product mean in ``exact`` then moves by at most twice the
-clip after truncation, since ||M_R - M|| <= ||s B A - M||).
+first-order term grows with c. Sites with n above ``kavg.outlier_mult`` x the median are rejected
+(3+ sites); the deltas are scaled by the c in (0, 1] with n(c dB, c dA) = clip, where clip is
+``kavg.clip_norm`` or, by default, ``kavg.clip_mult`` x the lower median of the sites' n
+(``screening.py``), so every site moves dW by at most the clip in any federation size (the product
+mean in ``exact`` then moves by at most twice the clip after truncation, since ||M_R - M|| <=
+||s B A - M||).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgetune.algorithms import screening
 from edgetune.algorithms.base import ClientContext, ReplyRejected, RoundResult, ServerContext
 from edgetune.algorithms.kavg import WeightsClient, WeightsServer, aggregate_tensors, select
 from edgetune.comm.codecs import CodecError
@@ -240,7 +243,7 @@ class LowrankServer(WeightsServer):
         self.screen = cfg.kavg
         # kavg screens factor-delta norms, which a rescaling (cB, A/c) moves at will; lowrank
         # screens in dW space (``aggregate``) and switches the factor screens of the base off.
-        self.kcfg = dataclasses.replace(cfg.kavg, outlier_mult=0.0, clip_norm=0.0)
+        self.kcfg = dataclasses.replace(cfg.kavg, outlier_mult=0.0, clip_norm=0.0, clip_mult=0.0)
         self._screened: dict[str, list[torch.Tensor]] = {}
 
     # ---- plans -------------------------------------------------------------------------------------
@@ -304,13 +307,18 @@ class LowrankServer(WeightsServer):
                     rejected[s] = (
                         f"update norm in dW = s*B*A space {n:.4g} is {n / med:.0f}x the median site's {med:.4g}"
                     )
-        if self.screen.clip_norm:
-            for s, n in norms.items():
-                if s not in rejected and n > self.screen.clip_norm:
-                    c = _shrink_factor(terms[s], self.screen.clip_norm)
-                    for t in self._screened[s]:
-                        t.mul_(c)
-                    norms[s] = _scaled_norm(terms[s], c)
+        # fixed or adaptive clip in dW space (screening.py), in every federation size
+        bound = screening.clip_bound(
+            {s: n for s, n in norms.items() if s not in rejected},
+            clip_norm=self.screen.clip_norm,
+            clip_mult=self.screen.clip_mult,
+        )
+        for s, n in list(norms.items()):
+            if s not in rejected and n > bound:
+                c = _shrink_factor(terms[s], bound)
+                for t in self._screened[s]:
+                    t.mul_(c)
+                norms[s] = _scaled_norm(terms[s], c)
         for s in rejected:
             del self._screened[s]
         result = super().aggregate(
@@ -323,6 +331,15 @@ class LowrankServer(WeightsServer):
             result.metrics["mean_delta_w_norm"] = sum(norms[s] for s in result.accepted) / len(result.accepted)
             result.metrics["lr"] = self.round_lr(round_idx)
         return result
+
+    def step_bound(self, round_idx: int, clipped_norms: Sequence[float]) -> float:
+        """No factor-space bound where the merged products are re-split (any rotation of the factors).
+
+        Only finiteness is checked there; rounds that average factors keep the base class's bound.
+        """
+        if self.refactor_round(round_idx):
+            return math.inf
+        return super().step_bound(round_idx, clipped_norms)
 
     # ---- merging -----------------------------------------------------------------------------------
 
