@@ -63,6 +63,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from edgetune.algorithms import screening
 from edgetune.algorithms.base import ClientContext, ReplyRejected, RoundResult, ServerContext
 from edgetune.algorithms.kavg import (
     WeightsClient,
@@ -473,9 +474,10 @@ class DeftServer(WeightsServer):
                 rejected[site] = "reply from a site that was not asked"
                 continue
             try:
-                accepted[site] = self._site_indices(st, site, replies[site])
-                losses.append(float(replies[site]["loss"]))
-            except (WireError, CodecError, ReplyRejected) as err:
+                idx = self._site_indices(st, site, replies[site])
+                losses.append(screening.reported_loss(site, replies[site]["loss"]))
+                accepted[site] = idx
+            except (WireError, CodecError, ReplyRejected, ValueError) as err:
                 rejected[site] = str(err)
         if len(accepted) < min_sites:
             return RoundResult(False, {"num_accepted": float(len(accepted))}, rejected)
@@ -529,16 +531,27 @@ class DeftServer(WeightsServer):
                 if med > 0 and norms[s] > kc.outlier_mult * med:
                     rejected[s] = f"values norm {norms[s]:.4g} is {norms[s] / med:.0f}x the median site's {med:.4g}"
                     del accepted[s]
-        if kc.clip_norm:
-            for s, v in accepted.items():
-                if norms[s] > kc.clip_norm:
-                    v.mul_(kc.clip_norm / norms[s])
-        if len(accepted) < min_sites:
-            return RoundResult(False, {"num_accepted": float(len(accepted))}, rejected)
-        sites = sorted(accepted)
-        weights = [float(st.plans[s]["K"] * st.plans[s]["bs"]) for s in sites]
-        mean = aggregate_tensors([[accepted[s]] for s in sites], weights, kc.aggregator, kc.trim_frac)[0]
+        # fixed or adaptive clip (screening.py), in every federation size
+        bound = screening.clip_bound(norms, clip_norm=kc.clip_norm, clip_mult=kc.clip_mult)
+        for s, factor in screening.clip_factors({s: norms[s] for s in accepted}, bound).items():
+            if factor < 1.0:
+                accepted[s].mul_(factor)
+        while True:
+            if len(accepted) < min_sites:
+                return RoundResult(False, {"num_accepted": float(len(accepted))}, rejected)
+            sites = sorted(accepted)
+            weights = [float(st.plans[s]["K"] * st.plans[s]["bs"]) for s in sites]
+            mean = aggregate_tensors([[accepted[s]] for s in sites], weights, kc.aggregator, kc.trim_frac)[0]
+            if bool(torch.isfinite(mean).all()):
+                break
+            worst = max(sites, key=lambda s: (float(accepted[s].double().norm()), s))  # leave it out, go on
+            rejected[worst] = "left out of the aggregate: with it, the aggregate is not finite"
+            del accepted[worst]
         self._apply(st.union, mean)
+        if not all(bool(torch.isfinite(p).all()) for p in self.params):
+            # the values were finite, the sum with the parameters is not: undo, never keep inf weights
+            self._apply(st.union, -mean)
+            return RoundResult(False, {"num_accepted": float(len(accepted))}, {**rejected, "aggregate": "not finite"})
         if self.parts is not None:
             sq = np.bincount(self.parts.of(st.union), weights=mean.double().numpy() ** 2, minlength=len(self.parts))
             self.nu = np.sqrt(sq)
