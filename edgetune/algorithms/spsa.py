@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgetune.algorithms import scalar_clip, screening
 from edgetune.algorithms.base import ClientContext, ReplyRejected, RoundResult, ServerContext
 from edgetune.comm import wire
 from edgetune.comm.codecs import SCALAR_CODECS, CodecError
@@ -664,7 +665,7 @@ class SpsaServer:
         if inner["hash"] != plan["hash"]:
             raise ReplyRejected(f"{site} computed on state {inner['hash'].hex()}, expected {plan['hash'].hex()}")
         values = SCALAR_CODECS[plan["codec"]].decode(inner["codes"], n, plan["scale"])
-        return inner["codes"], values, float(inner["loss"])
+        return inner["codes"], values, screening.reported_loss(site, inner["loss"])
 
     def aggregate(self, round_idx: int, phase: str, replies: dict[str, Payload], *, min_sites: int) -> RoundResult:
         plan = self._plan(round_idx)
@@ -696,19 +697,15 @@ class SpsaServer:
         self.log[round_idx] = entry
         for s in sites:
             self.synced[s] = round_idx - 1
-        values = np.concatenate([accepted[s][1] for s in sites])
-        saturated = float(np.mean(np.abs(values) >= plan["scale"] * (1 - 1e-12)))
-        # Next round's clip: a high quantile of |g|, moving at most x4 per round.
-        q = float(np.sort(np.abs(values))[min(len(values) - 1, int(self.scfg.scale_quantile * len(values)))])
-        target = self.scfg.scale_mult * q if q > 0 else self.scale
-        self.scale = float(min(max(target, self.scale / 4), self.scale * 4))
+        # Next round's clip, robust to lying sites (scalar_clip.py); saturation metrics and warnings.
+        clip = scalar_clip.next_clip({s: accepted[s][1] for s in sites}, plan["scale"], self.scfg)
+        self.scale = clip.scale
         metrics = {
             "train_loss": float(np.mean([accepted[s][2] for s in sites])),
             "num_accepted": float(len(sites)),
             "num_rejected": float(len(rejected)),
             "scale": plan["scale"],
-            "saturated_frac": saturated,
-            "mean_abs_g": float(np.mean(np.abs(values))),
+            **clip.metrics,
         }
         return RoundResult(True, metrics, rejected, sites)
 
