@@ -51,7 +51,7 @@ from edgetune.comm.codecs import SCALAR_CODECS, CodecError
 from edgetune.comm.tensors import decode_tensors, encode_tensors
 from edgetune.comm.wire import Payload, WireError
 from edgetune.config import RunConfig
-from edgetune.crypto import envelope, keystream, schedule
+from edgetune.crypto import envelope, guardfile, keystream, schedule
 from edgetune.crypto.envelope import EnvelopeError, ReplayGuard
 from edgetune.data.prompts import batch_indices
 from edgetune.io import prune_sibling_runs, read_state_json, write_state_json
@@ -732,6 +732,10 @@ class SpsaClient:
             # sent here must not replace that guard, or old envelopes of this run open again
             raise EnvelopeError("run", f"envelope of run {run_id.hex()[:16]}, this site is in another run")
         guard = ReplayGuard.from_bytes(state["guard"]) if "guard" in state else ReplayGuard()
+        guard_file = None
+        if self.ctx.state_dir is not None:  # the guard outlives this process (guardfile.py)
+            guard_file = guardfile.guard_path(self.ctx.state_dir, self.ctx.site_keys.server_kid, run_id)
+            guard = guardfile.newest(guard, guardfile.load(guard_file))
         opened, guard = envelope.open_envelope(
             msg["env"],
             self.ctx.site_keys,
@@ -740,6 +744,8 @@ class SpsaClient:
             now=time.time(),
             max_skip=self.cfg.crypto.max_skip,
         )
+        if guard_file is not None:
+            guardfile.store(guard_file, guard)  # before the secret is used
         plan = wire.decode(opened.extra, max_bytes=1 << 16)
         wire.require(plan, _PLAN_SCHEMA, where="round plan")
         if hashlib.sha256(msg["log"]).digest() != plan["logd"]:
