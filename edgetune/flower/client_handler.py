@@ -61,11 +61,24 @@ def identity(context: Context, kit_root: str = "") -> dict[str, Any]:
 
 
 def hello(msg: Message, context: Context) -> Message:
-    """Answer ``query.hello`` with this node's site id (and remember the simulation kit root)."""
-    kit_root = str(msg.content["hello"].get("kit_root", ""))
+    """Answer ``query.hello``: this node's site id and, for the server's challenge, a proof made with the
+    site's own agreement key (``crypto/identity.py``); remember the simulation kit root.
+    """
+    from edgetune.crypto import identity as proof_of
+    from edgetune.crypto.keys import load_site
+
+    query = msg.content["hello"]
+    kit_root = str(query.get("kit_root", ""))
     me = identity(context, kit_root)
     context.state["edgetune-hello"] = ConfigRecord({"kit_root": kit_root})
-    return Message(RecordDict({"hello": ConfigRecord({"site": me["site"]})}), reply_to=msg)
+    answer: dict[str, Any] = {"site": me["site"]}
+    challenge = query.get("challenge")
+    if isinstance(challenge, bytes):
+        keys = load_site(Path(me["kit"]))
+        if keys.site_id != me["site"]:
+            raise ValueError(f"kit {me['kit']} is for site {keys.site_id!r}, this node is {me['site']!r}")
+        answer["proof"] = proof_of.prove(keys, challenge, context.node_id)
+    return Message(RecordDict({"hello": ConfigRecord(answer)}), reply_to=msg)
 
 
 def _run_config(context: Context) -> dict[str, Any]:

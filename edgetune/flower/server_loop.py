@@ -4,8 +4,9 @@ Flower's ``Strategy.start()`` fixes one train exchange of arrays per round; edge
 carry envelopes and one-byte scalars, and some algorithms have several phases, so the loop is
 our own, built from Flower's Message API:
 
-    query.hello   -> every node says which site it is (node ids change when a SuperNode restarts,
-                     site ids do not; canonical orders use site ids)
+    query.hello   -> every node says which site it is and proves it with that site's registered key
+                     (node ids change when a SuperNode restarts, site ids do not; canonical orders
+                     use site ids; crypto/identity.py)
     train[.phase] -> one message per site per phase, group_id = round
 """
 
@@ -23,6 +24,8 @@ from flwr.serverapp import Grid
 from edgetune import config as cfgmod
 from edgetune.build import build_server, keys_dir_for
 from edgetune.comm.ledger import ByteLedger
+from edgetune.crypto import identity
+from edgetune.crypto.keys import Registry, load_registry
 from edgetune.federation import Failure, run_federation
 from edgetune.flower.messages import MessageError, flower_bytes, from_content, to_content
 from edgetune.runs import RunRecorder, format_row, new_run_name
@@ -79,6 +82,7 @@ class FlowerTransport:
         grace_s: float = 30.0,
         poll_s: float = 0.5,
         kit_root: str = "",
+        registry: Registry | None = None,
     ) -> None:
         self.grid = grid
         self.ledger = ledger
@@ -90,17 +94,24 @@ class FlowerTransport:
         self.poll_s = poll_s
         self._late: dict[str, tuple[int, str]] = {}  # message id -> (round, site) of closed exchanges
         self.kit_root = kit_root
+        self.registry = registry
+        self._refused: set[int] = set()
 
     def sites(self) -> list[str]:
         """Known sites; nodes that connected since the last round (a restarted SuperNode may get a
-        new node id) are asked who they are first.
+        new node id) are asked who they are first, and take over a site only by proving its key.
         """
-        new = [n for n in self.grid.get_node_ids() if n not in self.site_of]
-        if new:
+        new = [n for n in self.grid.get_node_ids() if n not in self.site_of and n not in self._refused]
+        if new and self.registry is not None:
+            refused: set[int] = set()
             try:
-                found = discover_sites(self.grid, new, self.kit_root, timeout_s=30.0)
+                found = discover_sites(self.grid, new, self.kit_root, self.registry, timeout_s=30.0, refused=refused)
             except RuntimeError:
                 found = {}
+            self._refused |= refused  # a false claim is not asked again; a silent node is, next round
+            for site, node in found.items():
+                if site in self.node_of:
+                    _log(f"site {site!r} moves from node {self.node_of[site]} to node {node} (proved its key)")
             for site, node in found.items():
                 self.site_of.pop(self.node_of.get(site, -1), None)
                 self.node_of[site] = node
@@ -175,28 +186,76 @@ class FlowerTransport:
             return Failure(str(err))
 
 
-def discover_sites(grid: Grid, node_ids: list[int], kit_root: str, timeout_s: float) -> dict[str, int]:
-    """Ask every node which site it is; the reply names a site id (unique) per node."""
+def _log(line: str) -> None:
+    print(f"[edgetune] {line}", file=sys.stderr, flush=True)
+
+
+def discover_sites(
+    grid: Grid,
+    node_ids: list[int],
+    kit_root: str,
+    registry: Registry,
+    timeout_s: float,
+    refused: set[int] | None = None,
+) -> dict[str, int]:
+    """Ask every node which site it is, and believe only the answers proved with that site's key.
+
+    Each node gets a fresh challenge (``crypto/identity.py``) that only the holder of the claimed
+    site's registered agreement key can answer. A claim of an unknown site, a missing or wrong
+    proof, a malformed or failed answer: that node is left out with a log line, the others are
+    mapped. Two nodes proving the same site (one kit started twice) do not stop the run either:
+    the lowest node id keeps the site, the other is logged and left out. Raises only when no node
+    proved a site at all. ``refused`` collects the nodes whose answer was a false or malformed claim.
+    """
+    refused = set() if refused is None else refused
+    challenges = {n: identity.new_challenge() for n in node_ids}
     msgs = [
         Message(
-            RecordDict({"hello": ConfigRecord({"kit_root": kit_root})}),
+            RecordDict({"hello": ConfigRecord({"kit_root": kit_root, "challenge": challenges[n][1]})}),
             dst_node_id=n,
             message_type=HELLO,
             group_id="hello",
         )
         for n in node_ids
     ]
-    node_of: dict[str, int] = {}
+    provers: dict[str, list[int]] = {}
     for reply in grid.send_and_receive(msgs, timeout=timeout_s):
-        if reply.has_error():
-            print(f"[edgetune] node {reply.metadata.src_node_id} failed hello: {reply.error.reason}", file=sys.stderr)
+        node = reply.metadata.src_node_id
+        if node not in challenges:
+            _log(f"hello answer from node {node}, which was not asked: ignored")
             continue
-        site = str(reply.content["hello"]["site"])
-        if site in node_of:
-            raise RuntimeError(f"two nodes claim site {site!r}")
-        node_of[site] = reply.metadata.src_node_id
+        if reply.has_error():
+            _log(f"node {node} failed hello: {reply.error.reason}")
+            continue
+        try:
+            answer = reply.content["hello"]
+            site, proof = answer["site"], answer.get("proof")
+        except (KeyError, TypeError, AttributeError):
+            _log(f"node {node}: malformed hello answer: left out")
+            refused.add(node)
+            continue
+        if not isinstance(site, str) or site not in registry.sites:
+            _log(f"node {node} claims site {str(site)[:80]!r}, which has no registered key: left out")
+            refused.add(node)
+            continue
+        secret, challenge = challenges[node]
+        if not identity.verify(secret, challenge, registry.sites[site], site, node, proof):
+            _log(f"node {node} claims site {site!r} but cannot prove it with that site's key: left out")
+            refused.add(node)
+            continue
+        provers.setdefault(site, []).append(node)
+    node_of: dict[str, int] = {}
+    for site, nodes in sorted(provers.items()):
+        node_of[site] = min(nodes)
+        if len(nodes) > 1:
+            others = ", ".join(str(n) for n in sorted(nodes)[1:])
+            _log(
+                f"nodes {sorted(nodes)} all prove site {site!r} (one kit started twice?): node {min(nodes)} "
+                f"serves it, node(s) {others} left out"
+            )
+            refused.update(sorted(nodes)[1:])
     if not node_of:
-        raise RuntimeError("no node answered the hello query")
+        raise RuntimeError("no node proved a registered site in the hello query")
     return node_of
 
 
@@ -212,7 +271,8 @@ def run(grid: Grid, context: Context) -> dict[str, Any]:
     provisional = [f"site-{i}" for i in range(len(node_ids))]
     if not cfg.crypto.keys_dir:
         ensure_sim_keys(cfg, run_dir, provisional)
-    node_of = discover_sites(grid, node_ids, kit_root, timeout_s=cfg.run.round_timeout_s)
+    registry = load_registry(keys_dir_for(cfg, run_dir))
+    node_of = discover_sites(grid, node_ids, kit_root, registry, timeout_s=cfg.run.round_timeout_s)
     site_ids = sorted(node_of)
     server, tokenizer, evaluate = build_server(cfg, run_dir, site_ids)
     recorder = RunRecorder(cfg, run_dir, on_row=lambda row: print("[edgetune] " + format_row(row), flush=True))
@@ -225,5 +285,6 @@ def run(grid: Grid, context: Context) -> dict[str, Any]:
         quorum=cfg.run.min_sites,
         grace_s=cfg.run.quorum_grace_s,
         kit_root=kit_root,
+        registry=registry,
     )
     return run_federation(cfg, server, transport, recorder, evaluate, tokenizer)
