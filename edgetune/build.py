@@ -20,6 +20,7 @@ from edgetune.config import RunConfig
 from edgetune.crypto import keys as keymod
 from edgetune.data.prompts import TokenizedSet
 from edgetune.data.sources import heldout_examples, site_examples
+from edgetune.io import private_dir
 from edgetune.metrics.eval import evaluate as eval_model
 from edgetune.models.load import cache_root, cached_model
 
@@ -118,9 +119,8 @@ def _alive(pid: int) -> bool:
 
 def site_state_dir(cfg: RunConfig, site_id: str) -> Path:
     """Persistent folder of one site (``<cache>/sites/<site-id>``)."""
-    path = cache_root(cfg.model) / "sites" / site_id
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    # private: it holds the site's replica of the model, its replay guard and its residuals
+    return private_dir(cache_root(cfg.model) / "sites" / site_id)
 
 
 def build_client(

@@ -37,7 +37,7 @@ from rich.live import Live
 from rich.table import Table
 
 from edgetune import config as cfgmod
-from edgetune.io import read_jsonl
+from edgetune.io import private_dir, read_jsonl
 from edgetune.runs import new_run_name
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fine-tuning over thin links.")
@@ -597,7 +597,7 @@ def _site_host_socket(state: Path) -> Path:
     """Where the site host listens: in the site's state folder, or a private temp folder when that
     path is too long for a Unix socket (about 100 bytes).
     """
-    state.mkdir(parents=True, exist_ok=True)
+    private_dir(state)  # the socket's key file lives next to it
     path = state / "site-host.sock"
     if len(str(path)) > 100:
         path = Path(tempfile.mkdtemp(prefix="edgetune-site-")) / "host.sock"  # mode 0700

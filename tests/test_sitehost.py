@@ -81,18 +81,84 @@ def test_site_host_answers_rounds_the_server_accepts_and_keeps_state(tmp_path, h
 
 def test_site_host_refuses_a_client_without_its_key(tmp_path, host):
     """A process that cannot read the key file (here: a wrong key) is refused; the host keeps serving."""
-    from multiprocessing import AuthenticationError
-    from multiprocessing.connection import Client
+    import socket
 
-    with pytest.raises((AuthenticationError, OSError, EOFError)):
-        with Client(str(host), family="AF_UNIX", authkey=b"x" * 32) as conn:
-            conn.send_bytes(b"hello")
-            conn.recv_bytes()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(10)
+        conn.connect(str(host))
+        conn.recv(32)
+        conn.sendall(b"x" * 32)
+        assert conn.recv(2) == b""  # closed without "ok"
     assert sitehost.key_path(host).stat().st_mode & 0o777 == 0o600
     assert host.stat().st_mode & 0o777 == 0o600
 
     answer = sitehost.request(host, {"garbage": 1})
     assert "site host request" in answer["error"]
+
+
+def test_a_peer_that_never_authenticates_blocks_nobody(tmp_path, host):
+    """Three peers connect and go silent (one never answers the challenge, one stops mid-request); a real
+    request still gets its answer at once, and the silent peers are dropped after the handshake timeout."""
+    import socket
+
+    silent = []
+    for _ in range(3):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(host))
+        silent.append(s)
+    key = sitehost.key_path(host).read_bytes()
+    half = silent[2]
+    half.sendall(sitehost._mac(key, half.recv(32)))
+    assert half.recv(2) == b"ok"
+    half.sendall(sitehost._LEN.pack(1000) + b"x" * 10)  # promises 1000 bytes, sends 10
+    t0 = time.time()
+    answer = sitehost.request(host, {"garbage": 1}, timeout_s=30)
+    assert "site host request" in answer["error"] and time.time() - t0 < 8
+    silent[0].settimeout(sitehost.HANDSHAKE_TIMEOUT_S + 20)
+    silent[0].recv(32)
+    assert silent[0].recv(1) == b""  # dropped by the host's handshake timeout
+    for s in silent:
+        s.close()
+
+
+def test_a_host_that_never_answers_is_a_timeout_not_a_hang(tmp_path):
+    """A client waits at most its timeout for a host that accepts and then says nothing."""
+    import socket
+    import threading
+
+    sock = tmp_path / "mute.sock"
+    sitehost.key_path(sock).write_bytes(b"k" * 32)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(sock))
+    server.listen(1)
+    held = []
+
+    def mute() -> None:  # authenticates the client, reads its request, then never answers
+        conn, _ = server.accept()
+        held.append(conn)
+        nonce = b"n" * 32
+        conn.sendall(nonce)
+        conn.recv(32)
+        conn.sendall(b"ok")
+        conn.recv(1 << 16)
+
+    threading.Thread(target=mute, daemon=True).start()
+    t0 = time.time()
+    with pytest.raises(sitehost.SiteHostError, match="timed out"):
+        sitehost.request(sock, {"x": 1}, timeout_s=1)
+    assert time.time() - t0 < 5
+    server.close()
+
+
+def test_planted_links_at_the_key_and_ready_files_are_not_followed(tmp_path):
+    """Symlinks planted where the host writes its key and its ready file are replaced, not written through."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"untouched")
+    sock = tmp_path / "state" / "h.sock"
+    sock.parent.mkdir()
+    sitehost.key_path(sock).symlink_to(victim)
+    key = sitehost.write_key(sock)
+    assert victim.read_bytes() == b"untouched" and sitehost.key_path(sock).read_bytes() == key
 
 
 def test_unreachable_site_host_is_a_clear_error(tmp_path):

@@ -135,10 +135,11 @@ def _on_site_host(
     from edgetune import sitehost
 
     me = identity(context)
+    flat = _run_config(context)
     answer = sitehost.request(
         Path(str(context.node_config["site-host"])),
         {
-            "cfg": json.dumps(_run_config(context), sort_keys=True),
+            "cfg": json.dumps(flat, sort_keys=True),
             "run": str(context.run_id),
             "site": me["site"],
             "index": me["index"],
@@ -149,6 +150,7 @@ def _on_site_host(
             "payload": wire.encode(payload),
             "state": wire.encode(state),
         },
+        timeout_s=float(flat.get("run.round_timeout_s", 600.0)),  # the server waits no longer either
     )
     if "error" in answer:
         raise ValueError(str(answer["error"]))
