@@ -61,6 +61,8 @@ def load_jsonl(path: str | os.PathLike[str], *, max_bytes: int = 2_000_000_000) 
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{where}: invalid JSON ({err.msg}, column {err.colno})") from None
+            except RecursionError:
+                raise ValueError(f"{where}: JSON nested too deeply to be an example") from None
             rows.append(_example(obj, where))
     if not rows:
         raise ValueError(f"{path}: no examples (the file is empty)")
@@ -118,7 +120,17 @@ def _example(obj: object, where: str) -> dict[str, str]:
     if not response.strip():
         raise ValueError(f"{where}: empty {'text' if 'text' in obj else 'response'}")
     extra = {k: v for k, v in obj.items() if isinstance(v, str) and k not in ("instruction", "response", "text")}
-    return {"instruction": instruction, "response": response, **extra}
+    out = {"instruction": instruction, "response": response, **extra}
+    for key, value in out.items():
+        for text in (key, value):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                # a lone surrogate escape ("\ud800") parses, but no tokenizer can encode it: fail here,
+                # with the line, not later in a training step on a remote site
+                bad = ord(text[err.start])
+                raise ValueError(f"{where}: field {key!r} holds a lone surrogate U+{bad:04X}, not text") from None
+    return out
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -113,3 +113,34 @@ def test_failed_write_leaves_previous_file_intact(tmp_path):
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["data.jsonl"]
     assert json.loads(before) == {"text": "old"}
+
+
+# --- issue 13: input the parser accepts but nothing downstream can use -------------------------------------------
+
+
+def test_deep_nesting_is_a_clear_error_not_a_recursion_error(tmp_path):
+    """A line nested 100,000 deep fails with the file and line, as a ValueError (not RecursionError)."""
+    path = tmp_path / "site.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": "x", "meta": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(ValueError, match=f"{path}:2: JSON nested too deeply"):
+        load_jsonl(path)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        r'{"instruction": "Alarm \ud800?", "response": "PR-1"}',
+        r'{"text": "ok \udfff"}',
+        r'{"text": "ok", "site": "\udc80"}',
+        r'{"text": "ok", "\ud800": "key"}',
+    ],
+)
+def test_a_lone_surrogate_is_refused_at_load_with_the_line(tmp_path, line):
+    """A lone surrogate escape parses as JSON but cannot be encoded (the tokenizer fails later, on the site):
+    refused at load naming the file, the line and the field. A proper surrogate pair is text and loads."""
+    path = tmp_path / "site.jsonl"
+    _write_lines(path, ['{"text": "fine \\ud83d\\ude00"}', line])
+    with pytest.raises(ValueError, match=f"{path}:2: field .* lone surrogate U\\+D[89A-F]"):
+        load_jsonl(path)
+    _write_lines(path, ['{"text": "fine \\ud83d\\ude00"}'])
+    assert load_jsonl(path)[0]["response"] == "fine \U0001f600"
