@@ -329,13 +329,16 @@ def eval_(
     sites: Annotated[int, typer.Option(help="Sites whose held-out questions to use (default: the run's)")] = 0,
     examples: Annotated[int, typer.Option(help="Held-out examples (default: the run's eval.num_examples)")] = 0,
     accuracy: Annotated[bool, typer.Option(help="Also greedy exact-match accuracy")] = True,
+    verify: Annotated[
+        bool, typer.Option(help="Refuse weights that do not match the state hash the run recorded")
+    ] = True,
 ) -> None:
-    """Held-out loss and exact-match accuracy of a saved checkpoint."""
+    """Held-out loss and exact-match accuracy of a saved checkpoint (its weights checked against the run)."""
     from edgetune.evaluation import evaluate_checkpoint
 
     try:
         result = evaluate_checkpoint(
-            checkpoint, recipe=recipe, num_sites=sites, num_examples=examples, accuracy=accuracy
+            checkpoint, recipe=recipe, num_sites=sites, num_examples=examples, accuracy=accuracy, verify=verify
         )
     except ValueError as err:
         raise _fail(str(err)) from err

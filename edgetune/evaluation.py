@@ -4,6 +4,10 @@ A checkpoint folder holds either a full model (``config.json`` + safetensors, lo
 ``AutoModelForCausalLM.from_pretrained``) or a peft adapter (``adapter_config.json``), plus the
 tokenizer and ``edgetune.json`` (round, state hash). The held-out set is rebuilt from the run's
 ``config.toml`` (two folders up), or from a recipe.
+
+Before evaluating, the weights are checked against the state hash the run recorded next to them
+(sha256 of the trainable tensors in manifest order, fp32, as the server computes it): weights changed
+after the run are refused, not evaluated. A safetensors file that does not load is named.
 """
 
 from __future__ import annotations
@@ -63,6 +67,53 @@ def load_checkpoint(checkpoint: Path, cfg: cfgmod.RunConfig) -> tuple[Any, Any]:
     return model.to(device).eval(), tokenizer
 
 
+def _check_files(checkpoint: Path) -> None:
+    """Open every safetensors file's header and index; ``ValueError`` naming the first that does not."""
+    from safetensors import safe_open
+
+    for path in sorted(checkpoint.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    f.get_slice(name)
+        except Exception as err:  # safetensors raises its own SafetensorError, or OSError / ValueError
+            raise ValueError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from None
+
+
+def _info(checkpoint: Path) -> dict[str, Any]:
+    path = checkpoint / "edgetune.json"
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+    except (ValueError, RecursionError) as err:
+        raise ValueError(f"{path}: unreadable ({err})") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return info
+
+
+def verify_state_hash(model: Any, cfg: cfgmod.RunConfig, recorded: str, checkpoint: Path) -> str:
+    """Compare the trainable weights with the run's recorded state hash; returns what was checked.
+
+    The hash covers the fp32 master weights; a checkpoint written in another dtype (bfloat16 work
+    weights) cannot be compared and is reported as not checked.
+    """
+    from edgetune.models.params import select_trainable, sha256_tensors, trainable_tensors
+
+    manifest = select_trainable(model, cfg.model.trainable_patterns)
+    tensors = trainable_tensors(model, manifest)
+    if cfg.model.dtype != "float32":
+        return f"not checked: the run's weights are {cfg.model.dtype}, the recorded hash covers fp32 masters"
+    got = sha256_tensors(tensors)
+    if got != recorded:
+        raise ValueError(
+            f"{checkpoint}: the weights hash to {got[:16]}..., edgetune.json records {recorded[:16]}... for this "
+            "round: the checkpoint changed after the run (tampered or corrupted); refusing to evaluate it"
+        )
+    return "verified"
+
+
 def evaluate_checkpoint(
     checkpoint: Path | str,
     *,
@@ -70,8 +121,12 @@ def evaluate_checkpoint(
     num_sites: int = 0,
     num_examples: int = 0,
     accuracy: bool = True,
+    verify: bool = True,
 ) -> dict[str, Any]:
-    """Held-out loss (and accuracy) of ``checkpoint`` on the run's held-out questions."""
+    """Held-out loss (and accuracy) of ``checkpoint`` on the run's held-out questions.
+
+    With ``verify`` (the default) the weights must match the state hash recorded in ``edgetune.json``.
+    """
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
         raise ValueError(f"no checkpoint folder at {checkpoint}")
@@ -79,12 +134,22 @@ def evaluate_checkpoint(
     if num_examples:
         cfg = cfgmod.from_run_config({**cfgmod.flatten(cfg), "eval.num_examples": num_examples})
     sites = num_sites or cfg.run.num_sites or 4
-    model, tokenizer = load_checkpoint(checkpoint, cfg)
-    examples = heldout_examples(cfg, sites)
+    info = _info(checkpoint)
+    _check_files(checkpoint)
+    try:
+        model, tokenizer = load_checkpoint(checkpoint, cfg)
+    except ValueError:
+        raise
+    except Exception as err:  # transformers/peft/safetensors raise many types for a broken folder
+        raise ValueError(f"{checkpoint}: the checkpoint does not load ({type(err).__name__}: {err})") from None
     result: dict[str, Any] = {}
-    info = checkpoint / "edgetune.json"
-    if info.is_file():
-        result["round"] = json.loads(info.read_text()).get("round")
+    if "round" in info:
+        result["round"] = info["round"]
+    if verify and isinstance(info.get("state_hash"), str):
+        result["state_hash"] = verify_state_hash(model, cfg, info["state_hash"], checkpoint)
+    elif verify:
+        result["state_hash"] = "not checked: edgetune.json records no state hash"
+    examples = heldout_examples(cfg, sites)
     result.update(
         evaluate(
             model,
