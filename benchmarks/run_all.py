@@ -113,6 +113,15 @@ def plan(quick: bool, sim_sites: str) -> list[Step]:
                 0.5,
                 ("spsa_step.json",),
             ),
+            Step(
+                "byzantine",
+                "benchmarks.byzantine",
+                ("--rounds", "2", "--variants", "spsa-per-site-mean,kavg-mean", "--settings", "4:1"),
+                "tiny",
+                "--quick: smoke run",
+                0.5,
+                ("byzantine.json", "byzantine.png"),
+            ),
         ]
     steps = [
         Step(
@@ -179,6 +188,17 @@ def plan(quick: bool, sim_sites: str) -> list[Step]:
             "a deployed site starts a fresh process per message: reload vs the round's local compute, real model",
             1.5,
             ("site_reload.json",),
+        )
+    )
+    steps.append(
+        Step(
+            "byzantine",
+            "benchmarks.byzantine",
+            ("--rounds", "10"),
+            "tiny",
+            "8 settings x 2 federations x (clean + 4 attacks): what an attack does to the loss, not the model size",
+            8.0,
+            ("byzantine.json", "byzantine.png"),
         )
     )
     steps.append(
