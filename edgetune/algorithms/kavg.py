@@ -298,9 +298,9 @@ class WeightsServer:
         idx = select(self.manifest, plan["train"])
         return decode_tensors(payload["delta"], [self.shapes[i] for i in idx], plan["up"], where=f"{site} update")
 
-    def step_bound(self, round_idx: int, clipped_norms: Sequence[float]) -> float:
-        """Largest norm the aggregate step can have from updates of these norms (``check_applied``)."""
-        return screening.applied_bound(clipped_norms, self.kcfg.aggregator)
+    def step_bound(self, round_idx: int, norms: Sequence[float], clipped_norms: Sequence[float]) -> float:
+        """Largest norm the aggregate step may have, from the updates' norms before and after the clip."""
+        return min(screening.applied_bound(clipped_norms, self.kcfg.aggregator), screening.magnitude_bound(norms))
 
     def aggregate(self, round_idx: int, phase: str, replies: dict[str, Payload], *, min_sites: int) -> RoundResult:
         accepted: dict[str, list[torch.Tensor]] = {}
@@ -339,7 +339,8 @@ class WeightsServer:
         before = [p.clone() for p in self.params]
         while True:
             extra = self.combine(round_idx, full, self._plans)
-            problem = screening.check_applied(before, self.params, self.step_bound(round_idx, list(clipped.values())))
+            bound_now = self.step_bound(round_idx, [norms[s] for s in full], list(clipped.values()))
+            problem = screening.check_applied(before, self.params, bound_now)
             if problem is None:
                 break
             # undo, and leave out the largest update: the round goes on without it

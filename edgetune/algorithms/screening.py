@@ -11,8 +11,10 @@ run. Two bounds hold for every number of sites:
   smaller), so a liar's update counts at most ``clip_mult`` times an honest site's. A fixed
   ``kavg.clip_norm`` replaces it;
 * a check of what aggregation produced (``check_applied``): every new parameter finite, and the
-  step no longer than the aggregator can make it from the clipped updates. A failing aggregate is
-  undone and the largest update dropped, with the reason in ``rejected``; the round goes on.
+  step no longer than the aggregator can make it from the clipped updates, nor (whatever the clip
+  setting) than ``MAX_STEP_MULT`` times the lower-median update (``magnitude_bound``). A failing
+  aggregate is undone and the largest update dropped, with the reason in ``rejected``; the round
+  goes on.
 """
 
 from __future__ import annotations
@@ -67,6 +69,18 @@ def applied_bound(clipped_norms: Sequence[float], aggregator: str) -> float:
     if aggregator == "mean":
         return max(clipped_norms)
     return math.sqrt(sum(n * n for n in clipped_norms))
+
+
+MAX_STEP_MULT = 100.0
+"""Whatever the clip setting, an aggregate step longer than sqrt(n) x this x the lower-median update norm is
+refused: it can only come from an update far outside what the other sites sent (a clip switched off)."""
+
+
+def magnitude_bound(norms: Sequence[float]) -> float:
+    """The longest aggregate step any setting may take: ``sqrt(n) x MAX_STEP_MULT x`` the lower median norm."""
+    if not norms:
+        return 0.0
+    return math.sqrt(len(norms)) * MAX_STEP_MULT * lower_median(list(norms))
 
 
 def check_applied(before: Sequence[torch.Tensor], after: Sequence[torch.Tensor], bound: float) -> str | None:
