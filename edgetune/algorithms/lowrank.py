@@ -332,14 +332,14 @@ class LowrankServer(WeightsServer):
             result.metrics["lr"] = self.round_lr(round_idx)
         return result
 
-    def step_bound(self, round_idx: int, clipped_norms: Sequence[float]) -> float:
+    def step_bound(self, round_idx: int, norms: Sequence[float], clipped_norms: Sequence[float]) -> float:
         """No factor-space bound where the merged products are re-split (any rotation of the factors).
 
         Only finiteness is checked there; rounds that average factors keep the base class's bound.
         """
         if self.refactor_round(round_idx):
             return math.inf
-        return super().step_bound(round_idx, clipped_norms)
+        return super().step_bound(round_idx, norms, clipped_norms)
 
     # ---- merging -----------------------------------------------------------------------------------
 
