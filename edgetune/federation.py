@@ -81,7 +81,6 @@ OPERATIONAL_KEYS = frozenset(
         "model.cache_dir",
         "crypto.keys_dir",
         "crypto.envelope_ttl_s",
-        "eval.batch_size",
     }
 )
 """Config keys a restarted server may change (where it runs, how long it waits, how long it trains);
@@ -202,8 +201,15 @@ def _probe_imv(cfg: RunConfig, server: ServerHalf, tokenizer: Any, transport: Tr
 
 
 def training_identity(cfg: RunConfig) -> dict[str, Any]:
-    """The configuration that defines what a run trains (everything but ``OPERATIONAL_KEYS``)."""
-    return {k: v for k, v in sorted(flatten(cfg).items()) if k not in OPERATIONAL_KEYS}
+    """The configuration that defines what a run trains.
+
+    All keys but ``OPERATIONAL_KEYS`` and ``eval.*``/``imv.*`` (those change what is measured, not trained).
+    """
+    return {
+        k: v
+        for k, v in sorted(flatten(cfg).items())
+        if k not in OPERATIONAL_KEYS and not k.startswith(("eval.", "imv."))
+    }
 
 
 def _check_identity(cfg: RunConfig, recorder: RunRecorder, journal: Journal) -> None:

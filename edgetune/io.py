@@ -264,6 +264,13 @@ def atomic_folder(final: Path, fill: Callable[[Path], None], *, keep: int | None
     final = Path(final)
     parent = final.parent
     parent.mkdir(parents=True, exist_ok=True)
+    for stale in parent.glob(f".{final.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a process killed while writing this folder
+    for stale in parent.glob(f".{final.name}.old-*"):
+        if final.exists():
+            shutil.rmtree(stale, ignore_errors=True)  # killed after the swap: the new folder is in place
+        else:
+            os.replace(stale, final)  # killed between moving the old folder aside and the new one in
     tmp: Path | None = None
     try:
         # a random name, created 0700: checkpoints are the model, nobody else needs to read them

@@ -557,3 +557,18 @@ def test_private_dir_and_tree_modes(tmp_path: Path):
     assert stat.S_IMODE(d.stat().st_mode) == 0o700
     assert stat.S_IMODE((d / "sub").stat().st_mode) == 0o700
     assert stat.S_IMODE((d / "sub" / "f").stat().st_mode) == 0o600
+
+
+def test_atomic_folder_after_a_kill_mid_swap_restores_the_previous_folder(tmp_path: Path):
+    """A process killed after moving the old folder aside but before moving the new one in leaves
+    ``.name.old-*`` and no ``name``; the next write restores the old one first, then replaces it; leftover
+    temp folders of a killed write are removed."""
+    final = tmp_path / "round-0001"
+    atomic_folder(final, fill_with({"w": OLD}))
+    os.replace(final, tmp_path / ".round-0001.old-dead")
+    (tmp_path / ".round-0001.tmp-dead").mkdir()
+    atomic_folder(tmp_path / "round-0002", fill_with({"w": b"2"}))  # another folder: leaves them alone
+    assert not final.exists()
+    atomic_folder(final, fill_with({"w": b"new"}))
+    assert tree(final) == {"w": b"new"}
+    assert listing(tmp_path) == ["round-0001", "round-0002"]
