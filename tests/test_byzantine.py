@@ -42,4 +42,4 @@ def test_max_code_sites_keep_heldout_loss_within_5pct_of_the_clean_run(tmp_path,
     assert attacked["max_scale"] <= 2 * clean["max_scale"], (clean["max_scale"], attacked["max_scale"])
     evil = [f"site-{i}" for i in range(sites - attackers, sites)]
     warned = " ".join(r.getMessage() for r in caplog.records)
-    assert all(f"{s} 100%" in warned for s in evil), warned[-500:]
+    assert all(f"{s} (3 rounds)" in warned for s in evil), warned[-500:]

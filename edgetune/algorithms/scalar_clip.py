@@ -13,12 +13,14 @@ codes quantise to zero and training stalls. Here each site speaks once::
 
 With f < n/2 lying sites the centre lies within the honest sites' q_i, so the clip follows the honest
 scalars whatever the liars send; the bounded move keeps even a majority from moving it faster than
-x2 per round. A site whose codes sit at the clip (``saturation``) is visible in the metrics and is
-warned about: many such sites means the clip is too small for the honest signal (it then grows x2
-per round), one such site among unsaturated ones is a faulty or Byzantine site (whose influence the
-clip bounds).
+x2 per round. A site whose codes sit at the clip (``saturation``) is visible in the metrics every
+round. Warnings need a pattern, not one round (with K*P = 2 scalars an honest site has both at the
+clip now and then): a site with all its scalars at the clip for ``STREAK`` rounds in a row is a
+faulty or Byzantine site (whose influence the clip bounds); most sites saturated for ``STREAK`` rounds
+means the clip is too small for the honest signal (it grows x2 per round).
 
-Pure: no state, no I/O besides the ``edgetune`` logger's warnings; the server keeps C.
+Pure: the caller keeps C and the streak counters (``ClipUpdate.streaks``, passed back next round);
+no I/O besides the ``edgetune`` logger's warnings.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ MAX_SHRINK = 4.0
 SATURATED_SITE = 0.5
 """A site with at least this fraction of its scalars at the clip counts as saturated."""
 SATURATED_TOLERANCE = 1e-12
+STREAK = 3
+"""Rounds in a row a pattern must hold before it is warned about (then every ``STREAK * 4`` rounds)."""
 
 log = logging.getLogger("edgetune")
 
@@ -49,6 +53,8 @@ class ClipUpdate:
     scale: float
     metrics: dict[str, float] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    streaks: dict[str, int] = field(default_factory=dict)
+    """Rounds in a row each site had all its scalars at the clip (and ``*``: most sites saturated)."""
 
 
 def lower_median(values: list[float]) -> float:
@@ -57,7 +63,13 @@ def lower_median(values: list[float]) -> float:
     return ordered[(len(ordered) - 1) // 2]
 
 
-def next_clip(per_site: Mapping[str, np.ndarray], clip: float, cfg: Any) -> ClipUpdate:
+def _due(streak: int) -> bool:
+    return streak == STREAK or (streak > STREAK and streak % (STREAK * 4) == 0)
+
+
+def next_clip(
+    per_site: Mapping[str, np.ndarray], clip: float, cfg: Any, streaks: Mapping[str, int] | None = None
+) -> ClipUpdate:
     """Next round's scalar clip from each accepted site's decoded scalars.
 
     Parameters
@@ -68,16 +80,20 @@ def next_clip(per_site: Mapping[str, np.ndarray], clip: float, cfg: Any) -> Clip
         The clip this round's codes were decoded with.
     cfg
         Has ``scale_quantile`` (per-site quantile of |g|) and ``scale_mult`` (clip = mult x centre).
+    streaks
+        ``ClipUpdate.streaks`` of the previous round (None: none yet).
 
     Returns
     -------
     ClipUpdate
         ``scale``: next round's clip; ``metrics``: ``saturated_frac`` (all scalars), ``saturated_sites``,
         ``site_saturation_max`` and ``site_saturation_median``, ``clip_centre`` (the robust centre),
-        ``mean_abs_g``; ``warnings``: the messages also logged on the ``edgetune`` logger.
+        ``mean_abs_g``; ``warnings``: the messages also logged on the ``edgetune`` logger; ``streaks``:
+        to pass back next round.
     """
+    streaks = dict(streaks or {})
     if not per_site:
-        return ClipUpdate(clip)
+        return ClipUpdate(clip, streaks=streaks)
     if not (clip > 0 and math.isfinite(clip)):
         raise ValueError(f"clip must be a finite positive number, got {clip}")
     sites = sorted(per_site)
@@ -104,20 +120,23 @@ def next_clip(per_site: Mapping[str, np.ndarray], clip: float, cfg: Any) -> Clip
         "clip_centre": centre,
         "mean_abs_g": float(np.mean(everything)),
     }
+    new = {s: streaks.get(s, 0) + 1 for s in sites if saturation[s] >= 1.0}
+    new["*"] = streaks.get("*", 0) + 1 if median_sat >= SATURATED_SITE else 0
     warnings = []
-    if median_sat >= SATURATED_SITE:
+    if _due(new["*"]):
         warnings.append(
-            f"scalar clip {clip:.4g} saturates most sites (median site {median_sat:.0%} of its scalars at the "
-            f"clip): the signal is cut; the clip grows to {scale:.4g} (at most x{MAX_GROWTH:g} per round)"
+            f"scalar clip {clip:.4g} saturates most sites for {new['*']} rounds (median site {median_sat:.0%} of "
+            f"its scalars at the clip): the signal is cut; the clip grows to {scale:.4g} (at most x{MAX_GROWTH:g} "
+            "per round)"
         )
-    outliers = [s for s in saturated if saturation[s] >= SATURATED_SITE > median_sat]
-    if outliers:
-        detail = ", ".join(f"{s} {saturation[s]:.0%}" for s in outliers)
+    streaking = [s for s in sites if new.get(s, 0) >= STREAK]
+    stuck = [s for s in streaking if _due(new[s])] if 2 * len(streaking) < len(sites) else []
+    if stuck:  # a minority stuck at the clip (a majority stuck is the clip's fault: the warning above)
+        detail = ", ".join(f"{s} ({new[s]} rounds)" for s in stuck)
         warnings.append(
-            f"sites with their scalars at the clip while the median site has {median_sat:.0%}: {detail}; "
-            f"faulty or Byzantine? Their influence is bounded by the clip ({clip:.4g}), which follows the "
-            "median site"
+            f"sites with every scalar at the clip round after round while most sites are not: {detail}; "
+            f"faulty or Byzantine? Their influence is bounded by the clip ({clip:.4g}), which follows the median site"
         )
     for w in warnings:
         log.warning(w)
-    return ClipUpdate(scale, metrics, tuple(warnings))
+    return ClipUpdate(scale, metrics, tuple(warnings), {k: v for k, v in new.items() if v})

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from edgetune.algorithms.scalar_clip import MAX_GROWTH, MAX_SHRINK, lower_median, next_clip
+from edgetune.algorithms.scalar_clip import MAX_GROWTH, MAX_SHRINK, STREAK, lower_median, next_clip
 
 CFG = SimpleNamespace(scale_quantile=0.9, scale_mult=2.0)
 
@@ -45,29 +45,39 @@ def test_majority_of_liars_moves_the_clip_at_most_x2_per_round():
     assert next_clip({"a": np.array([1e-9]), "b": np.array([1e-9])}, 8.0, CFG).scale == 8.0 / MAX_SHRINK
 
 
-def test_saturated_site_is_counted_and_warned_about_by_name(caplog):
-    """One site with all its scalars at the clip among unsaturated ones: metrics count it and a warning
-    names it; the median site's saturation stays 0."""
+def test_saturated_site_is_counted_every_round_and_warned_about_by_name_once_it_is_a_pattern(caplog):
+    """One site with all its scalars at the clip among unsaturated ones: every round's metrics count it; after
+    STREAK rounds in a row a warning names it (one round is not a pattern: an honest site with two scalars
+    sometimes has both at the clip)."""
     rng = np.random.default_rng(1)
-    per_site = {f"site-{i}": honest_scalars(rng, 8.0) for i in range(3)}
-    per_site["site-3"] = np.array([8.0, -8.0] * 4)
+    streaks = None
+    warned = []
     with caplog.at_level(logging.WARNING, logger="edgetune"):
-        update = next_clip(per_site, 8.0, CFG)
-    assert update.metrics["saturated_sites"] == 1.0
-    assert update.metrics["site_saturation_max"] == 1.0 and update.metrics["site_saturation_median"] == 0.0
-    assert update.metrics["saturated_frac"] == pytest.approx(8 / 32)
-    assert any("site-3 100%" in w and "Byzantine" in w for w in update.warnings)
-    assert any("site-3 100%" in r.getMessage() for r in caplog.records)
+        for _ in range(STREAK):
+            per_site = {f"site-{i}": honest_scalars(rng, 8.0) for i in range(3)}
+            per_site["site-3"] = np.array([8.0, -8.0] * 4)
+            update = next_clip(per_site, 8.0, CFG, streaks)
+            streaks = update.streaks
+            warned.append(update.warnings)
+            assert update.metrics["saturated_sites"] == 1.0
+            assert update.metrics["site_saturation_max"] == 1.0 and update.metrics["site_saturation_median"] == 0.0
+            assert update.metrics["saturated_frac"] == pytest.approx(8 / 32)
+    assert warned[:-1] == [()] * (STREAK - 1)
+    assert any("site-3 (3 rounds)" in w and "Byzantine" in w for w in warned[-1])
+    assert any("site-3 (3 rounds)" in r.getMessage() for r in caplog.records)
 
 
 def test_clip_too_small_for_every_site_warns_and_grows(caplog):
-    """All sites saturated: the signal is being cut; a warning says so and the clip doubles."""
-    per_site = {f"s{i}": np.array([0.5, -0.5, 0.5, 0.1]) for i in range(4)}
+    """All sites saturated: the clip doubles each round; after STREAK rounds a warning says the signal is cut
+    (and does not call every site Byzantine)."""
+    per_site = {f"s{i}": np.array([1.0, -1.0, 1.0, 0.1]) * 1e6 for i in range(4)}
+    clip, streaks, warnings = 0.5, None, ()
     with caplog.at_level(logging.WARNING, logger="edgetune"):
-        update = next_clip(per_site, 0.5, CFG)
-    assert update.scale == 1.0
-    assert any("saturates most sites" in w for w in update.warnings)
-    assert update.metrics["saturated_sites"] == 4.0
+        for _ in range(STREAK):
+            update = next_clip({s: np.clip(v, -clip, clip) for s, v in per_site.items()}, clip, CFG, streaks)
+            assert update.scale == 2 * clip
+            clip, streaks, warnings = update.scale, update.streaks, update.warnings
+    assert len(warnings) == 1 and "saturates most sites for 3 rounds" in warnings[0]
 
 
 def test_lower_median_is_an_element():
