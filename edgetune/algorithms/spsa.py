@@ -698,8 +698,10 @@ class SpsaServer:
         for s in sites:
             self.synced[s] = round_idx - 1
         # Next round's clip, robust to lying sites (scalar_clip.py); saturation metrics and warnings.
-        clip = scalar_clip.next_clip({s: accepted[s][1] for s in sites}, plan["scale"], self.scfg)
-        self.scale = clip.scale
+        clip = scalar_clip.next_clip(
+            {s: accepted[s][1] for s in sites}, plan["scale"], self.scfg, getattr(self, "_clip_streaks", None)
+        )
+        self.scale, self._clip_streaks = clip.scale, clip.streaks
         metrics = {
             "train_loss": float(np.mean([accepted[s][2] for s in sites])),
             "num_accepted": float(len(sites)),
