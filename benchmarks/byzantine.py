@@ -21,10 +21,10 @@ attack       spsa (one-byte codes)                        weight algorithms (kav
 ============ ============================================ ==============================================
 
 Variants: spsa with per-site directions and ``mean`` (the default), shared directions with ``mean``,
-``trimmed`` (trim_frac 0.25, so one site of 4 and two of 8 are cut from each side) and ``median``;
+``trimmed`` (trim_frac 0.34: one site of 3 or 4 and two of 6 to 8 cut from each side) and ``median``;
 kavg with ``mean`` (the default, adaptive norm clip), ``trimmed`` and ``median``; lowrank ``exact``.
-``run.min_sites`` is the number of sites, as a trimmed mean needs (a reply that is rejected, NaN for
-example, leaves the round without quorum only when it is the honest one).
+``run.min_sites`` is the number of honest sites, so a round commits when the attackers' replies are
+rejected (NaN) and a trimmed mean still trims at least one site per side.
 
 Each row: the final held-out loss of the run, ``rel_loss`` = attacked / clean final held-out loss
 (1.0: no effect; the goal is within 5% for the robust settings), whether the run completed, the replies
@@ -76,7 +76,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "spsa.num_steps": 2,
         "spsa.directions": "shared",
         "spsa.aggregator": "trimmed",
-        "spsa.trim_frac": 0.25,
+        "spsa.trim_frac": 0.34,
     },
     "spsa-shared-median": {
         "algorithm": "spsa",
@@ -91,7 +91,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "kavg.lr": 0.1,
         "kavg.local_steps": 2,
         "kavg.aggregator": "trimmed",
-        "kavg.trim_frac": 0.25,
+        "kavg.trim_frac": 0.34,
     },
     "kavg-median": {"algorithm": "kavg", "kavg.lr": 0.1, "kavg.local_steps": 2, "kavg.aggregator": "median"},
     "lowrank-exact": {
@@ -191,9 +191,15 @@ def attacker(honest: Any, algorithm: str, attack: str) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def flat_config(variant: str, sites: int, rounds: int) -> dict[str, Any]:
-    """The run's flat config: the base, the variant, and the federation size."""
-    flat = {**BASE, **VARIANTS[variant], "num_rounds": rounds, "run.num_sites": sites, "run.min_sites": sites}
+def flat_config(variant: str, sites: int, rounds: int, attackers: int = 0) -> dict[str, Any]:
+    """The run's flat config: the base, the variant, the federation size; the quorum is the honest sites."""
+    flat = {
+        **BASE,
+        **VARIANTS[variant],
+        "num_rounds": rounds,
+        "run.num_sites": sites,
+        "run.min_sites": sites - attackers,
+    }
     flat["eval.every_rounds"] = rounds
     return flat
 
@@ -206,7 +212,7 @@ def run_case(
     from edgetune import inproc
     from edgetune.federation import run_federation
 
-    flat = flat_config(variant, sites, rounds)
+    flat = flat_config(variant, sites, rounds, attackers)  # the clean run has the attacked run's quorum
     cfg = cfgmod.from_run_config(flat)
     name = f"{variant}-{sites}-{attack or 'clean'}"
     # the run folder's name seeds the run id (and the deterministic secrets): the same for every attack

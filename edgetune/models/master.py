@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Protocol
 import torch
 
 from edgetune.crypto import keystream
-from edgetune.io import StorageError, fsync_dir
+from edgetune.io import StorageError, create_exclusive, fsync_dir
 from edgetune.models.params import Manifest, tensor_bytes
 
 
@@ -109,9 +110,10 @@ class DiskStore:
             out.copy_(target.view_as(out))
 
     def begin(self) -> None:
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        # a random name created exclusively (never through a link planted at a guessable name)
+        self._tmp = self.path.with_name(f".{self.path.name}.tmp-{secrets.token_hex(8)}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._fd = create_exclusive(self._tmp, 0o600)
         os.write(self._fd, self._prefix)
 
     def write(self, index: int, value: torch.Tensor) -> None:
