@@ -338,7 +338,7 @@ def spsa_round(bench: Bench, workdir: Path, scfg: SpsaSection) -> dict[str, floa
             scfg.trim_frac,
         )
         terms = spsa.replay_terms(entry, secret, RUN_ID)
-        replica.apply(round_idx, terms)
+        replica.apply_terms(round_idx, terms)
         _sync(dev)
         t3 = time.perf_counter()
     return {"round_steps_s": t1 - t0, "round_reset_s": t2 - t1, "round_replay_s": t3 - t2, "replay_terms": len(terms)}

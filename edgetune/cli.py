@@ -324,13 +324,15 @@ def keys(
 
 @app.command("eval")
 def eval_(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint folder (runs/<id>/checkpoints/round-NNNN)")],
+    checkpoint: Annotated[
+        Path, typer.Argument(help="A checkpoint folder (runs/<id>/checkpoints/round-NNNN) or a delta file")
+    ],
     recipe: Annotated[Path | None, typer.Option(help="Config for the held-out data (default: the run's)")] = None,
     sites: Annotated[int, typer.Option(help="Sites whose held-out questions to use (default: the run's)")] = 0,
     examples: Annotated[int, typer.Option(help="Held-out examples (default: the run's eval.num_examples)")] = 0,
-    accuracy: Annotated[bool, typer.Option(help="Also greedy exact-match accuracy")] = True,
+    accuracy: Annotated[bool, typer.Option(help="Also accuracy (label ranking or greedy exact match)")] = True,
 ) -> None:
-    """Held-out loss and exact-match accuracy of a saved checkpoint."""
+    """Held-out loss and accuracy of a saved checkpoint or an exported delta file."""
     from edgetune.evaluation import evaluate_checkpoint
 
     try:
@@ -341,6 +343,23 @@ def eval_(
         raise _fail(str(err)) from err
     for key, value in result.items():
         console.print(f"{key:>14}: {value}")
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="A run folder (runs/<id>) of an spsa run with a run-scope seed pool")],
+    delta: Annotated[Path, typer.Option("--delta", help="Where to write the delta file (S coefficients + metadata)")],
+) -> None:
+    """Export a run's model as a delta file: its seed-pool coefficients, rebuilt from the base model."""
+    from edgetune.algorithms.spsa.delta import export_run_delta
+
+    try:
+        summary = export_run_delta(run, delta)
+    except ValueError as err:
+        raise _fail(str(err)) from err
+    for key, value in summary.items():
+        console.print(f"{key:>14}: {value}")
+    console.print(f"written to {delta} (0600: it rebuilds the fine-tuned model; `edgetune eval {delta}` checks it)")
 
 
 @app.command()

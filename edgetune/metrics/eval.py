@@ -25,6 +25,7 @@ from transformers import GenerationConfig
 from edgetune.data.prompts import (
     IGNORE_INDEX,
     TokenizedSet,
+    encode_answer,
     encode_prompt,
     generation_batch,
     pad_token_id,
@@ -249,7 +250,8 @@ def choice_accuracy(
     fast: list[int] = []
     slow: list[int] = []
     for i, ex in enumerate(examples):
-        firsts = [tokenizer(c, add_special_tokens=False)["input_ids"][:1] for c in choices_of(ex)]
+        prefix = ex.get("answer_prefix") or ""
+        firsts = [encode_answer(tokenizer, c, prefix)[:1] for c in choices_of(ex)]
         ids = [f[0] if f else -1 for f in firsts]
         first_token.append(ids)
         (fast if -1 not in ids and len(set(ids)) == len(ids) else slow).append(i)
@@ -259,7 +261,12 @@ def choice_accuracy(
         for start in range(0, len(fast), batch_size):
             idx = fast[start : start + batch_size]
             prompts = [
-                encode_prompt(tokenizer, examples[i]["instruction"], examples[i].get("system"))[-max_length:]
+                encode_prompt(
+                    tokenizer,
+                    examples[i]["instruction"],
+                    examples[i].get("system"),
+                    examples[i].get("answer_prefix") or "",
+                )[-max_length:]
                 for i in idx
             ]
             width = max(len(p) for p in prompts)
