@@ -187,7 +187,7 @@ def cached_model(cfg: ModelSection, *, seed: int = 0, namespace: str = "") -> tu
     """One (model, tokenizer) per process and (model config, seed, namespace).
 
     Callers that mutate the weights (SPSA) keep them in a known state themselves
-    (``algorithms/spsa.py`` tracks round and hash); ``namespace`` gives a caller its own copy.
+    (``algorithms/spsa/replica.py`` tracks round and hash); ``namespace`` gives a caller its own copy.
     """
     key = (
         cfg.path,

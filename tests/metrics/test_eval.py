@@ -182,8 +182,9 @@ def test_evaluate_reports_accuracy_only_when_asked(model_tok, examples, monkeypa
     with_acc = evaluate(model, tok, examples[:2], batch_size=2, max_length=MAX_LENGTH, max_new_tokens=4, accuracy=True)
     # Assert
     assert set(without) == {"heldout_loss"}
-    assert set(with_acc) == {"heldout_loss", "accuracy", "procedure_accuracy", "action_f1"}
+    assert set(with_acc) == {"heldout_loss", "accuracy", "procedure_accuracy", "action_f1", "mc_accuracy"}
     assert with_acc["accuracy"] == with_acc["procedure_accuracy"] == with_acc["action_f1"] == 0.0
+    assert 0.0 <= with_acc["mc_accuracy"] <= 1.0
     assert with_acc["heldout_loss"] == without["heldout_loss"] > 0
 
 
