@@ -226,8 +226,13 @@ def supernode_command(
     site_index: int | None,
     num_sites: int | None,
     site_host: str = "",
+    via_gateway: Path | None = None,
 ) -> list[str]:
-    """``flower-supernode`` for one site: its kit, its data, its device (and its site host's socket)."""
+    """``flower-supernode`` for one site: its kit, its data, its device (and its site host's socket).
+
+    ``via_gateway``: ``superlink`` is the site's thin-link gateway on loopback, whose throwaway CA
+    certificate this names (the gateway checks the SuperLink's certificate over the link).
+    """
     site = json.loads((kit / "site.json").read_text())["site_id"]
     node_config: dict[str, Any] = {"site-id": site, "kit-dir": str(kit.resolve())}
     if site_host:
@@ -246,4 +251,5 @@ def supernode_command(
     for name in ("ca.crt", "node.key"):
         if not (kit / name).is_file():
             raise DeployError(f"site kit {kit} lacks {name}: ask the server team for a kit made with `edgetune certs`")
-    return [*cmd, "--root-certificates", str(kit / "ca.crt"), "--auth-supernode-private-key", str(kit / "node.key")]
+    ca = via_gateway or kit / "ca.crt"
+    return [*cmd, "--root-certificates", str(ca), "--auth-supernode-private-key", str(kit / "node.key")]
