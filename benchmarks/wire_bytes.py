@@ -99,7 +99,7 @@ def run_profile(algorithm: str, profile: str, work: Path, *, rounds: int, delay:
     procs: list[subprocess.Popen] = []
     gate = None
     try:
-        deploy.wait_healthy(f"https://127.0.0.1:{port}/health", fed / "tls" / "ca.crt", 60, link)
+        deploy.wait_healthy(f"https://127.0.0.1:{port}/health", fed / "tls" / "ca.crt", 300, link)
         deploy.write_cli_config(cli_home, f"127.0.0.1:{port}", fed / "tls" / "ca.crt")
         deploy.register_sites(fed, deploy.flower_env(cli_home))
         target = f"127.0.0.1:{port}"
@@ -133,7 +133,7 @@ def run_profile(algorithm: str, profile: str, work: Path, *, rounds: int, delay:
         def online() -> int:  # the SuperNode logs its id once the SuperLink activated it
             return sum("SuperNode ID" in (work / f"{site}.out").read_text() for site in SITES)
 
-        _wait(lambda: online() >= len(SITES), 300, "sites online")
+        _wait(lambda: online() >= len(SITES), 1200, "sites online")  # a busy 2-core box: torch imports
         time.sleep(2.0)  # the first poll after activation
         t_connected = time.time()
         time.sleep(idle_s)

@@ -356,8 +356,15 @@ class ServerGateway:
         resp = await self._client.post(f"{scheme}://{self.superlink}{path}", content=body, headers=headers)
         return Reply(resp.status_code, _keep(resp.headers.raw), resp.content)
 
-    async def handle(self, path: str, headers: list[tuple[str, str]], body: bytes) -> Reply:
-        """One request from a site gateway; a pull with a hold header waits for a message."""
+    async def handle(
+        self, path: str, headers: list[tuple[str, str]], body: bytes, gone: Callable[[], bool] = lambda: False
+    ) -> Reply:
+        """One request from a site gateway; a pull with a hold header waits for a message.
+
+        ``gone()`` says the site hung up (its process died): a held poll then stops asking the
+        SuperLink, or it would take the node's next message (the restarted site's, same node id)
+        to nowhere.
+        """
         self.stats["forwarded"] += 1
         hold = next((v for k, v in headers if k == HOLD_HEADER), None)
         headers = [(k, v) for k, v in headers if k != HOLD_HEADER]
@@ -379,6 +386,9 @@ class ServerGateway:
             if time.monotonic() + SERVER_POLL_S >= deadline:
                 return reply
             await asyncio.sleep(SERVER_POLL_S)
+            if gone():
+                self.stats["abandoned_holds"] = self.stats.get("abandoned_holds", 0) + 1
+                return reply
 
     async def asgi(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """The ASGI app hypercorn serves."""
@@ -396,13 +406,16 @@ class ServerGateway:
             body += msg.get("body", b"")
             if not msg.get("more_body"):
                 break
+        hangup = asyncio.get_running_loop().create_task(receive())  # completes on http.disconnect
         try:
-            reply = await self.handle(scope["path"], _keep(scope["headers"]), bytes(body))
+            reply = await self.handle(scope["path"], _keep(scope["headers"]), bytes(body), hangup.done)
         except httpx.HTTPError as err:
             reply = Reply(502, [("content-type", "text/plain")], f"server gateway: {err!r}".encode())
         headers = [(k.encode(), v.encode()) for k, v in reply.headers]
-        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
-        await send({"type": "http.response.body", "body": reply.body})
+        if not hangup.done():
+            hangup.cancel()
+            await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+            await send({"type": "http.response.body", "body": reply.body})
 
     async def _start(self) -> None:
         from hypercorn.asyncio import serve

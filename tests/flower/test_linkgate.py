@@ -141,3 +141,51 @@ def test_a_restarted_site_closes_its_stale_session_itself(tmp_path):
 def test_profile_rejects_values_flower_would_refuse(field, value):
     with pytest.raises(ValueError, match=field):
         ThinLink(**{field: value})
+
+
+def _server_gateway(monkeypatch, replies: list[Reply]):
+    gw = linkgate.ServerGateway("127.0.0.1:1", "c", "k", None, listen=("127.0.0.1", 0))
+    calls: list[str] = []
+
+    async def forward(path, headers, body):
+        calls.append(path)
+        return replies.pop(0) if len(replies) > 1 else replies[0]
+
+    gw._forward = forward  # type: ignore[method-assign]
+    monkeypatch.setattr(linkgate, "SERVER_POLL_S", 0.01)
+    return gw, calls
+
+
+def _now_header() -> list[tuple[str, str]]:
+    import datetime as dt
+
+    return [(linkgate.TIMESTAMP_HEADER, dt.datetime.now(dt.UTC).isoformat()), (linkgate.HOLD_HEADER, "60")]
+
+
+def test_server_gateway_holds_a_poll_until_a_message(monkeypatch):
+    """Empty answers are retried on loopback; the first message goes back; the hold header never reaches
+    the SuperLink."""
+    msg = PullMessagesResponse(messages_list=[ProtoMessage()]).SerializeToString()
+    empty = Reply(200, [], b"")
+    gw, calls = _server_gateway(monkeypatch, [empty, empty, empty, Reply(200, [], msg)])
+    reply = asyncio.run(gw.handle(linkgate.PULL, _now_header(), b""))
+    assert reply.body == msg and len(calls) == 4
+
+
+def test_server_gateway_stops_holding_for_a_site_that_hung_up(monkeypatch):
+    gw, calls = _server_gateway(monkeypatch, [Reply(200, [], b"")])
+    hung_up = iter([False, False, True])
+    reply = asyncio.run(gw.handle(linkgate.PULL, _now_header(), b"", lambda: next(hung_up)))
+    assert reply.body == b"" and len(calls) == 3 and gw.stats["abandoned_holds"] == 1
+
+
+def test_server_gateway_never_holds_past_the_signature_life(monkeypatch):
+    """A poll signed long ago is answered at once: the SuperLink would refuse it after 300 s."""
+    import datetime as dt
+
+    gw, calls = _server_gateway(monkeypatch, [Reply(200, [], b"")])
+    old = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=280)).isoformat()
+    headers = [(linkgate.TIMESTAMP_HEADER, old), (linkgate.HOLD_HEADER, "240")]
+    t0 = __import__("time").monotonic()
+    asyncio.run(gw.handle(linkgate.PULL, headers, b""))
+    assert __import__("time").monotonic() - t0 < 1.0 and len(calls) == 1
