@@ -177,7 +177,7 @@ def register_sites(keys_dir: Path, env: dict[str, str]) -> list[str]:
             env=env,
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=600,  # a busy machine: the flwr CLI alone takes seconds to start
         )
         text = out.stdout + out.stderr
         if out.returncode != 0 and "already" not in text.lower():
