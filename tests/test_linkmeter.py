@@ -207,3 +207,34 @@ def test_merge_rejects_a_run_without_submission_and_a_foreign_log(tmp_path):
         linkmeter.merge_into_run(run, [bad])
     with pytest.raises(ValueError, match="no such"):
         linkmeter.merge_into_run(run, [tmp_path / "missing.jsonl"])
+
+
+def test_report_shows_real_next_to_payload_bytes_per_round(tmp_path):
+    """After a merge, `edgetune report` has per-round real bytes and the payload's share of them."""
+    from edgetune import report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [
+        {"round": 0, "uplink_bytes": 0, "downlink_bytes": 0},
+        {"round": 1, "uplink_bytes": 92, "downlink_bytes": 400},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pay = {"round_idx": 1, "phase": "train", "site_id": "a", "direction": "up", "num_bytes": 92, "kind": "payload"}
+    (run / "ledger.jsonl").write_text(json.dumps(pay) + "\n")
+    _timeline(
+        run,
+        [
+            {"t": 0.0, "event": "submitted"},
+            {"t": 1.0, "event": "round", "round": 0},
+            {"t": 2.0, "event": "round", "round": 1},
+        ],
+    )
+    log = tmp_path / "a.jsonl"
+    append_jsonl(log, {"t": 0.5, "site": "a", "up": 900, "down": 7400})
+    append_jsonl(log, {"t": 1.5, "site": "a", "up": 4600, "down": 2100})
+    linkmeter.merge_into_run(run, [log])
+    text = report.write_report(run, fmt="md").read_text()
+    assert "uplink real B" in text and "4,600" in text and "7,400" in text
+    assert "2.00%" in text  # 92 / 4,600
+    assert "uplink link B" in text  # the per-site table has the link kind too
