@@ -282,9 +282,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profiles", default="standard,thin")
     ap.add_argument("--out", type=Path, default=RESULTS / "wire_bytes.json")
     ap.add_argument("--work", type=Path, default=None, help="keep the deployments' files here (logs)")
+    ap.add_argument("--merge", type=Path, nargs="*", default=[], help="only merge these result files into --out")
     ns = ap.parse_args(argv)
-    rows = []
-    for algorithm in ns.algorithms.split(","):
+    rows: list[dict] = []
+    if ns.merge:  # profiles measured in separate processes (in parallel: a run is mostly waiting)
+        for path in ns.merge:
+            rows += json.loads(path.read_text())
+        ns.algorithms = ""
+    for algorithm in filter(None, ns.algorithms.split(",")):
         for profile in ns.profiles.split(","):
             idle = ns.thin_idle_s if profile == "thin" else ns.idle_s
             if algorithm != ns.algorithms.split(",")[0]:
@@ -295,9 +300,9 @@ def main(argv: list[str] | None = None) -> int:
                 row = run_profile(algorithm, profile, work, rounds=ns.rounds, delay=ns.delay, idle_s=idle)
             print(json.dumps(row), flush=True)
             rows.append(row)
-    meta = {"host": platform.node(), "python": platform.python_version(), "delay_s": ns.delay}
+    meta = {"host": platform.node(), "delay_s": ns.delay}
     ns.out.parent.mkdir(parents=True, exist_ok=True)
-    ns.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    ns.out.write_text(json.dumps([{**meta, **r} for r in rows], indent=2) + "\n")
     ns.out.with_suffix(".md").write_text(table(rows))
     plot(rows, ns.out.with_suffix(".png"))
     print(table(rows))

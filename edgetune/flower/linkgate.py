@@ -195,7 +195,9 @@ class SiteGateway:
 
         The SuperLink would otherwise wait two heartbeat intervals (10 min with the thin profile's
         300 s). Only this site can do it: the request carries the SuperNode's own signature, and the
-        node id is the one this gateway saw activated last time (``state_file``).
+        node id is the one this gateway saw activated last time (``state_file``). A second copy of a
+        site started while the first still runs therefore takes over from it (Flower alone would refuse
+        the second).
         """
         self._last_heartbeat = time.monotonic()
         reply = await self._send(ACTIVATE, headers, body)
