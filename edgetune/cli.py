@@ -682,7 +682,7 @@ def _start_site_host(socket_path: Path) -> subprocess.Popen:
     proc = subprocess.Popen(
         [sys.executable, "-m", "edgetune.sitehost", "--socket", str(socket_path), "--ready-file", str(ready)]
     )
-    deadline = time.time() + 120
+    deadline = time.time() + 600  # importing torch on a busy 2-core machine can take minutes
     while not ready.exists():
         if proc.poll() is not None or time.time() > deadline:
             proc.kill()
