@@ -281,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--algorithms", default="spsa,lowrank")
     ap.add_argument("--profiles", default="standard,thin")
     ap.add_argument("--out", type=Path, default=RESULTS / "wire_bytes.json")
+    ap.add_argument("--plot", type=Path, default=None, help="the plot (default: --out with .png)")
     ap.add_argument("--work", type=Path, default=None, help="keep the deployments' files here (logs)")
     ap.add_argument("--merge", type=Path, nargs="*", default=[], help="only merge these result files into --out")
     ns = ap.parse_args(argv)
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     ns.out.parent.mkdir(parents=True, exist_ok=True)
     ns.out.write_text(json.dumps([{**meta, **r} for r in rows], indent=2) + "\n")
     ns.out.with_suffix(".md").write_text(table(rows))
-    plot(rows, ns.out.with_suffix(".png"))
+    plot(rows, ns.plot or ns.out.with_suffix(".png"))
     print(table(rows))
     return 0
 
