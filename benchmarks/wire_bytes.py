@@ -130,6 +130,7 @@ def run_profile(algorithm: str, profile: str, work: Path, *, rounds: int, delay:
                     start_new_session=True,
                 )
             )
+
         def online() -> int:  # the SuperNode logs its id once the SuperLink activated it
             return sum("SuperNode ID" in (work / f"{site}.out").read_text() for site in SITES)
 
