@@ -104,7 +104,7 @@ def _keep(headers: Any) -> list[tuple[str, str]]:
     for k, v in headers:
         k = k.decode("latin-1").lower() if isinstance(k, bytes) else k.lower()
         v = v.decode("latin-1") if isinstance(v, bytes) else v
-        if k in FORWARD_HEADERS or k.startswith("flwr-"):
+        if k in FORWARD_HEADERS or k.startswith("flwr-") or k == HOLD_HEADER:
             out.append((k, v))
     return out
 

@@ -189,3 +189,31 @@ def test_server_gateway_never_holds_past_the_signature_life(monkeypatch):
     t0 = __import__("time").monotonic()
     asyncio.run(gw.handle(linkgate.PULL, headers, b""))
     assert __import__("time").monotonic() - t0 < 1.0 and len(calls) == 1
+
+
+def test_the_hold_header_survives_the_server_gateways_header_filter(monkeypatch):
+    """The hold travels from the site gateway through hypercorn's ASGI scope to handle()."""
+    seen = {}
+    gw = linkgate.ServerGateway("127.0.0.1:1", "c", "k", None, listen=("127.0.0.1", 0))
+
+    async def handle(path, headers, body, gone):
+        seen["headers"] = headers
+        return Reply(200, [], b"")
+
+    gw.handle = handle  # type: ignore[method-assign]
+    scope = {"type": "http", "path": linkgate.PULL, "headers": [(b"x-edgetune-hold", b"240"), (b"user-agent", b"x")]}
+    messages = iter([{"type": "http.request", "body": b"", "more_body": False}])
+    sent = []
+
+    async def receive():
+        try:
+            return next(messages)
+        except StopIteration:
+            await asyncio.sleep(3600)
+
+    async def send(msg):
+        sent.append(msg)
+
+    asyncio.run(gw.asgi(scope, receive, send))
+    assert (linkgate.HOLD_HEADER, "240") in seen["headers"] and ("user-agent", "x") not in seen["headers"]
+    assert sent[0]["status"] == 200
