@@ -202,13 +202,16 @@ def submit_run(app_dir: Path, run_config: Path, env: dict[str, str]) -> int:
 
 def run_status(run_id: int, env: dict[str, str]) -> str:
     """Flower's status of a run (``running``, ``finished:completed``, ``finished:failed``, ...)."""
-    out = subprocess.run(
-        ["flwr", "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    try:
+        out = subprocess.run(
+            ["flwr", "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    except subprocess.TimeoutExpired:
+        return "unknown"  # a busy machine: the flwr CLI alone can take a minute; ask again next poll
     try:
         return str(json.loads(out.stdout)["runs"][0]["status"])
     except (ValueError, KeyError, IndexError):
