@@ -148,7 +148,7 @@ def run_profile(algorithm: str, profile: str, work: Path, *, rounds: int, delay:
             env=env,
             capture_output=True,
             text=True,
-            timeout=rounds * (delay + 120) + 600,
+            timeout=rounds * (delay + 120) + 3600,  # a busy machine starts the ServerApp slowly
         )
         (work / "server.out").write_text(server.stdout + server.stderr)
         if server.returncode != 0:
