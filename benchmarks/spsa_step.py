@@ -126,6 +126,10 @@ NUMERIC_KEYS = (
     "round_reset_s",
     "round_replay_s",
     "replay_terms",
+    "central_p1_per_probe",
+    "central_p1_per_probe_goal",
+    "forward_p8_per_probe",
+    "forward_p8_per_probe_goal",
 )
 """Row keys whose values are positive finite numbers."""
 ROW_KEYS = NUMERIC_KEYS + (
@@ -143,6 +147,8 @@ ROW_KEYS = NUMERIC_KEYS + (
     "forward_samples_s",
     "spsa_step_samples_s",
     "load_avg_1m",
+    "central_p1_per_probe_pass",
+    "forward_p8_per_probe_pass",
 )
 """Every key of a JSON row."""
 

@@ -476,6 +476,7 @@ def server(
     try:
         if gateway:
             gate = _start_server_gateway(gateway, keys, f"{client_host}:{port}", insecure)
+        if not connect:
             cmd = deploy.superlink_command(keys, host, port, link_home, insecure=insecure)
             link = deploy.Managed(cmd, env_link, state / "superlink.log").__enter__()
             scheme = "http" if insecure else "https"
