@@ -22,6 +22,7 @@ attack       spsa (one-byte codes)                        weight algorithms (kav
 
 Variants: spsa with per-site directions and ``mean`` (the default), shared directions with ``mean``,
 ``trimmed`` (trim_frac 0.34: one site of 3 or 4 and two of 6 to 8 cut from each side) and ``median``;
+a run-scope seed pool of 16 seeds with the ``momentum`` and ``adam`` server-side optimizers;
 kavg with ``mean`` (the default, adaptive norm clip), ``trimmed`` and ``median``; lowrank ``exact``.
 ``run.min_sites`` is the number of honest sites, so a round commits when the attackers' replies are
 rejected (NaN) and a trimmed mean still trims at least one site per side.
@@ -84,6 +85,23 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "spsa.num_steps": 2,
         "spsa.directions": "shared",
         "spsa.aggregator": "median",
+    },
+    # run-scope seed pool: the server-side optimizer's state is computed from the committed (clipped) codes
+    "spsa-pool-momentum": {
+        "algorithm": "spsa",
+        "spsa.lr": 3e-4,  # momentum 0.9 takes ~10x the sgd step
+        "spsa.num_steps": 2,
+        "spsa.seed_pool": 16,
+        "spsa.pool_scope": "run",
+        "spsa.optimizer": "momentum",
+    },
+    "spsa-pool-adam": {
+        "algorithm": "spsa",
+        "spsa.lr": 1e-3,
+        "spsa.num_steps": 2,
+        "spsa.seed_pool": 16,
+        "spsa.pool_scope": "run",
+        "spsa.optimizer": "adam",
     },
     "kavg-mean": {"algorithm": "kavg", "kavg.lr": 0.1, "kavg.local_steps": 2},
     "kavg-trimmed": {

@@ -125,30 +125,43 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Held-out loss (and accuracy) of ``checkpoint`` on the run's held-out questions.
 
-    With ``verify`` (the default) the weights must match the state hash recorded in ``edgetune.json``.
+    ``checkpoint`` is a checkpoint folder, or a delta file of a run-scope spsa pool
+    (``edgetune export --delta``), which is rebuilt from its base model and checked against its
+    recorded state hash first. With ``verify`` (the default) a checkpoint folder's weights must match
+    the state hash recorded in its ``edgetune.json``.
     """
     checkpoint = Path(checkpoint)
-    if not checkpoint.is_dir():
-        raise ValueError(f"no checkpoint folder at {checkpoint}")
-    cfg = _run_config(checkpoint, recipe)
+    result: dict[str, Any] = {}
+    if checkpoint.is_file():
+        from edgetune.algorithms.spsa.delta import load_delta
+
+        model, tokenizer, cfg, info = load_delta(checkpoint)
+        if recipe is not None:
+            cfg = cfgmod.from_run_config(cfgmod.load_recipe(recipe))
+        result.update({"round": info["round"], "delta_bytes": info["bytes"], "state_sha256": info["state_sha256"]})
+    elif checkpoint.is_dir():
+        cfg = _run_config(checkpoint, recipe)
+        model, tokenizer = None, None
+    else:
+        raise ValueError(f"no checkpoint folder or delta file at {checkpoint}")
     if num_examples:
         cfg = cfgmod.from_run_config({**cfgmod.flatten(cfg), "eval.num_examples": num_examples})
     sites = num_sites or cfg.run.num_sites or 4
-    info = _info(checkpoint)
-    _check_files(checkpoint)
-    try:
-        model, tokenizer = load_checkpoint(checkpoint, cfg)
-    except ValueError:
-        raise
-    except Exception as err:  # transformers/peft/safetensors raise many types for a broken folder
-        raise ValueError(f"{checkpoint}: the checkpoint does not load ({type(err).__name__}: {err})") from None
-    result: dict[str, Any] = {}
-    if "round" in info:
-        result["round"] = info["round"]
-    if verify and isinstance(info.get("state_hash"), str):
-        result["state_hash"] = verify_state_hash(model, cfg, info["state_hash"], checkpoint)
-    elif verify:
-        result["state_hash"] = "not checked: edgetune.json records no state hash"
+    if model is None:
+        info = _info(checkpoint)
+        _check_files(checkpoint)
+        try:
+            model, tokenizer = load_checkpoint(checkpoint, cfg)
+        except ValueError:
+            raise
+        except Exception as err:  # transformers/peft/safetensors raise many types for a broken folder
+            raise ValueError(f"{checkpoint}: the checkpoint does not load ({type(err).__name__}: {err})") from None
+        if "round" in info:
+            result["round"] = info["round"]
+        if verify and isinstance(info.get("state_hash"), str):
+            result["state_hash"] = verify_state_hash(model, cfg, info["state_hash"], checkpoint)
+        elif verify:
+            result["state_hash"] = "not checked: edgetune.json records no state hash"
     examples = heldout_examples(cfg, sites)
     result.update(
         evaluate(

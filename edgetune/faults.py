@@ -1,8 +1,9 @@
 """Fault injection for crash tests (unset in normal use).
 
 ``EDGETUNE_FAULT=<point>:<round>:<seconds>`` makes the process print a marker and pause at that
-point of that round, so a test can kill it there with certainty. Points: every step of a server
-round (``federation.FAULT_POINTS``: ``plan-saved``, ``after-plan``, ..., ``after-commit``, ...) and
+point of that round (``*``: every round), so a test can kill it there with certainty; benchmarks use
+``site-before-reply:*:55`` for rounds of about a minute. Points: every step of a server round
+(``federation.FAULT_POINTS``: ``plan-saved``, ``after-plan``, ..., ``after-commit``, ...) and
 ``site-before-reply`` (a site, after computing, before replying). The crash matrix
 (``tests/integration/test_crash_matrix.py``) replaces ``point`` to kill a forked server at each one.
 """
@@ -19,6 +20,6 @@ def point(where: str, round_idx: int) -> None:
     if not spec:
         return
     name, rnd, seconds = spec.split(":")
-    if name == where and int(rnd) == round_idx:
+    if name == where and (rnd == "*" or int(rnd) == round_idx):
         print(f"[edgetune] fault point {where} round {round_idx}: pausing {seconds} s", flush=True)
         time.sleep(float(seconds))

@@ -233,6 +233,34 @@ def _check_identity(cfg: RunConfig, recorder: RunRecorder, journal: Journal) -> 
         )
 
 
+def committed_state_folder(run_dir: Path, journal: Journal | None = None) -> Path:
+    """The server-state folder a restart of ``run_dir`` loads: the one the journal names last.
+
+    Its marker must name this run and the journal's last committed round (``ValueError`` naming the
+    folder otherwise); a journal from before state folders were named: ``server-state/`` itself.
+    """
+    run_dir = Path(run_dir)
+    journal = journal if journal is not None else Journal(run_dir)
+    committed = journal.last_commit
+    named = journal.last_state()
+    if named is None:
+        return run_dir / STATE_DIR
+    expected = named["round"] if named["t"] == "commit" else named["round"] - 1
+    if expected != committed:
+        raise ValueError(
+            f"{journal.path}: the last state line ({named['t']} {named['round']}) does not follow "
+            f"the last commit ({committed})"
+        )
+    folder = run_dir / STATE_DIR / named["state"]
+    marker = read_state_json(folder / STATE_MARKER)
+    if marker.get("run") != run_dir.name or marker.get("committed") != committed:
+        raise ValueError(
+            f"{folder}: holds round {marker.get('committed')} of run {marker.get('run')!r}, the journal "
+            f"expects round {committed} of {run_dir.name!r}"
+        )
+    return folder
+
+
 def _resume(cfg: RunConfig, server: ServerHalf, recorder: RunRecorder, journal: Journal) -> int:
     """Load the server state the journal names last; drop rows recorded after the last commit."""
     if journal.finished:
@@ -241,21 +269,8 @@ def _resume(cfg: RunConfig, server: ServerHalf, recorder: RunRecorder, journal: 
         )
     _check_identity(cfg, recorder, journal)
     committed = journal.last_commit
-    named = journal.last_state()
-    if named is not None:
-        expected = named["round"] if named["t"] == "commit" else named["round"] - 1
-        if expected != committed:
-            raise ValueError(
-                f"{journal.path}: the last state line ({named['t']} {named['round']}) does not follow "
-                f"the last commit ({committed})"
-            )
-        folder = recorder.dir / STATE_DIR / named["state"]
-        marker = read_state_json(folder / STATE_MARKER)
-        if marker.get("run") != recorder.dir.name or marker.get("committed") != committed:
-            raise ValueError(
-                f"{folder}: holds round {marker.get('committed')} of run {marker.get('run')!r}, the journal "
-                f"expects round {committed} of {recorder.dir.name!r}"
-            )
+    if journal.last_state() is not None:
+        folder = committed_state_folder(recorder.dir, journal)
         restored = server.load_state(folder)  # type: ignore[attr-defined]
         if restored != committed:
             raise RuntimeError(f"journal says round {committed} is committed, {folder} holds round {restored}")

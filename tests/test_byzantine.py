@@ -43,3 +43,22 @@ def test_max_code_sites_keep_heldout_loss_within_5pct_of_the_clean_run(tmp_path,
     evil = [f"site-{i}" for i in range(sites - attackers, sites)]
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert all(f"{s} (3 rounds)" in warned for s in evil), warned[-500:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["spsa-pool-momentum", "spsa-pool-adam"])
+def test_max_code_site_with_a_run_scope_pool_and_optimizer_state(tmp_path, variant):
+    """A run-scope seed pool with the momentum or adam server-side optimizer, 1 of 4 sites sending +-127 for
+    20 rounds: the clip still follows the honest sites (at most twice the clean run's largest), the
+    optimizer's state is built from the committed codes only, and the final held-out loss stays within 5%
+    of the clean run's."""
+    # Execute
+    clean = run_case(variant, 4, 1, None, ROUNDS, tmp_path / "clean")
+    attacked = run_case(variant, 4, 1, "max", ROUNDS, tmp_path / "attacked")
+
+    # Assert
+    assert clean["completed"] and attacked["completed"], attacked["error"]
+    assert clean["heldout_loss_last"] < clean["heldout_loss_first"]  # the clean run trains
+    assert attacked["max_scale"] <= 2 * clean["max_scale"], (clean["max_scale"], attacked["max_scale"])
+    rel = attacked["heldout_loss_last"] / clean["heldout_loss_last"]
+    assert abs(rel - 1) <= 0.05, (clean, attacked)

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 
 from edgetune import config as cfgmod
 from edgetune.build import build_server, keys_dir_for
+from edgetune.bundle import code_version
 from edgetune.comm.ledger import ByteLedger
 from edgetune.crypto import identity
 from edgetune.crypto.keys import Registry, load_registry
@@ -211,7 +212,13 @@ def discover_sites(
     challenges = {n: identity.new_challenge() for n in node_ids}
     msgs = [
         Message(
-            RecordDict({"hello": ConfigRecord({"kit_root": kit_root, "challenge": challenges[n][1]})}),
+            RecordDict(
+                {
+                    "hello": ConfigRecord(
+                        {"kit_root": kit_root, "challenge": challenges[n][1], "edgetune": code_version()}
+                    )
+                }
+            ),
             dst_node_id=n,
             message_type=HELLO,
             group_id="hello",
