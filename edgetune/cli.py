@@ -19,6 +19,7 @@ same loop without Flower.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -182,8 +183,29 @@ def follow(table: RoundTable, run_dir: Path, status_fn: Any, *, poll_s: float = 
     return status
 
 
+def federation_config(sites: int, cpus: float, gpus: float) -> str:
+    """``flwr run --federation-config`` for ``sites`` simulated sites with Flower's client resources.
+
+    ``gpus``: Flower's fractional ``num-gpus`` per site (Ray then gives each site's actor its own
+    ``CUDA_VISIBLE_DEVICES``); cpus: whole cores (Flower's field is an unsigned integer).
+    """
+    if sites < 1:
+        raise ValueError(f"--sites must be >= 1, got {sites}")
+    if not (math.isfinite(cpus) and cpus >= 1 and float(cpus).is_integer()):
+        raise ValueError(f"--cpus-per-site must be a whole number of cores >= 1 (Flower's num-cpus), got {cpus:g}")
+    gpus = cfgmod.check_gpus_per_site(gpus, "--gpus-per-site / run.gpus_per_site")
+    text = f"num-supernodes={sites} client-resources-num-cpus={int(cpus)}"
+    if gpus > 0:
+        text += f" client-resources-num-gpus={gpus:g}"
+    return text
+
+
 def simulate_flower(flat: dict[str, Any], cfg: cfgmod.RunConfig, sites: int, cpus: float, run_dir: Path) -> int:
     """Run ``flwr run`` on Flower's simulation engine and follow the run; return an exit code."""
+    try:
+        fed_config = federation_config(sites, cpus, cfg.run.gpus_per_site)
+    except ValueError as err:
+        raise _fail(str(err)) from err
     root = app_dir()
     flwr_home = Path(tempfile.mkdtemp(prefix="edgetune-flwr-"))
     env = _flwr_env(flwr_home)
@@ -205,7 +227,7 @@ def simulate_flower(flat: dict[str, Any], cfg: cfgmod.RunConfig, sites: int, cpu
                 "--format",
                 "json",
                 "--federation-config",
-                f"num-supernodes={sites} client-resources-num-cpus={cpus:g}",
+                fed_config,
             ],
             env=env,
             capture_output=True,
@@ -260,11 +282,22 @@ def simulate(
     set_: Annotated[list[str] | None, typer.Option("--set", help="key=value override (repeatable)")] = None,
     engine: Annotated[str, typer.Option(help="flower (Flower's simulation engine) or inproc")] = "flower",
     cpus_per_site: Annotated[float, typer.Option(help="CPU cores Flower reserves per simulated site")] = 1.0,
+    gpus_per_site: Annotated[
+        float,
+        typer.Option(
+            help="GPUs Flower reserves per simulated site, e.g. 0.25 (default: the recipe's run.gpus_per_site)"
+        ),
+    ] = -1.0,
 ) -> None:
     """Simulate N sites on this machine with Flower's simulation engine (offline)."""
     extra: dict[str, Any] = {}
     if rounds:
         extra["num_rounds"] = rounds
+    if gpus_per_site != -1.0:
+        try:
+            extra["run.gpus_per_site"] = cfgmod.check_gpus_per_site(gpus_per_site, "--gpus-per-site")
+        except ValueError as err:
+            raise _fail(str(err)) from err
     flat, cfg = _load(recipe, set_ or [], extra)
     num_sites = sites or cfg.run.num_sites or 4
     name = new_run_name(cfg)
@@ -512,6 +545,10 @@ def site(
     demo_index: Annotated[int, typer.Option(help="Use demo site N's data instead of --data (-1: off)")] = -1,
     num_sites: Annotated[int, typer.Option(help="With --demo-index: how many demo sites exist")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N (default: the recipe's)")] = "",
+    devices: Annotated[
+        str,
+        typer.Option(help="Several devices of this site, e.g. cuda:0,cuda:1: spsa spreads its probes across them"),
+    ] = "",
     port: Annotated[int, typer.Option(help="Local port of this SuperNode's runtime API")] = 9094,
     state: Annotated[Path, typer.Option(help="This site's Flower home")] = Path(".edgetune/site"),
     insecure: Annotated[bool, typer.Option(help="No TLS, no node auth: loopback tests only")] = False,
@@ -552,6 +589,13 @@ def site(
         console.print("[bold red]WARNING: --insecure: no TLS, no node authentication. Loopback tests only.[/]")
     if link not in {"standard", "thin"}:
         raise _fail(f"--link must be standard or thin, got {link!r}")
+    if device and devices:
+        raise _fail("give --device or --devices, not both")
+    if devices:
+        try:
+            device = ",".join(cfgmod.device_list(devices))
+        except ValueError as err:
+            raise _fail(f"--devices: {err}") from err
     socket_path = _site_host_socket(state.resolve()) if keep_loaded else None
     try:
         node_superlink, local_ca, link_stop = _site_link(

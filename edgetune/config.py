@@ -33,6 +33,24 @@ def _is_power_of_two(x: float) -> bool:
     return mantissa == 0.5
 
 
+def check_gpus_per_site(value: float, name: str) -> float:
+    """Flower's Ray backend takes a fraction of one GPU (0 < f <= 1) or a whole number of GPUs."""
+    v = float(value)
+    if not (math.isfinite(v) and v >= 0 and (v <= 1 or v.is_integer())):
+        raise ValueError(f"{name} must be 0, a fraction in (0, 1] or a whole number of GPUs, got {value!r}")
+    return v
+
+
+def device_list(spec: str) -> tuple[str, ...]:
+    """``model.device`` as a list: ``cuda:0,cuda:1`` names several devices of one site."""
+    devices = _csv(spec)
+    if not devices:
+        raise ValueError("model.device must not be empty (auto, cpu, cuda[:N] or a comma-separated list)")
+    if len(devices) > 1 and "auto" in devices:
+        raise ValueError(f"model.device: 'auto' cannot be part of a device list, got {spec!r}")
+    return devices
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunSection:
     """Where a run writes, how it is keyed, and how rounds close."""
@@ -56,6 +74,14 @@ class RunSection:
     """Write a checkpoint every N rounds (0: only after the last round)."""
     keep_checkpoints: int = 2
     """How many checkpoint folders to keep (the newest ones)."""
+    sites_per_round: float = 0.0
+    """Sites asked per round: 0 for all, a fraction in (0, 1) of the connected sites, or a whole
+    number of sites (at least ``min_sites``). The sample comes from the keyed ``sites`` stream of
+    ``run.seed`` and the round number, so a resumed run asks the same sites."""
+    gpus_per_site: float = 0.0
+    """Simulation: GPUs Flower's backend reserves per simulated site (fractional ``num-gpus``
+    client resources: 0.25 puts four sites on each GPU). 0: simulated sites run on the CPU
+    unless ``model.device`` names a GPU explicitly."""
 
     def __post_init__(self) -> None:
         if self.num_sites < 0:
@@ -70,6 +96,12 @@ class RunSection:
             raise ValueError("run.checkpoint_every must be >= 0 and run.keep_checkpoints >= 1")
         if "/" in self.name or self.name in {".", ".."}:
             raise ValueError(f"run.name must be a plain folder name, got {self.name!r}")
+        spr = self.sites_per_round
+        if not (math.isfinite(spr) and spr >= 0 and (spr < 1 or float(spr).is_integer())):
+            raise ValueError(
+                f"run.sites_per_round must be 0 (all), a fraction in (0, 1) or a whole number of sites, got {spr!r}"
+            )
+        check_gpus_per_site(self.gpus_per_site, "run.gpus_per_site")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,7 +114,9 @@ class ModelSection:
     dtype: str = "float32"
     """Weights dtype for the forward pass: float32, bfloat16 or float16. Masters stay fp32."""
     device: str = "auto"
-    """``auto`` (cuda when available), ``cpu`` or ``cuda[:N]``."""
+    """``auto`` (cuda when available), ``cpu`` or ``cuda[:N]``; or several devices of one site,
+    comma-separated (``cuda:0,cuda:1``): spsa spreads each step's probes across replicas on them
+    (same bytes and state hash as one device); the other algorithms refuse a list."""
     trainable: str = "q_proj,k_proj,v_proj,o_proj"
     """``all``, ``lora`` (LoRA adapters on ``target_modules``; A and B train), ``lora-b`` (LoRA
     adapters, only B trains: A keeps its keyed initialisation, which every replica derives from
@@ -108,6 +142,7 @@ class ModelSection:
             raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if not self.trainable.strip():
             raise ValueError("model.trainable must not be empty")
+        device_list(self.device)
         if self.lora_rank < 1:
             raise ValueError(f"model.lora_rank must be >= 1, got {self.lora_rank}")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -515,6 +550,11 @@ class RunConfig:
             raise ValueError(f"algorithm must be one of {', '.join(ALGORITHM_NAMES)}, got {self.algorithm!r}")
         if self.num_rounds < 1:
             raise ValueError(f"num_rounds must be >= 1, got {self.num_rounds}")
+        if len(device_list(self.model.device)) > 1 and self.algorithm != "spsa":
+            raise ValueError(
+                f"model.device = {self.model.device!r} names several devices, which only spsa uses (it spreads "
+                f"its probes); {self.algorithm} trains on one device: set model.device to one of them"
+            )
         if self.algorithm == "lowrank" and self.model.trainable.strip() != "lora":
             raise ValueError("algorithm = 'lowrank' trains LoRA factors: set model.trainable = 'lora'")
 

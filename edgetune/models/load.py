@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgetune.config import ModelSection
+from edgetune.config import ModelSection, device_list
 from edgetune.crypto import schedule
 from edgetune.io import atomic_folder
 from edgetune.models.params import select_trainable
@@ -42,13 +42,55 @@ def cache_root(cfg: ModelSection | None = None) -> Path:
 
 
 def resolve_device(spec: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; otherwise ``torch.device(spec)``."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"model.device = {spec!r} but CUDA is not available on this machine")
-    return dev
+    """``auto`` -> cuda when available, else cpu; otherwise ``torch.device(spec)``. Of a device
+    list (``cuda:0,cuda:1``) the first: the device the model loads on.
+    """
+    return resolve_devices(spec)[0]
+
+
+def resolve_devices(spec: str) -> list[torch.device]:
+    """Every device ``model.device`` names (one, or a comma-separated list), checked."""
+    out = []
+    for item in device_list(spec):
+        if item == "auto":
+            out.append(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+            continue
+        try:
+            dev = torch.device(item)
+        except RuntimeError as err:
+            raise ValueError(f"model.device: {item!r} is not a device ({err})") from None
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"model.device = {spec!r} but CUDA is not available on this machine")
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise ValueError(f"model.device: {item} but this machine has {torch.cuda.device_count()} CUDA devices")
+        out.append(dev)
+    return out
+
+
+def simulated_site_device(spec: str, gpus_per_site: float, cuda_visible: bool) -> str:
+    """The device a simulated site uses, given the GPUs Flower's backend reserved for it.
+
+    Ray gives an actor with ``num_gpus > 0`` its own ``CUDA_VISIBLE_DEVICES``, so inside that
+    actor the assigned GPU is ``cuda:0``. With no GPU reserved, ``auto`` means the CPU: otherwise
+    every simulated site would land on ``cuda:0`` by accident. An explicit device is kept when no
+    GPU is reserved (the user asked for it); with GPUs reserved it must be a GPU.
+    """
+    devices = device_list(spec)
+    if gpus_per_site <= 0:
+        return "cpu" if devices == ("auto",) else spec
+    if not cuda_visible:
+        raise ValueError(
+            f"run.gpus_per_site = {gpus_per_site:g} but this simulated site sees no CUDA device "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r}); "
+            "install a CUDA build of torch or set run.gpus_per_site = 0"
+        )
+    if any(d not in {"auto", "cuda"} for d in devices):
+        raise ValueError(
+            f"run.gpus_per_site = {gpus_per_site:g}: a simulated site uses the GPU Flower's backend assigned "
+            f"to it, so model.device must be auto or cuda, got {spec!r}"
+        )
+    return "cuda:0"
 
 
 def smollm2_gguf_path() -> Path:
