@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgetune import schedules
+
 Scalar = bool | int | float | str
 
 
@@ -239,6 +241,11 @@ class SpsaSection:
     """Perturbation scale; a power of two so that eps*z is exact (MeZO's zo_eps)."""
     lr: float = 3e-5
     """Learning rate applied to the projected-gradient scalars."""
+    lr_schedule: str = "constant"
+    """lr across rounds (``edgetune/schedules.py``: ``constant``, ``cosine[:floor]``, ``linear``,
+    ``inverse``, ``step``...). The server puts each round's lr in its plan and its replay log, so
+    replicas and catch-up apply the same value. ZO steps add noise in every perturbed direction:
+    a decaying lr stops that noise from undoing late progress (docs/algorithms/spsa.md)."""
     num_steps: int = 4
     """K: local SPSA steps per site per round."""
     num_probes: int = 1
@@ -296,6 +303,7 @@ class SpsaSection:
             raise ValueError(f"spsa.eps must be a power of two (e.g. 0.0009765625 = 2^-10), got {self.eps}")
         if self.lr <= 0 or self.num_steps < 1 or self.num_probes < 1:
             raise ValueError("spsa.lr must be > 0, spsa.num_steps and spsa.num_probes >= 1")
+        schedules.parse(self.lr_schedule, key="spsa.lr_schedule")
         if self.num_steps * self.num_probes > 1 << 16:
             raise ValueError("spsa.num_steps x spsa.num_probes must be at most 65536 (one byte each)")
         if self.difference not in {"central", "forward"}:
@@ -517,6 +525,13 @@ class RunConfig:
             raise ValueError(f"num_rounds must be >= 1, got {self.num_rounds}")
         if self.algorithm == "lowrank" and self.model.trainable.strip() != "lora":
             raise ValueError("algorithm = 'lowrank' trains LoRA factors: set model.trainable = 'lora'")
+        lr_sched = schedules.parse(self.spsa.lr_schedule, key="spsa.lr_schedule")
+        for r in range(1, self.num_rounds + 1):
+            if not lr_sched.value(self.spsa.lr, r, self.num_rounds) > 1e-12 * self.spsa.lr:
+                raise ValueError(
+                    f"spsa.lr_schedule {self.spsa.lr_schedule!r} gives lr 0 in round {r} of {self.num_rounds}: "
+                    "give it a floor (e.g. 'cosine:0.05')"
+                )
 
 
 def _sections() -> dict[str, type]:
