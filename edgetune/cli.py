@@ -19,6 +19,7 @@ same loop without Flower.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -163,15 +164,25 @@ def _sim_status(run_id: int, env: dict[str, str], root: Path) -> str:
         return "unknown"
 
 
-def follow(table: RoundTable, run_dir: Path, status_fn: Any, *, poll_s: float = 2.0) -> str:
-    """Show the run's metrics.jsonl rows live until ``status_fn()`` says the run finished."""
+def follow(
+    table: RoundTable, run_dir: Path, status_fn: Any, *, poll_s: float = 2.0, status_every_s: float = 15.0
+) -> str:
+    """Show the run's metrics.jsonl rows live until ``status_fn()`` says the run finished.
+
+    The rows are read every ``poll_s``; Flower is asked for the run's status (a ``flwr ls``: a new
+    Python process, about a CPU-second) only every ``status_every_s`` and as soon as the run writes
+    its summary, so following a run does not take CPU from the sites it simulates.
+    """
     status = ""
+    asked = -math.inf
     with Live(table.render(), console=console, refresh_per_second=2) as live:
         while True:
             for row in read_jsonl(run_dir / "metrics.jsonl")[len(table.rows) :]:
                 table.add(row)
-            status = status_fn()
-            table.status = status
+            if time.monotonic() - asked >= status_every_s or (run_dir / "summary.json").exists():
+                status = status_fn()
+                asked = time.monotonic()
+                table.status = status
             live.update(table.render())
             if status.startswith("finished"):
                 break
