@@ -293,9 +293,19 @@ class KavgSection:
     trim_frac: float = 0.125
     """Fraction trimmed from each side by the trimmed mean (rounded down: with the default 0.125,
     nothing is trimmed below 8 sites)."""
+    lr_schedule: str = "constant"
+    """``lr`` across rounds (``edgetune/schedules.py``): constant, cosine[:floor], linear[:floor],
+    inverse[:power] (K-AVG Theorem 2's diminishing step), step:every:factor. The server evaluates it
+    when it plans a round and sends the value in the round plan."""
+    batch_schedule: str = "constant"
+    """``data.batch_size`` across rounds, same spellings: grow-linear[:cap] or grow-geometric:f[:cap]
+    give K-AVG Theorem 2's growing batch."""
+    warmup_rounds: int = 0
+    """Linear learning-rate warm-up: round r <= N trains at lr_schedule's value x r / (N + 1)."""
 
     def __post_init__(self) -> None:
         from edgetune.comm.tensors import TENSOR_CODECS
+        from edgetune.schedules import parse
 
         if self.local_steps < 1 or not self.lr > 0:
             raise ValueError("kavg.local_steps must be >= 1 and kavg.lr > 0")
@@ -312,6 +322,10 @@ class KavgSection:
             raise ValueError(f"kavg.aggregator must be mean, trimmed or median, got {self.aggregator!r}")
         if not 0 <= self.trim_frac < 0.5:
             raise ValueError(f"kavg.trim_frac must be in [0, 0.5), got {self.trim_frac}")
+        parse(self.lr_schedule, key="kavg.lr_schedule")
+        parse(self.batch_schedule, key="kavg.batch_schedule")
+        if self.warmup_rounds < 0:
+            raise ValueError(f"kavg.warmup_rounds must be >= 0, got {self.warmup_rounds}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -442,6 +456,16 @@ class RunConfig:
             raise ValueError(f"num_rounds must be >= 1, got {self.num_rounds}")
         if self.algorithm == "lowrank" and self.model.trainable.strip() != "lora":
             raise ValueError("algorithm = 'lowrank' trains LoRA factors: set model.trainable = 'lora'")
+        if self.algorithm != "spsa":
+            from edgetune.schedules import parse
+
+            lr = parse(self.kavg.lr_schedule, key="kavg.lr_schedule")
+            for r in range(1, self.num_rounds + 1):
+                if not lr.value(self.kavg.lr, r, self.num_rounds, self.kavg.warmup_rounds) > 0:
+                    raise ValueError(
+                        f"kavg.lr_schedule = {self.kavg.lr_schedule!r} gives lr 0 in round {r} of {self.num_rounds}: "
+                        "give it a floor above 0 (cosine:0.1, linear:0.1)"
+                    )
 
 
 def _sections() -> dict[str, type]:
