@@ -386,9 +386,12 @@ class DppfSection:
     lam: float = 1e-3
     """Push strength (the spread settles near lam / alpha)."""
     schedule: str = "constant"
-    """``constant``, or ``linear``: alpha and lam ramp from 0 over ``warmup_rounds``."""
+    """``constant``, or ``linear``: the strengths ``ramp`` names grow from 0 over ``warmup_rounds``."""
     warmup_rounds: int = 0
     """Rounds of the linear ramp."""
+    ramp: str = "push"
+    """What the linear schedule ramps: ``push`` (lam only; the pull alpha is constant from round 1)
+    or ``pull-push`` (alpha and lam together, keeping lam / alpha; early rounds couple sites weakly)."""
     distance: str = "params"
     """Where the worker spread MV is measured: ``params`` (trainable parameters) or ``delta-w``
     (LoRA products s*B*A per layer, invariant to rescaling B and A)."""
@@ -398,6 +401,8 @@ class DppfSection:
             raise ValueError("dppf.alpha must be in [0, 1] and dppf.lam a finite number >= 0")
         if self.schedule not in {"constant", "linear"} or self.warmup_rounds < 0:
             raise ValueError("dppf.schedule must be constant or linear, dppf.warmup_rounds >= 0")
+        if self.ramp not in {"push", "pull-push"}:
+            raise ValueError(f"dppf.ramp must be push or pull-push, got {self.ramp!r}")
         if self.distance not in {"params", "delta-w"}:
             raise ValueError(f"dppf.distance must be params or delta-w, got {self.distance!r}")
 
