@@ -367,8 +367,15 @@ class DeftSection:
     """Codec of the uploaded values: fp32, fp16 or bf16."""
     error_feedback: bool = True
     """Carry what was not sent into the next round's update (residuals kept on each site)."""
+    allocation: str = "site-norms"
+    """Where the per-partition k_p comes from (``selector = "deft"``): ``site-norms`` (the paper: every
+    round each site reports the norm of its error-feedback update per partition, 2 bytes each, in a
+    first exchange; the server allocates from their mean) or ``applied`` (the norm of last round's
+    applied sparse mean; no extra exchange, but the allocation feeds on its own past choices)."""
 
     def __post_init__(self) -> None:
+        if self.allocation not in {"site-norms", "applied"}:
+            raise ValueError(f"deft.allocation must be site-norms or applied, got {self.allocation!r}")
         if not 0 < self.density <= 1:
             raise ValueError(f"deft.density must be in (0, 1], got {self.density}")
         if self.selector not in {"deft", "topk"}:
