@@ -344,10 +344,24 @@ class LowrankSection:
     """ab-groups: after a re-factorisation the learning rate climbs back over this many rounds (0: off)."""
     rebound_lr: float = 1e-5
     """ab-groups: learning rate right after a re-factorisation (AB-training's rebound start)."""
+    full_rank_steps: int = 0
+    """ab-groups: AB-training's full-rank phase (0: off). Re-factorisation rounds then train a dense
+    delta on every LoRA target module's weight for this many local steps (factors frozen), and the
+    server truncates s*B*A + the mean delta back to rank r. Sites upload the dense deltas (out x in
+    per adapted layer, ``kavg.up_codec``) in those rounds: counted like every other byte."""
+    full_rank_lr: float = 0.0
+    """Learning rate of the full-rank steps (0: the round's ``kavg`` learning rate)."""
 
     def __post_init__(self) -> None:
         if self.mode not in {"fedavg", "exact", "ab-groups", "only-b"}:
             raise ValueError(f"lowrank.mode must be fedavg, exact, ab-groups or only-b, got {self.mode!r}")
+        if self.full_rank_steps < 0 or self.full_rank_lr < 0:
+            raise ValueError("lowrank.full_rank_steps and lowrank.full_rank_lr must be >= 0")
+        if self.full_rank_steps and (self.mode != "ab-groups" or self.refactor_every == 0):
+            raise ValueError(
+                "lowrank.full_rank_steps runs in ab-groups' re-factorisation rounds: "
+                "set lowrank.mode = 'ab-groups' and lowrank.refactor_every >= 1"
+            )
         if not 0 <= self.svd_cutoff < 1:
             raise ValueError(f"lowrank.svd_cutoff must be in [0, 1), got {self.svd_cutoff}")
         if self.refactor_every < 0 or self.rebound_rounds < 0 or not self.rebound_lr > 0:

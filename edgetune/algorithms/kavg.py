@@ -402,14 +402,17 @@ class WeightsClient:
         if phase != "train":
             raise ValueError(f"{type(self).__name__} has no phase {phase!r}")
         plan, start = self.load_global(msg)
+        return self.train_and_reply(plan, start), state
+
+    def train_and_reply(self, plan: dict[str, Any], start: list[torch.Tensor]) -> Payload:
+        """The plan's local steps on the tensors it selects, from ``start``; the reply with their deltas."""
         idx = select(self.manifest, plan["train"])
         work = trainable_tensors(self.ctx.model, self.manifest)
         params = dict(self.ctx.model.named_parameters())
         chosen = [params[self.manifest.entries[i].name] for i in idx]
         losses = self.train_plan(plan, chosen)
         deltas = [work[i].detach().to("cpu", torch.float32) - start[i] for i in idx]
-        reply = {"delta": encode_tensors(deltas, plan["up"]), "loss": sum(losses) / len(losses)}
-        return reply, state
+        return {"delta": encode_tensors(deltas, plan["up"]), "loss": sum(losses) / len(losses)}
 
 
 class KavgServer(WeightsServer):
