@@ -440,16 +440,31 @@ class ImvSection:
     """Loss rise that defines the valley's edge."""
     num_examples: int = 16
     """Held-out examples used for the probe's loss."""
-    max_radius: float = 64.0
-    """Largest radius searched; a direction still flat there reports this value."""
+    max_radius: float = 0.0
+    """Largest radius searched; a direction still flat there reports this value. 0: 1.0 with
+    ``filter`` normalisation (every row moved by its own norm), 64.0 with ``global``."""
     bisect_steps: int = 8
     """Bisection steps per direction after bracketing."""
+    normalize: str = "filter"
+    """Direction scale: ``filter`` (Li et al. 2018's filter normalisation, per row of every matrix:
+    each row of d has the norm of that row of the weights, 1-D tensors are not moved; radii are
+    relative, so weight rescalings do not move them) or ``global`` (one unit vector over all probed
+    parameters; radii in parameter-space L2 units, edgetune's earlier probe)."""
 
     def __post_init__(self) -> None:
         if self.every_rounds < 0 or self.num_directions < 1 or self.num_examples < 1 or self.bisect_steps < 1:
             raise ValueError("imv.every_rounds >= 0, imv.num_directions, num_examples and bisect_steps >= 1")
-        if not (self.delta > 0 and math.isfinite(self.delta)) or not self.max_radius > 0:
-            raise ValueError("imv.delta and imv.max_radius must be positive")
+        if not (self.delta > 0 and math.isfinite(self.delta)) or not self.max_radius >= 0:
+            raise ValueError("imv.delta must be positive and imv.max_radius >= 0 (0: the normalisation's default)")
+        if self.normalize not in {"filter", "global"}:
+            raise ValueError(f"imv.normalize must be filter or global, got {self.normalize!r}")
+
+    @property
+    def radius_limit(self) -> float:
+        """``max_radius``, or its default for ``normalize`` when it is 0."""
+        if self.max_radius:
+            return self.max_radius
+        return 1.0 if self.normalize == "filter" else 64.0
 
 
 ALGORITHM_NAMES = ("spsa", "kavg", "lowrank", "deft", "dppf")
