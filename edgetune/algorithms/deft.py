@@ -447,30 +447,30 @@ class DeftServer(WeightsServer):
                 s: {"plan": wire.encode(st.plans[s]), "params": blob, "nsplit": self.parts.num_chunks} for s in st.plans
             }
         if phase == "indices":
-            if self.site_norms:
-                st = self.round
-                assert st is not None and st.round_idx == round_idx and st.kp is not None, "indices before norms"
-            else:
-                self.round = st = self.plan_round(round_idx, site_ids)
+            if not self.site_norms:
+                self.round = self.plan_round(round_idx, site_ids)
+            cur = self.round
+            assert cur is not None and cur.round_idx == round_idx, "indices before norms"
+            assert cur.kp is not None or not self.site_norms, "indices before norms"
             blob = b"" if self.site_norms else self._params_blob(round_idx)
             out = {}
-            for s in st.budget:
+            for s in cur.budget:
                 if s not in site_ids:
                     continue
                 pairs = b""
-                if st.kp is not None:
-                    ids = st.bins[s]
-                    pairs = encode_varints(np.stack([np.diff(ids, prepend=0), st.kp[ids]], axis=1))
+                if cur.kp is not None:
+                    ids = cur.bins[s]
+                    pairs = encode_varints(np.stack([np.diff(ids, prepend=0), cur.kp[ids]], axis=1))
                 head: Payload = (
                     {"round": round_idx, "run": self.ctx.run_id.hex()}
                     if self.site_norms
-                    else {"plan": wire.encode(st.plans[s]), "params": blob}
+                    else {"plan": wire.encode(cur.plans[s]), "params": blob}
                 )
                 out[s] = {
                     **head,
                     "sel": self.dcfg.selector,
                     "nsplit": self.parts.num_chunks if self.parts is not None else 0,
-                    "k": st.budget[s],
+                    "k": cur.budget[s],
                     "bins": pairs,
                 }
             return out
