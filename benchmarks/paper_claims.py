@@ -919,6 +919,42 @@ def _fluctuation(r: Runs, name: str) -> float | None:
 # --------------------------------------------------------------------------------------------
 
 
+def markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The verdicts and the runs of a results file as Markdown tables (``--report FILE``; docs/paper_claims.md)."""
+    claims = [r for r in rows if r.get("kind") == "claim"]
+    runs = [r for r in rows if r.get("kind") == "run"]
+    meta = next((r for r in rows if r.get("kind") == "meta"), {})
+    lines = [
+        f"Command: `{meta.get('command', '?')}`; wall time {meta.get('wall_s_total', 0) / 60:.0f} min"
+        + (" (complete)" if meta.get("complete") else " (partial: still running or stopped)")
+        + (f"; {meta['note']}" if meta.get("note") else "")
+        + ".",
+        "",
+        "| claim | verdict | evidence |",
+        "|---|---|---|",
+    ]
+    lines += [f"| `{c['id']}` | **{c['verdict']}** | {c['evidence'].replace('|', '/')} |" for c in claims]
+    lines += [
+        "",
+        "| run | rounds | held-out loss 0 -> last (best @ round) | IMV (per-filter) | uplink B | examples | settled "
+        "| wall s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        if not r["ok"]:
+            why = r.get("skipped") or ("timed out" if r["timed_out"] else f"exit {r['exit_code']}")
+            lines.append(f"| {r['run']} | {r['rounds_completed']} / {r['rounds']} | not finished: {why} | | | | | |")
+            continue
+        best = f"{_f(r['heldout_loss_best'])} @ {r['best_round']}"
+        imv = _f(r.get("imv_last"), ".4g") + (f" ({r['imv_capped_last']} capped)" if r.get("imv_capped_last") else "")
+        lines.append(
+            f"| {r['run']} | {r['rounds_completed']} | {_f(r['heldout_loss_first'])} -> {_f(r['heldout_loss_last'])} "
+            f"({best}) | {imv} | {r['uplink_bytes_total']:,} | {r['samples_total']:,} | {r['settled']} "
+            f"| {r['wall_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def format_tables(claims: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]], wall_s: float) -> str:
     r0 = runs[0]
     lines = [
@@ -1043,7 +1079,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--base-rounds", type=int, default=0, help="smoke runs only: scale every run to this base length"
     )
     parser.add_argument("--budget-h", type=float, default=0.0, help="start no run after this many hours (0: no limit)")
+    parser.add_argument("--report", type=Path, default=None, help="print a results file as Markdown and exit")
     args = parser.parse_args(argv)
+    if args.report:
+        print(markdown(json.loads(args.report.read_text())))
+        return 0
     groups = [g.strip() for g in args.groups.split(",") if g.strip()]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if set(groups) - set(GROUPS) or not groups or not seeds or args.jobs < 1:
