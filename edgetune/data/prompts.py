@@ -27,7 +27,7 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 """End-of-turn markers of common chat templates, tried before the plain eos token."""
 
 
-def format_prompt(tokenizer: Any, instruction: str, system: str | None = None) -> str:
+def format_prompt(tokenizer: Any, instruction: str, system: str | None = None, answer_prefix: str = "") -> str:
     """The prompt text for ``instruction``, up to where the answer starts.
 
     Parameters
@@ -39,6 +39,9 @@ def format_prompt(tokenizer: Any, instruction: str, system: str | None = None) -
         The question.
     system
         System prompt; ``None`` uses ``SYSTEM_PROMPT``.
+    answer_prefix
+        Text the answer starts with that is part of the prompt, not of the answer (the triage
+        data's ``Category:``): the model is scored on what follows it.
 
     Returns
     -------
@@ -51,8 +54,8 @@ def format_prompt(tokenizer: Any, instruction: str, system: str | None = None) -
             {"role": "system", "content": system},
             {"role": "user", "content": instruction},
         ]
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return f"{system}\n### Question:\n{instruction}\n### Answer:\n"
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + answer_prefix
+    return f"{system}\n### Question:\n{instruction}\n### Answer:\n{answer_prefix}"
 
 
 def end_token_id(tokenizer: Any) -> int:
@@ -90,9 +93,26 @@ def pad_token_id(tokenizer: Any) -> int:
     raise ValueError(f"{type(tokenizer).__name__} has neither a pad nor an eos token")
 
 
-def encode_prompt(tokenizer: Any, instruction: str, system: str | None = None) -> list[int]:
-    """Token ids of ``format_prompt(tokenizer, instruction, system)``."""
-    return list(tokenizer(format_prompt(tokenizer, instruction, system), add_special_tokens=False)["input_ids"])
+def encode_prompt(tokenizer: Any, instruction: str, system: str | None = None, answer_prefix: str = "") -> list[int]:
+    """Token ids of ``format_prompt(tokenizer, instruction, system, answer_prefix)``."""
+    text = format_prompt(tokenizer, instruction, system, answer_prefix)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_answer(tokenizer: Any, response: str, answer_prefix: str = "") -> list[int]:
+    """Token ids of an answer (without the end-of-turn token).
+
+    After an ``answer_prefix`` the answer is ``" " + response`` tokenised as the continuation of the
+    prefix (``"Category: mechanical"`` minus the tokens of ``"Category:"``), which is how the text
+    reads as a whole.
+    """
+    if not answer_prefix:
+        return list(tokenizer(response, add_special_tokens=False)["input_ids"])
+    head = list(tokenizer(answer_prefix, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(f"{answer_prefix} {response}", add_special_tokens=False)["input_ids"])
+    if full[: len(head)] == head and len(full) > len(head):
+        return full[len(head) :]
+    return list(tokenizer(f" {response}", add_special_tokens=False)["input_ids"])
 
 
 def encode_example(tokenizer: Any, example: Mapping[str, str], max_length: int) -> tuple[list[int], list[int]]:
@@ -103,7 +123,8 @@ def encode_example(tokenizer: Any, example: Mapping[str, str], max_length: int) 
     tokenizer
         A Hugging Face tokenizer.
     example
-        ``{"instruction": str, "response": str, ...}``, optionally ``"system"`` (its system prompt).
+        ``{"instruction": str, "response": str, ...}``, optionally ``"system"`` (its system prompt)
+        and ``"answer_prefix"`` (see ``format_prompt``).
     max_length
         Most tokens kept. A longer example loses the left of its prompt, never its answer;
         an answer longer than ``max_length`` on its own keeps its first ``max_length``
@@ -117,8 +138,9 @@ def encode_example(tokenizer: Any, example: Mapping[str, str], max_length: int) 
     """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
-    prompt = encode_prompt(tokenizer, example["instruction"], example.get("system"))
-    answer = list(tokenizer(example["response"], add_special_tokens=False)["input_ids"])
+    prefix = example.get("answer_prefix") or ""
+    prompt = encode_prompt(tokenizer, example["instruction"], example.get("system"), prefix)
+    answer = encode_answer(tokenizer, example["response"], prefix)
     answer.append(end_token_id(tokenizer))
     if len(answer) >= max_length:
         answer, prompt = answer[:max_length], []
@@ -213,7 +235,10 @@ def batch_indices(num_examples: int, batch_size: int, key: bytes) -> list[int]:
 
 
 def generation_batch(
-    tokenizer: Any, instructions: Sequence[str], systems: Sequence[str | None] | None = None
+    tokenizer: Any,
+    instructions: Sequence[str],
+    systems: Sequence[str | None] | None = None,
+    answer_prefixes: Sequence[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Left-padded prompts for batched greedy decoding.
 
@@ -229,7 +254,15 @@ def generation_batch(
         raise ValueError("generation_batch needs at least one instruction")
     if systems is not None and len(systems) != len(instructions):
         raise ValueError(f"{len(instructions)} instructions but {len(systems)} system prompts")
-    prompts = [encode_prompt(tokenizer, q, None if systems is None else systems[i]) for i, q in enumerate(instructions)]
+    prompts = [
+        encode_prompt(
+            tokenizer,
+            q,
+            None if systems is None else systems[i],
+            "" if answer_prefixes is None else answer_prefixes[i],
+        )
+        for i, q in enumerate(instructions)
+    ]
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_token_id(tokenizer), dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from edgetune.config import RunConfig
 from edgetune.crypto import schedule
+from edgetune.data import realtext
 from edgetune.data.demo import demo_heldout, demo_sites
 from edgetune.data.jsonl import load_jsonl
 from edgetune.data.triage import SYSTEM_PROMPT as TRIAGE_SYSTEM_PROMPT
@@ -57,6 +58,8 @@ def site_examples(cfg: RunConfig, site_index: int, num_sites: int, data_path: st
         return _with_system(cfg, list(sites[site_index].train))
     if cfg.data.source == "triage":
         return _with_system(cfg, list(triage_sites(num_sites, seed=cfg.run.seed)[site_index].train))
+    if cfg.data.source == "docs":
+        return _with_system(cfg, realtext.docs_site(site_index, seed=cfg.run.seed))
     # flwr-datasets' partitioners: a Flower package, so they live in edgetune/flower/ (imported only
     # when a simulated site partitions a data file)
     from edgetune.flower.partition import partition
@@ -79,6 +82,8 @@ def heldout_examples(cfg: RunConfig, num_sites: int) -> list[dict]:
         rows = demo_heldout(num_sites, facts_per_site=cfg.data.demo_facts, seed=cfg.run.seed)
     elif cfg.data.source == "triage":
         rows = triage_heldout(num_sites, seed=cfg.run.seed)
+    elif cfg.data.source == "docs":
+        rows = realtext.docs_heldout(num_sites, seed=cfg.run.seed)
     else:
         _, rows = _split_path(cfg)
     return _with_system(cfg, list(rows[: cfg.eval.num_examples]))
@@ -88,7 +93,7 @@ def system_prompt(cfg: RunConfig) -> str | None:
     """The system prompt every example of this run carries (None: ``prompts.SYSTEM_PROMPT``)."""
     if cfg.data.system_prompt:
         return cfg.data.system_prompt
-    return TRIAGE_SYSTEM_PROMPT if cfg.data.source == "triage" else None
+    return {"triage": TRIAGE_SYSTEM_PROMPT, "docs": realtext.SYSTEM_PROMPT}.get(cfg.data.source)
 
 
 def _with_system(cfg: RunConfig, rows: list[dict]) -> list[dict]:

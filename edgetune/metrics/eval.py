@@ -25,6 +25,7 @@ from transformers import GenerationConfig
 from edgetune.data.prompts import (
     IGNORE_INDEX,
     TokenizedSet,
+    encode_answer,
     encode_prompt,
     generation_batch,
     pad_token_id,
@@ -207,9 +208,9 @@ def _token_f1(pred: list[str], gold: list[str]) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def choices_of(example: Mapping[str, str]) -> list[str]:
+def choices_of(example: Mapping[str, str], field: str = "choices") -> list[str]:
     """The candidate answers of ``example`` (its ``choices`` field, newline-separated)."""
-    raw = example.get("choices")
+    raw = example.get(field)
     if not isinstance(raw, str) or not raw.strip():
         raise ValueError(f"example has no choices: {str(example.get('instruction', ''))[:80]!r}")
     choices = [c for c in raw.split(CHOICE_SEPARATOR) if c]
@@ -225,8 +226,9 @@ def choice_accuracy(
     *,
     batch_size: int,
     max_length: int,
+    field: str = "choices",
 ) -> float:
-    """Fraction of examples whose response is the best-scored of its ``choices``.
+    """Fraction of examples whose response is the best-scored of its ``choices`` (or ``field``).
 
     Parameters
     ----------
@@ -249,7 +251,8 @@ def choice_accuracy(
     fast: list[int] = []
     slow: list[int] = []
     for i, ex in enumerate(examples):
-        firsts = [tokenizer(c, add_special_tokens=False)["input_ids"][:1] for c in choices_of(ex)]
+        prefix = ex.get("answer_prefix") or ""
+        firsts = [encode_answer(tokenizer, c, prefix)[:1] for c in choices_of(ex, field)]
         ids = [f[0] if f else -1 for f in firsts]
         first_token.append(ids)
         (fast if -1 not in ids and len(set(ids)) == len(ids) else slow).append(i)
@@ -259,7 +262,12 @@ def choice_accuracy(
         for start in range(0, len(fast), batch_size):
             idx = fast[start : start + batch_size]
             prompts = [
-                encode_prompt(tokenizer, examples[i]["instruction"], examples[i].get("system"))[-max_length:]
+                encode_prompt(
+                    tokenizer,
+                    examples[i]["instruction"],
+                    examples[i].get("system"),
+                    examples[i].get("answer_prefix") or "",
+                )[-max_length:]
                 for i in idx
             ]
             width = max(len(p) for p in prompts)
@@ -271,11 +279,11 @@ def choice_accuracy(
             logits = last_position_logits(model, input_ids, attention_mask)
             for row, i in enumerate(idx):
                 scores = logits[row, first_token[i]]
-                choices = choices_of(examples[i])
+                choices = choices_of(examples[i], field)
                 correct += choices[int(torch.argmax(scores))] == examples[i]["response"]
         for i in slow:
             ex = examples[i]
-            choices = choices_of(ex)
+            choices = choices_of(ex, field)
             rows = [{**ex, "response": c} for c in choices]
             data = TokenizedSet(tokenizer, rows, max_length)
             scores = sequence_logprobs(model, data.batch(list(range(len(rows)))))
@@ -300,7 +308,8 @@ def evaluate(
     dict[str, float]
         ``{"heldout_loss": ...}``, plus, when asked for, ``"accuracy"``: label accuracy
         (``choice_accuracy``) when every example has ``choices``, else greedy exact match, with
-        the graded scores ``procedure_accuracy`` and ``action_f1`` next to it.
+        the graded scores ``procedure_accuracy`` and ``action_f1`` next to it, and ``mc_accuracy``
+        (likelihood-ranked multiple choice) when every example has ``mc_choices``.
     """
     metrics = {"heldout_loss": heldout_loss(model, tokenizer, examples, batch_size=batch_size, max_length=max_length)}
     if accuracy:
@@ -313,6 +322,10 @@ def evaluate(
             graded = graded_scores(answers, examples)
             metrics["accuracy"] = graded.pop("exact_match")
             metrics.update(graded)
+            if all(ex.get("mc_choices") for ex in examples):
+                metrics["mc_accuracy"] = choice_accuracy(
+                    model, tokenizer, examples, batch_size=batch_size, max_length=max_length, field="mc_choices"
+                )
     return metrics
 
 

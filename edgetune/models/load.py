@@ -137,6 +137,7 @@ def _add_lora(model: nn.Module, cfg: ModelSection, seed: int) -> nn.Module:
         lora_dropout=cfg.lora_dropout,
         target_modules=list(cfg.target_module_list),
         task_type="CAUSAL_LM",
+        layers_to_transform=list(cfg.lora_layer_list) if cfg.lora_layer_list else None,
     )
     # peft draws its init from torch's global generator; fork it so the caller's global state is
     # untouched, then overwrite A from the keyed ``init`` stream (B stays zero, as in LoRA).
@@ -157,7 +158,7 @@ def _add_lora(model: nn.Module, cfg: ModelSection, seed: int) -> nn.Module:
 def load_model(cfg: ModelSection, *, seed: int = 0) -> tuple[nn.Module, Any]:
     """Load a fresh (model, tokenizer) on ``cfg.device`` in ``cfg.dtype``, eval mode.
 
-    LoRA adapters are added when ``cfg.trainable == "lora"``; only the parameters
+    LoRA adapters are added when ``cfg.trainable`` is ``lora`` or ``lora-b``; only the parameters
     ``cfg.trainable`` names keep ``requires_grad`` (the trainable manifest).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -174,7 +175,7 @@ def load_model(cfg: ModelSection, *, seed: int = 0) -> tuple[nn.Module, Any]:
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if cfg.trainable.strip() == "lora":
+    if cfg.trainable.strip() in {"lora", "lora-b"}:
         model = _add_lora(model, cfg, seed)
     select_trainable(model, cfg.trainable_patterns)
     model = model.to(device=device, dtype=getattr(torch, cfg.dtype))
@@ -186,7 +187,7 @@ def cached_model(cfg: ModelSection, *, seed: int = 0, namespace: str = "") -> tu
     """One (model, tokenizer) per process and (model config, seed, namespace).
 
     Callers that mutate the weights (SPSA) keep them in a known state themselves
-    (``algorithms/spsa.py`` tracks round and hash); ``namespace`` gives a caller its own copy.
+    (``algorithms/spsa/replica.py`` tracks round and hash); ``namespace`` gives a caller its own copy.
     """
     key = (
         cfg.path,
@@ -197,6 +198,7 @@ def cached_model(cfg: ModelSection, *, seed: int = 0, namespace: str = "") -> tu
         cfg.lora_rank,
         cfg.lora_alpha,
         cfg.lora_dropout,
+        cfg.lora_layers,
         seed,
         namespace,
     )
