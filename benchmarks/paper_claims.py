@@ -448,12 +448,21 @@ def run_job(job: Job, runs_dir: Path, *, timeout_s: float, threads: int, keep: b
             env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         resumed = (run_dir / "metrics.jsonl").is_file()
         t0 = time.time()
-        with open(log_path, "a") as log:
-            try:
-                proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s)
-                code, timed_out = proc.returncode, False
-            except subprocess.TimeoutExpired:
-                code, timed_out = -1, True
+        trained = len([r for r in read_rows(run_dir / "metrics.jsonl") if r["round"] > 0]) if resumed else 0
+        if trained == job.rounds and (run_dir / "summary.json").is_file():
+            # Trained to the end before, stopped before the probe: the journal refuses a restart of a
+            # finished run, and nothing is left to train; only the probe and the record are missing.
+            code, timed_out = 0, False
+            t0 -= float(json.loads((run_dir / "summary.json").read_text()).get("wall_s", 0.0))
+        else:
+            with open(log_path, "a") as log:
+                try:
+                    proc = subprocess.run(
+                        cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s
+                    )
+                    code, timed_out = proc.returncode, False
+                except subprocess.TimeoutExpired:
+                    code, timed_out = -1, True
         done = len([r for r in read_rows(run_dir / "metrics.jsonl") if r["round"] > 0])
         finished = code == 0 and done == job.rounds
         probe = probe_checkpoint(run_dir, env, timeout_s, log_path) if finished else {}

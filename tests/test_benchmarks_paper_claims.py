@@ -3,6 +3,8 @@ measurable here" for a run that did not finish) and the sharing of identical con
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from benchmarks import paper_claims as pc
@@ -161,3 +163,47 @@ def test_identical_configurations_run_once():
     assert smol["kavg"] == smol["kavg-K4"] == smol["kavg-const"]
     assert len({tiny["kavg"], tiny["kavg-K4"], tiny["kavg-const"]}) == 3
     assert len(set(smol.values())) == len(smol) - 2
+
+
+def test_a_run_trained_to_the_end_but_stopped_before_its_probe_is_probed_not_restarted(tmp_path, monkeypatch):
+    """An invocation stopped between a run's last round and its IMV probe leaves a finished journal and no
+    ``bench-run.json``; restarting edgetune.inproc there fails (the journal refuses a finished run), so the
+    next invocation must only probe the checkpoint and record the row as finished."""
+    job = next(j for j in pc.jobs_for("tiny", [0], ["kavg"]) if j.spec.name == "kavg-K16")
+    name = f"pc-{job.spec.name}-{job.model}-s{job.seed}-{job.key}"
+    run_dir = tmp_path / name
+    run_dir.mkdir()
+    rows = [{"round": 0, "heldout_loss": 5.0, "uplink_bytes": 0, "downlink_bytes": 0, "cum_uplink_bytes": 0}]
+    for r in range(1, job.rounds + 1):
+        rows.append(
+            {
+                "round": r,
+                "heldout_loss": 5.0 - r / job.rounds,
+                "uplink_bytes": 10,
+                "downlink_bytes": 20,
+                "cum_uplink_bytes": 10 * r,
+            }
+        )
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run_dir / "summary.json").write_text(json.dumps({"wall_s": 123.0, "checkpoint": str(run_dir / "ckpt")}))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was started again")
+
+    probes = []
+    monkeypatch.setattr(pc.subprocess, "run", no_training)
+    monkeypatch.setattr(pc, "cleanup", lambda *a, **k: None)
+    monkeypatch.setattr(pc, "probe_checkpoint", lambda d, *a, **k: probes.append(d) or {"imv_last": 2.5})
+    row = pc.run_job(job, tmp_path, timeout_s=60, threads=1, keep=True)
+
+    assert probes == [run_dir]
+    assert row["ok"] and row["rounds_completed"] == job.rounds and row["exit_code"] == 0
+    assert row["imv_last"] == 2.5 and row["uplink_bytes_total"] == 10 * job.rounds
+    assert row["wall_s"] >= 123.0
+    assert json.loads((run_dir / "bench-run.json").read_text())["probe"] == {"imv_last": 2.5}
+
+    # One round short: that run is resumed (the subprocess runs), not taken as finished.
+    (run_dir / "bench-run.json").unlink()
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))
+    with pytest.raises(AssertionError, match="started again"):
+        pc.run_job(job, tmp_path, timeout_s=60, threads=1, keep=True)
