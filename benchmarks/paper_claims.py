@@ -579,16 +579,24 @@ class Runs:
                 return f"run {n} (seed {b['seed']}) did not finish: {why} after {b['rounds_completed']} rounds"
         return None
 
+    def finished(self, name: str) -> list[dict[str, Any]]:
+        """The finished runs of ``name``; none when it was not run or did not finish.
+
+        A claim's own runs are checked by ``ok`` first; a run a claim only mentions (top-k beside deft)
+        may be missing, and then its numbers are None ("-" in the evidence), never a crash.
+        """
+        return [r for r in self.by_name.get(name, []) if r["ok"]]
+
     def get(self, name: str, key: str) -> float | None:
-        return _mean([r.get(key) for r in self.by_name[name]])
+        return _mean([r.get(key) for r in self.finished(name)])
 
     def at_bytes(self, name: str, budget: float) -> float | None:
-        return _mean([loss_at_bytes(r, budget) for r in self.by_name[name]])
+        return _mean([loss_at_bytes(r, budget) for r in self.finished(name)])
 
     def late(self, name: str, key: str, fraction: float = 0.5) -> float | None:
         """Mean of a curve value over the last ``fraction`` of the rounds (means over seeds)."""
         vals = []
-        for r in self.by_name[name]:
+        for r in self.finished(name):
             pts = [p[key] for p in r["curve"] if p["round"] > 0 and p.get(key) is not None]
             if pts:
                 vals.append(statistics.mean(pts[-max(1, int(len(pts) * fraction)) :]))
@@ -596,11 +604,11 @@ class Runs:
 
     def at_round(self, name: str, key: str, round_idx: int) -> float | None:
         return _mean(
-            [next((p.get(key) for p in r["curve"] if p["round"] == round_idx), None) for r in self.by_name[name]]
+            [next((p.get(key) for p in r["curve"] if p["round"] == round_idx), None) for r in self.finished(name)]
         )
 
     def unsettled(self, *names: str) -> list[str]:
-        return [n for n in names if any(r.get("settled") is False for r in self.by_name[n])]
+        return [n for n in names if any(r.get("settled") is False for r in self.finished(n))]
 
 
 def _claim(cid: str, source: str, claim: str, verdict: str, evidence: str, runs: Sequence[str]) -> dict[str, Any]:
@@ -743,7 +751,7 @@ def evaluate_claims(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     def full_rank():
         def refactor_ranks(name):
             vals = []
-            for run in r.by_name[name]:
+            for run in r.finished(name):
                 vals += [p["svd_rank"] for p in run["curve"] if p.get("svd_rank") is not None and p["round"] > 1]
             return _mean(vals)
 
@@ -915,7 +923,7 @@ def evaluate_claims(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def _fluctuation(r: Runs, name: str) -> float | None:
     """Mean |L(t) - L(t-1)| of the held-out loss over the last half of the rounds (means over seeds)."""
     vals = []
-    for run in r.by_name[name]:
+    for run in r.finished(name):
         pts = [p["heldout_loss"] for p in run["curve"] if p.get("heldout_loss") is not None]
         half = pts[len(pts) // 2 :]
         if len(half) > 1:

@@ -207,3 +207,22 @@ def test_a_run_trained_to_the_end_but_stopped_before_its_probe_is_probed_not_res
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))
     with pytest.raises(AssertionError, match="started again"):
         pc.run_job(job, tmp_path, timeout_s=60, threads=1, keep=True)
+
+
+def test_claims_from_any_partial_set_of_runs_never_crash():
+    """The results file is rewritten after every finished run, so claims are evaluated on every partial set:
+    a run that is missing or unfinished, even one a claim only mentions (top-k beside deft's allocation),
+    makes the claims that need it "not measurable here" and leaves the evidence of the others readable."""
+    full = _all_runs()
+    names = [row["run"] for row in full]
+    subsets = [full[:i] for i in range(1, len(full))]
+    subsets += [[row for row in full if row["run"] != n] for n in names]
+    subsets += [_all_runs(**{n: _run(n, [5.0, 4.0], ok=False)}) for n in names]
+    for rows in subsets:
+        present = {row["run"] for row in rows if row["ok"]}
+        for claim in pc.evaluate_claims(rows):
+            if not set(claim["runs"]) <= present:
+                assert claim["verdict"] == "not measurable here", claim
+    no_topk = {c["id"]: c for c in pc.evaluate_claims([row for row in full if row["run"] != "topk"])}
+    assert no_topk["deft-allocation"]["verdict"] == "held"
+    assert "top-k -" in no_topk["deft-allocation"]["evidence"]
