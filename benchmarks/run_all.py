@@ -204,7 +204,16 @@ OPT_IN = [
         "real link bytes of 60 s rounds (mostly waiting, ~16 min): runs only when named in --only",
         16.0,
         ("wire_bytes.json", "wire_bytes.png"),
-    )
+    ),
+    Step(
+        "paper_claims",
+        "benchmarks.paper_claims",
+        ("--model", "tiny", "--jobs", "2", "--threads", "1"),
+        "tiny",
+        "the source papers' claims over 16 long runs (about 1.5-3 h on 2 shared cores): only when named in --only",
+        120.0,
+        ("paper_claims.json", "paper_claims.png"),
+    ),
 ]
 """Steps outside the 20-minute plan, run only with ``--only NAME``."""
 

@@ -376,9 +376,19 @@ class KavgSection:
     trim_frac: float = 0.125
     """Fraction trimmed from each side by the trimmed mean (rounded down: with the default 0.125,
     nothing is trimmed below 8 sites)."""
+    lr_schedule: str = "constant"
+    """``lr`` across rounds (``edgetune/schedules.py``): constant, cosine[:floor], linear[:floor],
+    inverse[:power] (K-AVG Theorem 2's diminishing step), step:every:factor. The server evaluates it
+    when it plans a round and sends the value in the round plan."""
+    batch_schedule: str = "constant"
+    """``data.batch_size`` across rounds, same spellings: grow-linear[:cap] or grow-geometric:f[:cap]
+    give K-AVG Theorem 2's growing batch."""
+    warmup_rounds: int = 0
+    """Linear learning-rate warm-up: round r <= N trains at lr_schedule's value x r / (N + 1)."""
 
     def __post_init__(self) -> None:
         from edgetune.comm.tensors import TENSOR_CODECS
+        from edgetune.schedules import parse
 
         if self.local_steps < 1 or not self.lr > 0:
             raise ValueError("kavg.local_steps must be >= 1 and kavg.lr > 0")
@@ -395,6 +405,10 @@ class KavgSection:
             raise ValueError(f"kavg.aggregator must be mean, trimmed or median, got {self.aggregator!r}")
         if not 0 <= self.trim_frac < 0.5:
             raise ValueError(f"kavg.trim_frac must be in [0, 0.5), got {self.trim_frac}")
+        parse(self.lr_schedule, key="kavg.lr_schedule")
+        parse(self.batch_schedule, key="kavg.batch_schedule")
+        if self.warmup_rounds < 0:
+            raise ValueError(f"kavg.warmup_rounds must be >= 0, got {self.warmup_rounds}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -413,10 +427,24 @@ class LowrankSection:
     """ab-groups: after a re-factorisation the learning rate climbs back over this many rounds (0: off)."""
     rebound_lr: float = 1e-5
     """ab-groups: learning rate right after a re-factorisation (AB-training's rebound start)."""
+    full_rank_steps: int = 0
+    """ab-groups: AB-training's full-rank phase (0: off). Re-factorisation rounds then train a dense
+    delta on every LoRA target module's weight for this many local steps (factors frozen), and the
+    server truncates s*B*A + the mean delta back to rank r. Sites upload the dense deltas (out x in
+    per adapted layer, ``kavg.up_codec``) in those rounds: counted like every other byte."""
+    full_rank_lr: float = 0.0
+    """Learning rate of the full-rank steps (0: the round's ``kavg`` learning rate)."""
 
     def __post_init__(self) -> None:
         if self.mode not in {"fedavg", "exact", "ab-groups", "only-b"}:
             raise ValueError(f"lowrank.mode must be fedavg, exact, ab-groups or only-b, got {self.mode!r}")
+        if self.full_rank_steps < 0 or self.full_rank_lr < 0:
+            raise ValueError("lowrank.full_rank_steps and lowrank.full_rank_lr must be >= 0")
+        if self.full_rank_steps and (self.mode != "ab-groups" or self.refactor_every == 0):
+            raise ValueError(
+                "lowrank.full_rank_steps runs in ab-groups' re-factorisation rounds: "
+                "set lowrank.mode = 'ab-groups' and lowrank.refactor_every >= 1"
+            )
         if not 0 <= self.svd_cutoff < 1:
             raise ValueError(f"lowrank.svd_cutoff must be in [0, 1), got {self.svd_cutoff}")
         if self.refactor_every < 0 or self.rebound_rounds < 0 or not self.rebound_lr > 0:
@@ -436,8 +464,15 @@ class DeftSection:
     """Codec of the uploaded values: fp32, fp16 or bf16."""
     error_feedback: bool = True
     """Carry what was not sent into the next round's update (residuals kept on each site)."""
+    allocation: str = "site-norms"
+    """Where the per-partition k_p comes from (``selector = "deft"``): ``site-norms`` (the paper: every
+    round each site reports the norm of its error-feedback update per partition, 2 bytes each, in a
+    first exchange; the server allocates from their mean) or ``applied`` (the norm of last round's
+    applied sparse mean; no extra exchange, but the allocation feeds on its own past choices)."""
 
     def __post_init__(self) -> None:
+        if self.allocation not in {"site-norms", "applied"}:
+            raise ValueError(f"deft.allocation must be site-norms or applied, got {self.allocation!r}")
         if not 0 < self.density <= 1:
             raise ValueError(f"deft.density must be in (0, 1], got {self.density}")
         if self.selector not in {"deft", "topk"}:
@@ -455,9 +490,12 @@ class DppfSection:
     lam: float = 1e-3
     """Push strength (the spread settles near lam / alpha)."""
     schedule: str = "constant"
-    """``constant``, or ``linear``: alpha and lam ramp from 0 over ``warmup_rounds``."""
+    """``constant``, or ``linear``: the strengths ``ramp`` names grow from 0 over ``warmup_rounds``."""
     warmup_rounds: int = 0
     """Rounds of the linear ramp."""
+    ramp: str = "push"
+    """What the linear schedule ramps: ``push`` (lam only; the pull alpha is constant from round 1)
+    or ``pull-push`` (alpha and lam together, keeping lam / alpha; early rounds couple sites weakly)."""
     distance: str = "params"
     """Where the worker spread MV is measured: ``params`` (trainable parameters) or ``delta-w``
     (LoRA products s*B*A per layer, invariant to rescaling B and A)."""
@@ -467,6 +505,8 @@ class DppfSection:
             raise ValueError("dppf.alpha must be in [0, 1] and dppf.lam a finite number >= 0")
         if self.schedule not in {"constant", "linear"} or self.warmup_rounds < 0:
             raise ValueError("dppf.schedule must be constant or linear, dppf.warmup_rounds >= 0")
+        if self.ramp not in {"push", "pull-push"}:
+            raise ValueError(f"dppf.ramp must be push or pull-push, got {self.ramp!r}")
         if self.distance not in {"params", "delta-w"}:
             raise ValueError(f"dppf.distance must be params or delta-w, got {self.distance!r}")
 
@@ -483,16 +523,31 @@ class ImvSection:
     """Loss rise that defines the valley's edge."""
     num_examples: int = 16
     """Held-out examples used for the probe's loss."""
-    max_radius: float = 64.0
-    """Largest radius searched; a direction still flat there reports this value."""
+    max_radius: float = 0.0
+    """Largest radius searched; a direction still flat there reports this value. 0: 1.0 with
+    ``filter`` normalisation (every row moved by its own norm), 64.0 with ``global``."""
     bisect_steps: int = 8
     """Bisection steps per direction after bracketing."""
+    normalize: str = "filter"
+    """Direction scale: ``filter`` (Li et al. 2018's filter normalisation, per row of every matrix:
+    each row of d has the norm of that row of the weights, 1-D tensors are not moved; radii are
+    relative, so weight rescalings do not move them) or ``global`` (one unit vector over all probed
+    parameters; radii in parameter-space L2 units, edgetune's earlier probe)."""
 
     def __post_init__(self) -> None:
         if self.every_rounds < 0 or self.num_directions < 1 or self.num_examples < 1 or self.bisect_steps < 1:
             raise ValueError("imv.every_rounds >= 0, imv.num_directions, num_examples and bisect_steps >= 1")
-        if not (self.delta > 0 and math.isfinite(self.delta)) or not self.max_radius > 0:
-            raise ValueError("imv.delta and imv.max_radius must be positive")
+        if not (self.delta > 0 and math.isfinite(self.delta)) or not self.max_radius >= 0:
+            raise ValueError("imv.delta must be positive and imv.max_radius >= 0 (0: the normalisation's default)")
+        if self.normalize not in {"filter", "global"}:
+            raise ValueError(f"imv.normalize must be filter or global, got {self.normalize!r}")
+
+    @property
+    def radius_limit(self) -> float:
+        """``max_radius``, or its default for ``normalize`` when it is 0."""
+        if self.max_radius:
+            return self.max_radius
+        return 1.0 if self.normalize == "filter" else 64.0
 
 
 ALGORITHM_NAMES = ("spsa", "kavg", "lowrank", "deft", "dppf")
@@ -532,6 +587,14 @@ class RunConfig:
                     f"spsa.lr_schedule {self.spsa.lr_schedule!r} gives lr 0 in round {r} of {self.num_rounds}: "
                     "give it a floor (e.g. 'cosine:0.05')"
                 )
+        if self.algorithm != "spsa":
+            lr = schedules.parse(self.kavg.lr_schedule, key="kavg.lr_schedule")
+            for r in range(1, self.num_rounds + 1):
+                if not lr.value(self.kavg.lr, r, self.num_rounds, self.kavg.warmup_rounds) > 0:
+                    raise ValueError(
+                        f"kavg.lr_schedule = {self.kavg.lr_schedule!r} gives lr 0 in round {r} of {self.num_rounds}: "
+                        "give it a floor above 0 (cosine:0.1, linear:0.1)"
+                    )
 
 
 def _sections() -> dict[str, type]:

@@ -8,8 +8,12 @@ gradient descent algorithm for nonconvex optimization" (K-AVG; FedAvg with K loc
     server:  theta_{r+1} = theta_r + sum_i w_i Delta_i / sum_i w_i
 
 The weights w_i are the examples the server assigned to site i (K x batch size), never a
-number read from a reply. With K = 1 and plain SGD this is one synchronous SGD step on the
-union of the sites' batches (the objective being the mean of the site losses).
+number read from a reply. ``kavg.lr_schedule``, ``kavg.batch_schedule`` and ``kavg.warmup_rounds``
+make lr and the batch size functions of the round (``edgetune/schedules.py``; K-AVG's Theorem 2:
+a diminishing lr_r with a growing B_r); the server evaluates them when it plans round r and sends
+the values in the plan (``round_lr``, ``round_batch_size``). With K = 1 and plain SGD this is one
+synchronous SGD step on the union of the sites' batches (the objective being the mean of the site
+losses).
 
 Updates are screened before they count: exact size for the codec, finite values, an optional
 norm clip, and rejection of updates far larger than the median site's (a scaled or corrupted
@@ -43,6 +47,7 @@ from edgetune.data.prompts import batch_indices
 from edgetune.io import atomic_write_bytes, atomic_write_json
 from edgetune.models.loss import answer_loss
 from edgetune.models.params import Manifest, manifest_of, sha256_tensors, trainable_tensors
+from edgetune.schedules import parse as parse_schedule
 
 _PLAN_SCHEMA: dict[str, type] = {
     "round": int,
@@ -78,6 +83,19 @@ def check_plan(plan: dict[str, Any]) -> None:
             problems.append(f"{key}={plan[key]!r} is not a tensor codec ({', '.join(TENSOR_CODECS)})")
     if problems:
         raise ValueError("round plan refused: " + "; ".join(problems))
+
+
+def round_lr(cfg: RunConfig, round_idx: int) -> float:
+    """``kavg.lr`` in round ``round_idx`` under ``kavg.lr_schedule`` and ``kavg.warmup_rounds``."""
+    k = cfg.kavg
+    sched = parse_schedule(k.lr_schedule, key="kavg.lr_schedule")
+    return sched.value(float(k.lr), round_idx, cfg.num_rounds, k.warmup_rounds)
+
+
+def round_batch_size(cfg: RunConfig, round_idx: int) -> int:
+    """``data.batch_size`` in round ``round_idx`` under ``kavg.batch_schedule`` (at least 1)."""
+    sched = parse_schedule(cfg.kavg.batch_schedule, key="kavg.batch_schedule")
+    return sched.int_value(cfg.data.batch_size, round_idx, cfg.num_rounds)
 
 
 def aggregate_tensors(
@@ -199,7 +217,7 @@ class WeightsServer:
         return {
             "round": round_idx,
             "K": k.local_steps,
-            "lr": float(k.lr),
+            "lr": round_lr(self.cfg, round_idx),
             "opt": k.optimizer,
             "mom": float(k.momentum),
             "wd": float(k.weight_decay),
@@ -207,7 +225,7 @@ class WeightsServer:
             "up": k.up_codec,
             "train": "all",
             "seed": self.cfg.run.seed,
-            "bs": self.cfg.data.batch_size,
+            "bs": round_batch_size(self.cfg, round_idx),
             "run": self.ctx.run_id.hex(),
         }
 
@@ -384,14 +402,17 @@ class WeightsClient:
         if phase != "train":
             raise ValueError(f"{type(self).__name__} has no phase {phase!r}")
         plan, start = self.load_global(msg)
+        return self.train_and_reply(plan, start), state
+
+    def train_and_reply(self, plan: dict[str, Any], start: list[torch.Tensor]) -> Payload:
+        """The plan's local steps on the tensors it selects, from ``start``; the reply with their deltas."""
         idx = select(self.manifest, plan["train"])
         work = trainable_tensors(self.ctx.model, self.manifest)
         params = dict(self.ctx.model.named_parameters())
         chosen = [params[self.manifest.entries[i].name] for i in idx]
         losses = self.train_plan(plan, chosen)
         deltas = [work[i].detach().to("cpu", torch.float32) - start[i] for i in idx]
-        reply = {"delta": encode_tensors(deltas, plan["up"]), "loss": sum(losses) / len(losses)}
-        return reply, state
+        return {"delta": encode_tensors(deltas, plan["up"]), "loss": sum(losses) / len(losses)}
 
 
 class KavgServer(WeightsServer):
