@@ -359,7 +359,13 @@ class KavgSection:
     local_steps: int = 4
     """K: local optimizer steps per site per round."""
     lr: float = 1e-4
-    """Local learning rate."""
+    """Local learning rate (the base value of ``lr_schedule``)."""
+    lr_schedule: str = "constant"
+    """How the local learning rate changes across rounds (``edgetune/schedules.py``): ``constant``,
+    ``cosine[:floor]``, ``linear[:floor]``, ``inverse[:power]``, ``step:every:factor``. The server
+    puts each round's value into the round plan."""
+    warmup_rounds: int = 0
+    """Linear warm-up of the learning rate over the first rounds (round r <= W: x r / (W + 1))."""
     optimizer: str = "sgd"
     """``sgd`` or ``adamw`` (optimizer state is reset every round: sites keep nothing between rounds)."""
     momentum: float = 0.0
@@ -403,6 +409,11 @@ class KavgSection:
             raise ValueError(f"kavg.trim_frac must be in [0, 0.5), got {self.trim_frac}")
         if self.grad_accum_steps < 1:
             raise ValueError(f"kavg.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        from edgetune import schedules
+
+        schedules.parse(self.lr_schedule, key="kavg.lr_schedule")
+        if self.warmup_rounds < 0:
+            raise ValueError(f"kavg.warmup_rounds must be >= 0, got {self.warmup_rounds}")
 
 
 @dataclass(frozen=True, kw_only=True)

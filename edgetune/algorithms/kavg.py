@@ -32,6 +32,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from edgetune import schedules
 from edgetune.algorithms.base import ClientContext, ReplyRejected, RoundResult, ServerContext
 from edgetune.comm import wire
 from edgetune.comm.codecs import CodecError
@@ -65,8 +66,9 @@ def check_plan(plan: dict[str, Any]) -> None:
     problems = []
     if plan["K"] < 1 or plan["bs"] < 1:
         problems.append(f"K={plan['K']} and bs={plan['bs']} must be >= 1")
-    if not (plan["lr"] > 0 and math.isfinite(plan["lr"])):
-        problems.append(f"lr={plan['lr']} must be a finite number > 0")
+    # 0 is a schedule's end (cosine with floor 0 reaches it in the last round), not an error
+    if not (plan["lr"] >= 0 and math.isfinite(plan["lr"])):
+        problems.append(f"lr={plan['lr']} must be a finite number >= 0")
     if plan["opt"] not in {"sgd", "adamw"}:
         problems.append(f"opt={plan['opt']!r} must be sgd or adamw")
     if not 0 <= plan["mom"] < 1:
@@ -244,7 +246,7 @@ class WeightsServer:
         return {
             "round": round_idx,
             "K": k.local_steps,
-            "lr": float(k.lr),
+            "lr": self.scheduled_lr(round_idx),
             "opt": k.optimizer,
             "mom": float(k.momentum),
             "wd": float(k.weight_decay),
@@ -255,6 +257,12 @@ class WeightsServer:
             "bs": self.cfg.data.batch_size,
             "run": self.ctx.run_id.hex(),
         }
+
+    def scheduled_lr(self, round_idx: int) -> float:
+        """``kavg.lr`` at ``round_idx`` under ``kavg.lr_schedule`` and ``kavg.warmup_rounds``."""
+        k = self.kcfg
+        sched = schedules.parse(k.lr_schedule, key="kavg.lr_schedule")
+        return float(sched.value(float(k.lr), round_idx, self.cfg.num_rounds, k.warmup_rounds))
 
     def combine(
         self, round_idx: int, updates: dict[str, list[torch.Tensor]], plans: dict[str, dict]

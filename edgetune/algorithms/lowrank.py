@@ -251,12 +251,12 @@ class LowrankServer(WeightsServer):
         return mode == "exact" or (mode == "ab-groups" and is_refactor_round(round_idx, self.lcfg.refactor_every))
 
     def round_lr(self, round_idx: int) -> float:
-        """``kavg.lr``, with the LR rebound after re-factorisations in ``ab-groups``."""
+        """The scheduled ``kavg.lr``, with the LR rebound after re-factorisations in ``ab-groups``."""
         if self.lcfg.mode != "ab-groups":
-            return float(self.kcfg.lr)
+            return self.scheduled_lr(round_idx)
         return rebound_lr(
             round_idx,
-            lr=float(self.kcfg.lr),
+            lr=self.scheduled_lr(round_idx),
             refactor_every=self.lcfg.refactor_every,
             rebound_rounds=self.lcfg.rebound_rounds,
             start=self.lcfg.rebound_lr,
