@@ -7,6 +7,7 @@ runs/<run-id>/
   summary.json         first/last held-out loss and accuracy, bytes, framing, timings
   loss_vs_bytes.png    held-out loss against cumulative bytes
   checkpoints/round-NNNN/   model (safetensors + config) or peft adapter, tokenizer, edgetune.json
+  tensorboard/         per-round scalars, when ``run.track`` names tensorboard (``tracking.py``)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from edgetune import config as cfgmod
 from edgetune.comm.ledger import ByteLedger, LedgerRow
 from edgetune.config import RunConfig
 from edgetune.io import append_jsonl, atomic_folder, atomic_write_bytes, atomic_write_json, read_jsonl
+from edgetune.tracking import Trackers
 
 
 def new_run_name(cfg: RunConfig) -> str:
@@ -49,6 +51,7 @@ class RunRecorder:
         self.rows: list[dict[str, Any]] = read_jsonl(self.dir / "metrics.jsonl")
         flat = cfgmod.flatten(cfg)
         atomic_write_bytes(self.dir / "config.toml", cfgmod.to_toml(flat).encode())
+        self.trackers = Trackers(cfg, self.dir)
 
     @property
     def metrics_path(self) -> Path:
@@ -78,6 +81,7 @@ class RunRecorder:
         self.rows.append(row)
         append_jsonl(self.metrics_path, row)
         self.ledger.write_jsonl(self.dir / "ledger.jsonl")
+        self.trackers.log(row)
         if self.on_row is not None:
             self.on_row(row)
 
@@ -120,6 +124,7 @@ class RunRecorder:
         except Exception as err:  # a plot must never fail a finished run; the summary says what went wrong
             summary["plot_error"] = f"{type(err).__name__}: {err}"
         atomic_write_json(self.dir / "summary.json", summary)
+        self.trackers.close()
         return summary
 
 
