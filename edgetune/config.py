@@ -718,10 +718,12 @@ def _toml_value(v: Scalar) -> str:
     return '"' + "".join(out) + '"'
 
 
-def pyproject_table() -> str:
-    """The ``[tool.flwr.app.config]`` block of pyproject.toml for the current defaults."""
+def pyproject_table(cfg: RunConfig | None = None) -> str:
+    """The ``[tool.flwr.app.config]`` block of pyproject.toml: every key, with ``cfg``'s values
+    (default: the defaults).
+    """
     lines = ["[tool.flwr.app.config]"]
-    for line in to_toml(flatten(RunConfig())).splitlines():
+    for line in to_toml(flatten(cfg if cfg is not None else RunConfig())).splitlines():
         lines.append(f"[tool.flwr.app.config.{line[1:]}" if line.startswith("[") else line)
     return "\n".join(lines).rstrip() + "\n"
 
