@@ -136,9 +136,10 @@ def chat_messages(example: Mapping[str, Any]) -> list[dict[str, str]]:
 
 def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
     if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         raise ValueError(
-            f"chat messages need a tokenizer with a chat template; {type(tokenizer).__name__} "
-            f"({getattr(tokenizer, 'name_or_path', '')!s}) has none: give instruction/response rows instead"
+            f"chat messages need a tokenizer with a chat template; {name} has none: give instruction/response "
+            "rows instead (or a model whose tokenizer_config.json has a chat_template)"
         )
     try:
         return tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)

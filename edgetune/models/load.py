@@ -196,12 +196,45 @@ def cached_snapshot(model_id: str, revision: str = "") -> Path:
     return snapshot
 
 
+def smollm2_cast_folder(cfg: ModelSection) -> Path:
+    """The converted SmolLM2 in ``cfg.dtype`` (bf16 or fp16), cast once from the fp32 folder.
+
+    Loading the fp32 file into bf16 would map all 540 MB of it next to the bf16 copy; a folder
+    stored in the dtype itself loads without any copy (safetensors maps it), as a hub checkpoint
+    saved in bf16 does. Cast with round-to-nearest-even: the same weights as casting after an fp32 load.
+    """
+    fp32 = smollm2_folder(cfg)
+    folder = fp32.with_name(f"{fp32.name}-{cfg.dtype}")
+    marker = folder / "edgetune-source.json"
+    if marker.is_file():
+        return folder
+    with _file_lock(folder.parent / f".smollm2-{cfg.dtype}.lock"):
+        if marker.is_file():
+            return folder
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from edgetune import progress
+
+        with progress.task(f"storing SmolLM2 in {cfg.dtype} (one time) in {folder}"):
+            model = AutoModelForCausalLM.from_pretrained(fp32, local_files_only=True, dtype=getattr(torch, cfg.dtype))
+            tokenizer = AutoTokenizer.from_pretrained(fp32, local_files_only=True)
+            source = json.loads((fp32 / marker.name).read_text())
+
+            def fill(tmp: Path) -> None:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                (tmp / marker.name).write_text(json.dumps({**source, "cast_from": str(fp32), "dtype": cfg.dtype}))
+
+            atomic_folder(folder, fill)
+    return folder
+
+
 def model_folder(cfg: ModelSection) -> Path | None:
     """The local folder ``cfg.path`` names (a cache snapshot for a model id), or None for ``tiny``."""
     if cfg.path == "tiny":
         return None
     if cfg.path == "smollm2":
-        return smollm2_folder(cfg)
+        return smollm2_cast_folder(cfg) if cfg.dtype in {"bfloat16", "float16"} else smollm2_folder(cfg)
     folder = Path(cfg.path).expanduser()
     if folder.is_dir():
         if not (folder / "config.json").is_file():
@@ -257,7 +290,7 @@ def _quantization_config(cfg: ModelSection, device: torch.device) -> Any:
     if device.type != "cuda":
         raise ValueError(
             f"model.quantize = {cfg.quantize!r} needs a CUDA device (bitsandbytes); this site runs on {device}: "
-            "set model.quantize = 'none' here (a site's node config may override it: quantize=\"none\")"
+            "set model.quantize = 'none' for CPU sites (one site alone: edgetune site --quantize none)"
         )
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ValueError(
