@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 _console = Console(stderr=True)
 
@@ -23,15 +23,19 @@ def _mode() -> str:
     env = os.environ.get("EDGETUNE_PROGRESS", "")
     if env == "0":
         return "off"
-    if env == "1" or _console.is_terminal:
+    if env == "1" or _is_terminal():
         return "bar"
     return "lines"
+
+
+def _is_terminal() -> bool:
+    return _console.is_terminal
 
 
 class Bar:
     """A handle to advance one task: ``advance(n)``, ``update(total=...)``, ``stage(text)``."""
 
-    def __init__(self, progress: Progress | None, task: int | None, description: str) -> None:
+    def __init__(self, progress: Progress | None, task: TaskID | None, description: str) -> None:
         self._progress = progress
         self._task = task
         self.description = description
@@ -74,7 +78,7 @@ def task(description: str, total: int | None = None) -> Iterator[Bar]:
             bar = Bar(progress, progress.add_task(description, total=total), description)
             yield bar
             if total is not None:
-                progress.update(bar._task, completed=total)  # type: ignore[arg-type]
+                bar.update(completed=total)
         return
     if mode == "lines":
         print(f"[edgetune] {description} ...", file=sys.stderr, flush=True)
