@@ -1,10 +1,33 @@
-"""Quality per byte: held-out loss and accuracy against uplink bytes, for every algorithm on the same data.
+"""Quality per byte: held-out loss and accuracy against uplink bytes, forward passes and wall time.
 
 Usage (from the repository root)::
 
-    python -m benchmarks.quality_per_byte [--model tiny|smollm2] [--rounds 5] [--sites 4] [--seeds 0]
-        [--algorithms spsa,kavg,...] [--accuracy-every 1] [--timeout 1800] [--keep-runs DIR]
-        [--out benchmarks/results/quality_per_byte.json] [--plot benchmarks/results/quality_per_byte.png]
+    python -m benchmarks.quality_per_byte [--model tiny|smollm2] [--task facts|triage|docs] [--rounds 5]
+        [--sites 4] [--seeds 0] [--algorithms spsa,spsa-v1,lowrank-fedavg,central-lora,central-mezo,...]
+        [--rounds-for spsa=10,lowrank-fedavg=2] [--central-steps 60] [--accuracy-every 1] [--timeout 1800]
+        [--keep-runs DIR] [--out benchmarks/results/quality_per_byte.json] [--plot ...png]
+
+Tasks (``--task``): ``facts`` (the fact-recall demo data), ``triage`` (fault-report routing: the
+default demo) and ``docs`` (real technical prose: installed packages' docstrings, one package per
+site). The task picks the spsa recipe whose ``data.*`` and ``eval.*`` keys every run shares
+(``TASK_RECIPES``: ``recipes/spsa/smollm2-135m-4c{,-facts,-docs}.toml``, ``tiny-4c{,-triage}.toml``).
+
+``spsa`` runs the task's spsa recipe; ``spsa-v1`` is the same with the spsa settings edgetune had
+before the levers of issue 11 (attention projections, central differences, one probe, K = 4 steps,
+fresh directions, lr 1e-4). ``central-lora`` and ``central-mezo`` are the centralised references
+of ``benchmarks/central_refs.py`` on the pooled site data (no bytes).
+
+Forward passes are counted from each run's configuration, as forward-pass equivalents: spsa
+K x (P + 1) per site-round with forward differences (K x 2P central), a probe that reruns only the
+perturbed top blocks counting (L - first) / L; one optimizer step of a first-order method counts 3
+(forward + backward); evaluation is not counted. Wall time is each round's training time
+(``train_wall_s``: the round without its evaluation) summed.
+
+The goal of issue 11 is checked when the runs include ``spsa`` and ``lowrank-fedavg``: the first round
+at which spsa's held-out gain (loss of round 0 minus loss) reaches LoRA-FedAvg's first-round gain, and
+there the ratios of uplink bytes and wall time (goal: bytes <= 1/1000, time <= 5x). If spsa never gets
+there, the gain ratio (its best gain / FedAvg's first-round gain) is reported with the bytes and time
+it spent.
 
 Every (algorithm, seed) runs in a fresh subprocess, ``python -m edgetune.inproc RECIPE key=value ...
 --sites N`` with its own ``run.dir``/``run.name``, so runs cannot share a model cache, a replica or
@@ -60,13 +83,60 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 DEFAULT_OUT = Path("benchmarks") / "results" / "quality_per_byte.json"
 DEFAULT_PLOT = Path("benchmarks") / "results" / "quality_per_byte.png"
-ALGORITHMS = ("spsa", "kavg", "lowrank-fedavg", "lowrank-exact", "lowrank-ab-groups", "deft", "dppf")
+ALGORITHMS = (
+    "spsa",
+    "spsa-v1",
+    "kavg",
+    "lowrank-fedavg",
+    "lowrank-exact",
+    "lowrank-ab-groups",
+    "deft",
+    "dppf",
+    "central-lora",
+    "central-mezo",
+)
 MODEL_PREFIX = {"tiny": "tiny-4c", "smollm2": "smollm2-135m-4c"}
+TASKS = ("facts", "triage", "docs")
+SPSA_V1 = {
+    "model.trainable": "q_proj,k_proj,v_proj,o_proj",
+    "model.lora_layers": "",
+    "spsa.difference": "central",
+    "spsa.num_probes": 1,
+    "spsa.num_steps": 4,
+    "spsa.lr": 1e-4,
+    "spsa.eps": 2.0**-10,
+    "spsa.seed_pool": 0,
+    "spsa.pool_scope": "round",
+    "spsa.optimizer": "sgd",
+}
+"""spsa's settings before issue 11 (the demo recipe of 2026-11-25)."""
+NUM_LAYERS = {"tiny": 2, "smollm2": 30}
 
 
-def recipe_for(algorithm: str, model: str) -> tuple[Path, list[str]]:
+TASK_RECIPES = {
+    ("smollm2", "triage"): "smollm2-135m-4c",
+    ("smollm2", "facts"): "smollm2-135m-4c-facts",
+    ("smollm2", "docs"): "smollm2-135m-4c-docs",
+    ("tiny", "facts"): "tiny-4c",
+    ("tiny", "triage"): "tiny-4c-triage",
+}
+
+
+def task_recipe(model: str, task: str) -> Path:
+    """The spsa recipe of ``task`` on ``model``: its data and eval keys define the task."""
+    name = TASK_RECIPES.get((model, task))
+    own = RECIPES / "spsa" / f"{name}.toml"
+    if name is None or not own.is_file():
+        raise ValueError(f"no spsa recipe for task {task} on {model}")
+    return own
+
+
+def recipe_for(algorithm: str, model: str, task: str = "triage") -> tuple[Path, list[str]]:
     """The recipe file and the overrides that turn it into ``algorithm`` (see the module docstring)."""
     prefix = MODEL_PREFIX[model]
+    if algorithm in {"spsa", "spsa-v1"}:
+        extra = [f"{k}={_value(v)}" for k, v in SPSA_V1.items()] if algorithm == "spsa-v1" else []
+        return task_recipe(model, task), extra
     if algorithm.startswith("lowrank-"):
         mode = algorithm.split("-", 1)[1]
         own = RECIPES / "lowrank" / f"{prefix}-{mode}.toml"
@@ -96,12 +166,13 @@ def _value(v: Any) -> str:
     return json.dumps(str(v))
 
 
-def common_overrides(model: str, rounds: int, sites: int, seed: int, accuracy_every: int) -> list[str]:
+def common_overrides(
+    model: str, rounds: int, sites: int, seed: int, accuracy_every: int, task: str = "triage"
+) -> list[str]:
     """Overrides every run gets: same rounds, seed, sites, data and evaluation."""
     from edgetune.config import load_recipe
 
-    spsa_recipe, _ = recipe_for("spsa", model)
-    flat = load_recipe(spsa_recipe)
+    flat = load_recipe(task_recipe(model, task))
     same = {k: v for k, v in flat.items() if k.startswith(("data.", "eval."))}
     same.update(
         {
@@ -124,7 +195,25 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def summarise(algorithm: str, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def forwards_per_round(flat: dict[str, Any], model: str, sites: int) -> float:
+    """Forward-pass equivalents of one round, all sites (see the module docstring)."""
+    from edgetune.config import from_run_config
+
+    cfg = from_run_config(flat)
+    if cfg.algorithm == "spsa":
+        s = cfg.spsa
+        frac = 1.0
+        layers = cfg.model.lora_layer_list
+        if cfg.model.trainable.strip() == "lora-b" and layers and layers[0] > 0:
+            frac = (NUM_LAYERS[model] - layers[0]) / NUM_LAYERS[model]
+        per_step = (1 + s.num_probes * frac) if s.difference == "forward" else (2 * s.num_probes * frac)
+        if s.difference == "central" and frac < 1.0:
+            per_step += 1  # the unperturbed pass that keeps the lower blocks' output
+        return sites * s.num_steps * per_step
+    return sites * cfg.kavg.local_steps * 3.0
+
+
+def summarise(algorithm: str, rows: Sequence[dict[str, Any]], forwards_each: float = 0.0) -> dict[str, Any]:
     """First/last loss and accuracy, byte totals, loss drop per MB, and the curve, from metrics rows."""
     evals = [r for r in rows if r.get("heldout_loss") is not None]
     accs = [r for r in rows if r.get("accuracy") is not None]
@@ -145,17 +234,27 @@ def summarise(algorithm: str, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "downlink_bytes_total": down,
         "loss_drop": drop,
         "loss_drop_per_mb_uplink": drop / (up / 1e6) if drop is not None and up > 0 else None,
-        "curve": [
+        "curve": _curve(rows, forwards_each),
+    }
+
+
+def _curve(rows: Sequence[dict[str, Any]], forwards_each: float) -> list[dict[str, Any]]:
+    out, wall = [], 0.0
+    for r in rows:
+        if r["round"] > 0:
+            wall += float(r.get("train_wall_s") or 0.0)
+        out.append(
             {
                 "round": r["round"],
                 "cum_uplink_bytes": r["cum_uplink_bytes"],
                 "cum_downlink_bytes": r["cum_downlink_bytes"],
+                "cum_forwards": forwards_each * r["round"],
+                "cum_train_s": wall,
                 "heldout_loss": r.get("heldout_loss"),
                 "accuracy": r.get("accuracy"),
             }
-            for r in rows
-        ],
-    }
+        )
+    return out
 
 
 def run_one(
@@ -169,11 +268,27 @@ def run_one(
     runs_dir: Path,
     timeout_s: float,
     keep: bool,
+    task: str = "triage",
+    central_steps: int = 60,
 ) -> dict[str, Any]:
     """One (algorithm, seed) run in a fresh subprocess; returns its row."""
-    recipe, own = recipe_for(algorithm, model)
+    if algorithm.startswith("central-"):
+        return run_central(
+            algorithm,
+            model,
+            task=task,
+            sites=sites,
+            seed=seed,
+            steps=central_steps,
+            runs_dir=runs_dir,
+            timeout_s=timeout_s,
+        )
+    from edgetune.config import load_recipe
+
+    recipe, own = recipe_for(algorithm, model, task)
     name = f"qpb-{algorithm}-s{seed}-{uuid.uuid4().hex[:8]}"
-    overrides = own + common_overrides(model, rounds, sites, seed, accuracy_every)
+    overrides = own + common_overrides(model, rounds, sites, seed, accuracy_every, task)
+    forwards_each = forwards_per_round(load_recipe(recipe, overrides), model, sites)
     overrides += [f"run.dir={_value(str(runs_dir))}", f"run.name={_value(name)}"]
     cmd = [sys.executable, "-m", "edgetune.inproc", str(recipe), *overrides, "--sites", str(sites)]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -188,20 +303,23 @@ def run_one(
             code, timed_out = -1, True
     wall = time.time() - t0
     run_dir = runs_dir / name
-    row = summarise(algorithm, read_rows(run_dir / "metrics.jsonl"))
+    row = summarise(algorithm, read_rows(run_dir / "metrics.jsonl"), forwards_each)
     row.update(
         {
             "benchmark": "quality_per_byte",
             "model": model,
+            "task": task,
             "seed": seed,
             "sites": sites,
             "rounds": rounds,
             "recipe": str(recipe.relative_to(ROOT)),
             "overrides": own,
+            "forwards_per_round": forwards_each,
             "exit_code": code,
             "timed_out": timed_out,
             "ok": code == 0 and row["rounds_completed"] == rounds,
             "wall_s": wall,
+            "load_avg_1m": os.getloadavg()[0],
             "command": " ".join(cmd[1:]),
         }
     )
@@ -210,6 +328,109 @@ def run_one(
     if not keep:
         _cleanup(run_dir, model, sites)
     return row
+
+
+def run_central(
+    algorithm: str,
+    model: str,
+    *,
+    task: str,
+    sites: int,
+    seed: int,
+    steps: int,
+    runs_dir: Path,
+    timeout_s: float,
+) -> dict[str, Any]:
+    """A centralised reference (``benchmarks/central_refs.py``) in a subprocess, as a row of this table."""
+    kind = algorithm.split("-", 1)[1]
+    recipe = task_recipe(model, task)
+    out = runs_dir / f"central-{kind}-{uuid.uuid4().hex[:8]}.json"
+    cmd = [
+        sys.executable, "-m", "benchmarks.central_refs", "--kind", kind, "--recipe", str(recipe),
+        "--sites", str(sites), "--steps", str(steps), "--eval-every", str(max(1, steps // 6)),
+        "--set", f"run.seed={seed}", "--out", str(out),
+    ]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    t0 = time.time()
+    log_path = out.with_suffix(".log")
+    with open(log_path, "w") as log:
+        try:
+            code = subprocess.run(
+                cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s
+            ).returncode
+        except subprocess.TimeoutExpired:
+            code = -1
+    ref = json.loads(out.read_text()) if out.is_file() else {"curve": []}
+    curve = [
+        {
+            "round": p["step"],
+            "cum_uplink_bytes": 0,
+            "cum_downlink_bytes": 0,
+            "cum_forwards": p["forwards"],
+            "cum_train_s": p["train_s"],
+            "heldout_loss": p.get("heldout_loss"),
+            "accuracy": p.get("accuracy"),
+        }
+        for p in ref["curve"]
+    ]
+    first, last = (curve[0], curve[-1]) if curve else ({}, {})
+    row = {
+        "algorithm": algorithm,
+        "benchmark": "quality_per_byte",
+        "model": model,
+        "task": task,
+        "seed": seed,
+        "sites": sites,
+        "rounds": steps,
+        "rounds_completed": last.get("round", 0),
+        "recipe": str(recipe.relative_to(ROOT)),
+        "overrides": [],
+        "heldout_loss_first": first.get("heldout_loss"),
+        "heldout_loss_last": last.get("heldout_loss"),
+        "accuracy_first": first.get("accuracy"),
+        "accuracy_last": last.get("accuracy"),
+        "uplink_bytes_total": 0,
+        "downlink_bytes_total": 0,
+        "loss_drop": (first["heldout_loss"] - last["heldout_loss"]) if curve else None,
+        "loss_drop_per_mb_uplink": None,
+        "curve": curve,
+        "exit_code": code,
+        "timed_out": code == -1,
+        "ok": code == 0 and bool(curve) and last.get("round") == steps,
+        "wall_s": time.time() - t0,
+        "load_avg_1m": os.getloadavg()[0],
+        "command": " ".join(cmd[1:]),
+    }
+    if not row["ok"]:
+        row["log_tail"] = log_path.read_text()[-3000:]
+    return row
+
+
+def goal_ratios(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """Issue 11's goal: spsa reaching LoRA-FedAvg's first-round held-out gain (see the module docstring)."""
+    spsa_row = next((r for r in rows if r["algorithm"] == "spsa" and r["ok"]), None)
+    fedavg = next((r for r in rows if r["algorithm"] == "lowrank-fedavg" and r["ok"]), None)
+    if spsa_row is None or fedavg is None:
+        return None
+    f0, f1 = fedavg["curve"][0], next(p for p in fedavg["curve"] if p["round"] == 1)
+    target = f0["heldout_loss"] - f1["heldout_loss"]
+    s0 = spsa_row["curve"][0]["heldout_loss"]
+    points = [p for p in spsa_row["curve"] if p["round"] > 0 and p["heldout_loss"] is not None]
+    reached = next((p for p in points if s0 - p["heldout_loss"] >= target), None)
+    at = reached or points[-1]
+    return {
+        "fedavg_first_round_gain": target,
+        "fedavg_first_round_uplink_bytes": f1["cum_uplink_bytes"],
+        "fedavg_first_round_train_s": f1["cum_train_s"],
+        "spsa_reached": reached is not None,
+        "spsa_round": at["round"],
+        "spsa_gain": s0 - at["heldout_loss"],
+        "gain_ratio": (s0 - at["heldout_loss"]) / target if target > 0 else None,
+        "bytes_ratio": at["cum_uplink_bytes"] / f1["cum_uplink_bytes"],
+        "time_ratio": at["cum_train_s"] / f1["cum_train_s"] if f1["cum_train_s"] else None,
+        "goal": "gain >= 1 at bytes_ratio <= 0.001 and time_ratio <= 5",
+    }
 
 
 def _cleanup(run_dir: Path, model: str, sites: int) -> None:
@@ -241,32 +462,44 @@ def _f(x: float | None, fmt: str) -> str:
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """One line per algorithm (means over seeds)."""
+    """One line per algorithm (means over seeds), then issue 11's goal ratios when measurable."""
     r0 = rows[0]
     seeds = sorted({r["seed"] for r in rows})
     lines = [
-        f"Quality per byte: model {r0['model']}, {r0['sites']} sites, {r0['rounds']} rounds, seeds {seeds} "
+        f"Quality per byte: model {r0['model']}, task {r0.get('task', 'facts')}, {r0['sites']} sites, seeds {seeds} "
         "(means over seeds); bytes are encoded payloads summed over all sites and rounds",
         "",
-        f"{'algorithm':<19} {'ok':>3} {'loss first':>10} {'loss last':>10} {'acc first':>9} {'acc last':>9} "
-        f"{'uplink B':>14} {'downlink B':>14} {'drop/MB up':>11} {'wall s':>7}  recipe",
+        f"{'algorithm':<19} {'ok':>3} {'rounds':>6} {'loss first':>10} {'loss last':>10} {'acc first':>9} "
+        f"{'acc last':>9} {'uplink B':>14} {'forwards':>9} {'train s':>8}  recipe",
     ]
     by_algo: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by_algo.setdefault(r["algorithm"], []).append(r)
     for algo, rs in by_algo.items():
         ok = all(r["ok"] for r in rs)
-        up, down = _mean([r["uplink_bytes_total"] for r in rs]), _mean([r["downlink_bytes_total"] for r in rs])
+        up = _mean([r["uplink_bytes_total"] for r in rs])
+        fwd = _mean([r["curve"][-1]["cum_forwards"] if r["curve"] else None for r in rs])
+        train_s = _mean([r["curve"][-1]["cum_train_s"] if r["curve"] else None for r in rs])
         recipe = rs[0]["recipe"] + (" " + " ".join(rs[0]["overrides"]) if rs[0]["overrides"] else "")
         lines.append(
-            f"{algo:<19} {'yes' if ok else 'NO':>3} {_f(_mean([r['heldout_loss_first'] for r in rs]), '.4f'):>10} "
+            f"{algo:<19} {'yes' if ok else 'NO':>3} {rs[0]['rounds']:>6} "
+            f"{_f(_mean([r['heldout_loss_first'] for r in rs]), '.4f'):>10} "
             f"{_f(_mean([r['heldout_loss_last'] for r in rs]), '.4f'):>10} "
             f"{_f(_mean([r['accuracy_first'] for r in rs]), '.3f'):>9} "
             f"{_f(_mean([r['accuracy_last'] for r in rs]), '.3f'):>9} "
-            f"{_f(up, ',.0f'):>14} {_f(down, ',.0f'):>14} "
-            f"{_f(_mean([r['loss_drop_per_mb_uplink'] for r in rs]), '.4g'):>11} "
-            f"{_f(_mean([r['wall_s'] for r in rs]), '.0f'):>7}  {recipe}"
+            f"{_f(up, ',.0f'):>14} {_f(fwd, ',.0f'):>9} {_f(train_s, '.0f'):>8}  {recipe}"
         )
+    ratios = goal_ratios(rows)
+    if ratios:
+        lines += [
+            "",
+            f"goal (issue 11): spsa reaches LoRA-FedAvg's first-round held-out gain "
+            f"({ratios['fedavg_first_round_gain']:.4f}) with <= 1/1000 of its uplink bytes in <= 5x its time",
+            f"  spsa {'reached it' if ratios['spsa_reached'] else 'did not reach it'} "
+            f"(round {ratios['spsa_round']}: gain {ratios['spsa_gain']:.4f})",
+            f"  gain ratio {_f(ratios['gain_ratio'], '.3f')}, bytes ratio {ratios['bytes_ratio']:.2e}, "
+            f"time ratio {_f(ratios['time_ratio'], '.2f')}",
+        ]
     for r in rows:
         if not r["ok"]:
             lines += ["", f"{r['algorithm']} seed {r['seed']} FAILED (exit {r['exit_code']}):", r.get("log_tail", "")]
@@ -274,44 +507,45 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """Held-out loss and accuracy against cumulative uplink bytes (log x), one line per algorithm and seed."""
+    """Held-out loss (top) and accuracy (bottom) against cumulative uplink bytes, forward passes and
+    training time, one line per algorithm and seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12.0, 4.6), dpi=120)
+    has_acc = any(p.get("accuracy") is not None for r in rows for p in r["curve"])
+    nrows = 2 if has_acc else 1
+    fig, axes = plt.subplots(nrows, 3, figsize=(15.0, 4.2 * nrows), dpi=110, squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     algos = list(dict.fromkeys(r["algorithm"] for r in rows))
+    xs = (
+        ("cum_uplink_bytes", "cumulative uplink bytes, all sites (log; 0 drawn at 1 B)", True),
+        ("cum_forwards", "forward-pass equivalents (all sites)", False),
+        ("cum_train_s", "training wall time, s (evaluation excluded)", False),
+    )
     for r in rows:
         color = colors[algos.index(r["algorithm"]) % len(colors)]
         label = r["algorithm"] if r is next(x for x in rows if x["algorithm"] == r["algorithm"]) else None
-        pts = [p for p in r["curve"] if p["heldout_loss"] is not None]
-        ax_loss.plot(
-            [max(p["cum_uplink_bytes"], 1) for p in pts],
-            [p["heldout_loss"] for p in pts],
-            "o-",
-            color=color,
-            label=label,
-            markersize=3,
-        )
-        pts = [p for p in r["curve"] if p["accuracy"] is not None]
-        ax_acc.plot(
-            [max(p["cum_uplink_bytes"], 1) for p in pts],
-            [p["accuracy"] for p in pts],
-            "o-",
-            color=color,
-            label=label,
-            markersize=3,
-        )
+        for col, (key, _, log_x) in enumerate(xs):
+            for row_i, metric in enumerate(("heldout_loss", "accuracy")[:nrows]):
+                pts = [p for p in r["curve"] if p.get(metric) is not None]
+                if not pts:
+                    continue
+                xv = [max(p[key], 1) if log_x else p[key] for p in pts]
+                style = "s--" if r["algorithm"].startswith("central-") else "o-"
+                axes[row_i][col].plot(xv, [p[metric] for p in pts], style, color=color, label=label, markersize=3)
     r0 = rows[0]
-    for ax, ylabel in ((ax_loss, "held-out loss (answer tokens)"), (ax_acc, "held-out exact-match accuracy")):
-        ax.set_xscale("log")
-        ax.set_xlabel("cumulative uplink bytes, all sites (encoded payloads; round 0 at 1 B)")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-    ax_loss.legend(fontsize=8)
-    fig.suptitle(f"quality per byte: {r0['model']}, {r0['sites']} sites, {r0['rounds']} rounds")
+    for col, (_, xlabel, log_x) in enumerate(xs):
+        for row_i, ylabel in enumerate(("held-out loss (answer tokens)", "held-out accuracy")[:nrows]):
+            ax = axes[row_i][col]
+            if log_x:
+                ax.set_xscale("log")
+            ax.set_xlabel(xlabel, fontsize=8)
+            ax.set_ylabel(ylabel, fontsize=8)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"quality per byte: {r0['model']}, task {r0.get('task', 'facts')}, {r0['sites']} sites")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -326,7 +560,10 @@ def write_rows(rows: Sequence[dict[str, Any]], out: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality_per_byte", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny", choices=sorted(MODEL_PREFIX))
+    parser.add_argument("--task", default="facts", choices=TASKS)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds-for", default="", help="per-algorithm rounds, e.g. spsa=10,lowrank-fedavg=2")
+    parser.add_argument("--central-steps", type=int, default=60, help="steps of the centralised references")
     parser.add_argument("--sites", type=int, default=4)
     parser.add_argument("--seeds", default="0", help="comma-separated run seeds")
     parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
@@ -339,6 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     unknown = set(algorithms) - set(ALGORITHMS)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    rounds_for = {k: int(v) for k, v in (item.split("=", 1) for item in args.rounds_for.split(",") if item.strip())}
     if unknown or not algorithms or not seeds or args.rounds < 1 or args.sites < 1 or args.accuracy_every < 0:
         parser.error(f"unknown algorithms {sorted(unknown)}, or bad --rounds/--sites/--seeds/--accuracy-every")
     rows = []
@@ -350,7 +588,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 row = run_one(
                     algo,
                     args.model,
-                    rounds=args.rounds,
+                    task=args.task,
+                    central_steps=args.central_steps,
+                    rounds=rounds_for.get(algo, args.rounds),
                     sites=args.sites,
                     seed=seed,
                     accuracy_every=args.accuracy_every,
@@ -370,6 +610,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(r["curve"] for r in rows):
         plot([r for r in rows if r["curve"]], args.plot)
     print(format_table(rows))
+    ratios = goal_ratios(rows)
+    if ratios:
+        args.out.write_text(json.dumps([*rows, {"benchmark": "quality_per_byte_goal", **ratios}], indent=2) + "\n")
     print(f"\n{len(rows)} rows written to {args.out}; plot {args.plot}")
     return 0 if all(r["ok"] for r in rows) else 1
 

@@ -10,11 +10,14 @@ For every trainable subset (default: the attention projections ``q_proj,k_proj,v
 (``TokenizedSet``, max_length 96):
 
 time ratio
-    One SPSA step with P=1 probe (``+eps z``, forward, ``-2 eps z``, forward, local update), i.e.
+    One SPSA step with P=1 probe (``+eps z``, forward, ``-2 eps z``, forward), i.e.
     ``spsa.local_steps`` with K=1 on the replica's work tensors, divided by one no-grad forward pass
     (``spsa.batch_loss``, the forward an SPSA step runs twice). One warm-up each, then ``--repeats``
     alternating timings (forward, step, forward, step, ...) so that a change in background load hits
     both; the ratio is median / median. Goal: <= 2.5.
+per-probe ratios
+    One step of P probes divided by P forward passes: central differences with P=1 (goal <= 2.2) and
+    forward differences with P=8 sharing one base pass (goal <= 1.2), measured the same way.
 memory ratio
     Peak memory of an SPSA round (load, K=4 steps, the reset from the round-start store, one replay of a
     round with 4 sites' coefficients: ``replica_for(..., "disk")``, ``Replica.local``, ``local_steps``,
@@ -79,6 +82,10 @@ TIME_GOAL = 2.5
 """Largest acceptable (SPSA step) / (forward pass) time ratio."""
 MEMORY_GOAL = 1.2
 """Largest acceptable (SPSA round) / (load + forward) peak-memory ratio."""
+CENTRAL_PER_PROBE_GOAL = 2.2
+"""Largest acceptable step time / (P x forward) with central differences."""
+FORWARD_PER_PROBE_GOAL = 1.2
+"""Largest acceptable step time / (P x forward) with forward differences and P = 8 probes."""
 MAX_LENGTH = 96
 ATTENTION = "q_proj,k_proj,v_proj,o_proj"
 SUBSETS = (ATTENTION, "all")
@@ -119,6 +126,10 @@ NUMERIC_KEYS = (
     "round_reset_s",
     "round_replay_s",
     "replay_terms",
+    "central_p1_per_probe",
+    "central_p1_per_probe_goal",
+    "forward_p8_per_probe",
+    "forward_p8_per_probe_goal",
 )
 """Row keys whose values are positive finite numbers."""
 ROW_KEYS = NUMERIC_KEYS + (
@@ -136,6 +147,8 @@ ROW_KEYS = NUMERIC_KEYS + (
     "forward_samples_s",
     "spsa_step_samples_s",
     "load_avg_1m",
+    "central_p1_per_probe_pass",
+    "forward_p8_per_probe_pass",
 )
 """Every key of a JSON row."""
 
@@ -207,13 +220,20 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
 
 
 def run_steps(
-    bench: Bench, work: Sequence[torch.Tensor], round_idx: int, num_steps: int, scfg: SpsaSection
+    bench: Bench,
+    work: Sequence[torch.Tensor],
+    round_idx: int,
+    num_steps: int,
+    scfg: SpsaSection,
+    *,
+    num_probes: int = 1,
+    difference: str = "central",
 ) -> tuple[bytes, bytes, float]:
-    """``num_steps`` SPSA steps (P=1) of SITE on ``work``, all on the benchmark batch.
+    """``num_steps`` SPSA steps of ``num_probes`` probes of SITE on ``work``, all on the benchmark batch.
 
     Returns the codes, the round secret and the mean train loss.
     """
-    secret, keys, uniforms = step_inputs(round_idx, num_steps)
+    secret, keys, uniforms = step_inputs(round_idx, num_steps, num_probes)
     codes, _raw, loss = spsa.local_steps(
         bench.model,
         work,
@@ -224,6 +244,7 @@ def run_steps(
         lr=scfg.lr,
         scale=scfg.scale,
         codec=scfg.scalar_codec,
+        difference=difference,
     )
     return codes, secret, loss
 
@@ -276,6 +297,41 @@ def time_step_vs_forward(bench: Bench, replica: spsa.Replica, repeats: int, scfg
         "perturb_pass_s": statistics.median(pass_s),
         "reset_s": statistics.median(reset_s),
     }
+
+
+PER_PROBE = (("central", 1, CENTRAL_PER_PROBE_GOAL), ("forward", 8, FORWARD_PER_PROBE_GOAL))
+
+
+def time_per_probe(bench: Bench, replica: spsa.Replica, repeats: int, scfg: SpsaSection) -> dict[str, Any]:
+    """One step of P probes (central P=1, forward P=8) / (P x one no-grad forward), median of ``repeats``.
+
+    Forward and step timings alternate, as in ``time_step_vs_forward``.
+    """
+    dev = bench.device
+    out: dict[str, Any] = {}
+    with torch.no_grad():
+        for difference, num_probes, goal in PER_PROBE:
+            fwd: list[float] = []
+            step: list[float] = []
+            with replica.local() as work:
+                run_steps(bench, work, 0, 1, scfg, num_probes=num_probes, difference=difference)
+            for r in range(1, repeats + 1):
+                fwd.append(_timed(lambda: spsa.batch_loss(bench.model, bench.batch), dev)[0])
+                with replica.local() as work:
+                    step.append(
+                        _timed(
+                            lambda w=work, r=r, d=difference, n=num_probes: run_steps(
+                                bench, w, r, 1, scfg, num_probes=n, difference=d
+                            ),
+                            dev,
+                        )[0]
+                    )
+            ratio = statistics.median(step) / (num_probes * statistics.median(fwd))
+            tag = f"{difference}_p{num_probes}"
+            out[f"{tag}_per_probe"] = ratio
+            out[f"{tag}_per_probe_goal"] = goal
+            out[f"{tag}_per_probe_pass"] = ratio <= goal
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,7 +394,7 @@ def spsa_round(bench: Bench, workdir: Path, scfg: SpsaSection) -> dict[str, floa
             scfg.trim_frac,
         )
         terms = spsa.replay_terms(entry, secret, RUN_ID)
-        replica.apply(round_idx, terms)
+        replica.apply_terms(round_idx, terms)
         _sync(dev)
         t3 = time.perf_counter()
     return {"round_steps_s": t1 - t0, "round_reset_s": t2 - t1, "round_replay_s": t3 - t2, "replay_terms": len(terms)}
@@ -416,6 +472,7 @@ def run_config(
         # A namespace per call: a cached replica would point at a deleted store file.
         replica = spsa.replica_for(bench.model, RUN_ID, Path(tmp), ROUND_START, namespace=f"benchmark:{tmp}")
         timing = time_step_vs_forward(bench, replica, repeats, scfg)
+        timing.update(time_per_probe(bench, replica, repeats, scfg))
     dev = str(bench.device)
     bs = int(bench.batch["input_ids"].shape[0])
     measure = memory_in_subprocess if isolate else measure_memory
@@ -504,6 +561,13 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         row(
             f"TIME ratio step/forward (goal <= {TIME_GOAL:g})",
             lambda r: f"{r['time_ratio']:.2f} {_verdict(r['time_pass'])}",
+        ),
+        *(
+            row(
+                f"PER PROBE {d} P={n} (goal <= {g:g})",
+                lambda r, t=f"{d}_p{n}": f"{r[t + '_per_probe']:.2f} {_verdict(r[t + '_per_probe_pass'])}",
+            )
+            for d, n, g in PER_PROBE
         ),
         row("load + forward peak (MiB)", lambda r: f"{r['forward_peak_mib']:.0f}"),
         row("SPSA round peak (MiB)", lambda r: f"{r['spsa_round_peak_mib']:.0f}"),

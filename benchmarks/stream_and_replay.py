@@ -175,7 +175,7 @@ def replay_once(replica: spsa.Replica, entry: spsa.LogEntry, tag: str) -> dict[s
     t0 = time.perf_counter()
     terms = spsa.replay_terms(entry, secret, run_id)
     t1 = time.perf_counter()
-    state = replica.apply(1, terms)
+    state = replica.apply_terms(1, terms)
     _sync(device)
     t2 = time.perf_counter()
     return {"terms": len(terms), "terms_s": t1 - t0, "apply_s": t2 - t1, "state_hash": state}

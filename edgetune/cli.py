@@ -420,13 +420,15 @@ def keys(
 
 @app.command("eval")
 def eval_(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint folder (runs/<id>/checkpoints/round-NNNN)")],
+    checkpoint: Annotated[
+        Path, typer.Argument(help="A checkpoint folder (runs/<id>/checkpoints/round-NNNN) or a delta file")
+    ],
     recipe: Annotated[Path | None, typer.Option(help="Config for the held-out data (default: the run's)")] = None,
     sites: Annotated[int, typer.Option(help="Sites whose held-out questions to use (default: the run's)")] = 0,
     examples: Annotated[int, typer.Option(help="Held-out examples (default: the run's eval.num_examples)")] = 0,
-    accuracy: Annotated[bool, typer.Option(help="Also greedy exact-match accuracy")] = True,
+    accuracy: Annotated[bool, typer.Option(help="Also accuracy (label ranking or greedy exact match)")] = True,
 ) -> None:
-    """Held-out loss and exact-match accuracy of a saved checkpoint."""
+    """Held-out loss and accuracy of a saved checkpoint or an exported delta file."""
     from edgetune.evaluation import evaluate_checkpoint
 
     try:
@@ -437,6 +439,23 @@ def eval_(
         raise _fail(str(err)) from err
     for key, value in result.items():
         console.print(f"{key:>14}: {value}")
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="A run folder (runs/<id>) of an spsa run with a run-scope seed pool")],
+    delta: Annotated[Path, typer.Option("--delta", help="Where to write the delta file (S coefficients + metadata)")],
+) -> None:
+    """Export a run's model as a delta file: its seed-pool coefficients, rebuilt from the base model."""
+    from edgetune.algorithms.spsa.delta import export_run_delta
+
+    try:
+        summary = export_run_delta(run, delta)
+    except ValueError as err:
+        raise _fail(str(err)) from err
+    for key, value in summary.items():
+        console.print(f"{key:>14}: {value}")
+    console.print(f"written to {delta} (0600: it rebuilds the fine-tuned model; `edgetune eval {delta}` checks it)")
 
 
 @app.command()
@@ -513,11 +532,14 @@ def server(
     rounds: Annotated[int, typer.Option(help="Override num_rounds")] = 0,
     set_: Annotated[list[str] | None, typer.Option("--set", help="key=value override (repeatable)")] = None,
     insecure: Annotated[bool, typer.Option(help="No TLS, no node auth: loopback tests only")] = False,
+    gateway: Annotated[
+        str, typer.Option(help="Also serve thin-link sites (`edgetune site --link thin`) at host:port")
+    ] = "",
 ) -> None:
     """Start (or connect to) a SuperLink with TLS + node authentication, register sites, run RECIPE."""
     import json as _json
 
-    from edgetune import deploy
+    from edgetune import deploy, linkmeter
 
     keys = keys.resolve()
     state = state.resolve()
@@ -557,17 +579,22 @@ def server(
     run_cfg = state / "run-config.toml"
     state.mkdir(parents=True, exist_ok=True)
     run_cfg.write_text(cfgmod.to_toml(flat))
-    link = None
+    link = gate = None
     try:
+        if gateway:
+            gate = _start_server_gateway(gateway, keys, f"{client_host}:{port}", insecure)
         if not connect:
             cmd = deploy.superlink_command(keys, host, port, link_home, insecure=insecure)
             link = deploy.Managed(cmd, env_link, state / "superlink.log").__enter__()
             scheme = "http" if insecure else "https"
             deploy.wait_healthy(f"{scheme}://{client_host}:{port}/health", ca, 60, link)
             console.print(f"SuperLink on {host}:{port} (log {state / 'superlink.log'}, database {link_home})")
+        if gate is not None:
+            console.print(f"thin-link gateway on {gateway} (HTTP/2) -> SuperLink {client_host}:{port}")
         if not insecure:
             done = deploy.register_sites(keys, env)
             console.print(f"registered node keys of {', '.join(done)}")
+        linkmeter.mark_timeline(run_dir, "submitted")  # opens the run's setup window for link meters
         run_id = deploy.submit_run(app_dir(state / "app", cfg), run_cfg, env)
         console.print(f"run {run_id} submitted: {run_dir}")
         table = RoundTable(f"edgetune server · {name} · {cfg.algorithm}", cfg.num_rounds)
@@ -577,6 +604,8 @@ def server(
     finally:
         if link is not None:
             link.stop()
+        if gate is not None:
+            gate.stop()
     _print_summary(run_dir)
     if status != "finished:completed":
         raise _fail(f"run {run_id} ended with status {status}; see {state / 'superlink.log'}")
@@ -611,6 +640,16 @@ def site(
             help="Keep the model loaded between rounds in a site host process (else every message reloads it)"
         ),
     ] = True,
+    link: Annotated[
+        str,
+        typer.Option(
+            help="standard, or thin: HTTP/2 to the server's --gateway, held polls, 300 s heartbeats "
+            "(docs/site-operator.md: what it saves and costs)"
+        ),
+    ] = "standard",
+    count_bytes: Annotated[
+        bool, typer.Option(help="Count the real bytes on this site's link (log: STATE/link-bytes.jsonl)")
+    ] = False,
 ) -> None:
     """Run this factory's site: a Flower SuperNode with its kit, data and device."""
     from edgetune import deploy
@@ -629,11 +668,16 @@ def site(
         if not deploy.is_loopback(host):
             raise _fail("--insecure is for loopback tests only; use the kit's TLS and node key")
         console.print("[bold red]WARNING: --insecure: no TLS, no node authentication. Loopback tests only.[/]")
+    if link not in {"standard", "thin"}:
+        raise _fail(f"--link must be standard or thin, got {link!r}")
     socket_path = _site_host_socket(state.resolve()) if keep_loaded else None
     try:
+        node_superlink, local_ca, link_stop = _site_link(
+            kit, superlink, state.resolve(), link=link, count_bytes=count_bytes
+        )
         cmd = deploy.supernode_command(
             kit,
-            superlink,
+            node_superlink,
             port=port,
             data_path=data,
             device=device,
@@ -643,8 +687,9 @@ def site(
             site_index=demo_index if demo_index >= 0 else None,
             num_sites=num_sites or None,
             site_host=str(socket_path) if socket_path else "",
+            via_gateway=local_ca,
         )
-    except (deploy.DeployError, OSError, ValueError) as err:
+    except (deploy.DeployError, OSError, ValueError, RuntimeError) as err:
         raise _fail(str(err)) from err
     env = deploy.flower_env(state.resolve())
     host_proc = _start_site_host(socket_path) if socket_path else None
@@ -704,6 +749,8 @@ def site(
             break
         console.print("SuperLink refused activation (an earlier session may still be open); retrying in 15 s")
         time.sleep(15)
+    for stop in link_stop:
+        stop()
     if host_proc is not None:
         host_proc.terminate()
         try:
@@ -711,6 +758,50 @@ def site(
         except subprocess.TimeoutExpired:
             host_proc.kill()
     raise typer.Exit(code=code)
+
+
+def _site_link(
+    kit: Path, superlink: str, state: Path, *, link: str, count_bytes: bool
+) -> tuple[str, Path | None, list[Any]]:
+    """Where the SuperNode connects (the SuperLink, a link meter or the thin-link gateway), the CA of
+    the thin-link gateway's loopback certificate, and what to stop when the site stops.
+    """
+    from edgetune import deploy, linkmeter
+
+    address, stops, local_ca = superlink, [], None
+    meter_at = None
+    if count_bytes:
+        site_id = json.loads((kit / "site.json").read_text())["site_id"]
+        log = state / "link-bytes.jsonl"
+        meter = linkmeter.LinkMeter(deploy.split_address(superlink), log, site=site_id).start()
+        stops.append(meter.stop)
+        meter_at = ("127.0.0.1", meter.port)
+        address = f"127.0.0.1:{meter.port}"
+        console.print(f"counting this link's bytes: {log}")
+    if link == "thin":
+        from edgetune.flower.linkgate import SiteGateway, ThinLink
+
+        gate = SiteGateway(
+            superlink, kit / "ca.crt", ThinLink(), connect_to=meter_at, state_file=state / "thin-link-node-id"
+        )
+        local_ca = gate.local_tls(state / "thin-link")
+        gate.start()
+        stops.insert(0, gate.stop)
+        address = f"127.0.0.1:{gate.port}"
+        console.print(f"thin link: HTTP/2 gateway 127.0.0.1:{gate.port} -> {superlink}")
+    return address, local_ca, stops
+
+
+def _start_server_gateway(address: str, keys: Path, superlink: str, insecure: bool) -> Any:
+    from edgetune import deploy
+    from edgetune.flower.linkgate import ServerGateway
+
+    if insecure:
+        raise _fail("--gateway needs TLS (thin-link sites verify the SuperLink certificate); drop --insecure")
+    tls = keys / "tls"
+    return ServerGateway(
+        superlink, tls / "superlink.crt", tls / "superlink.key", tls / "ca.crt", listen=deploy.split_address(address)
+    ).start()
 
 
 def _site_host_socket(state: Path) -> Path:
@@ -731,7 +822,7 @@ def _start_site_host(socket_path: Path) -> subprocess.Popen:
     proc = subprocess.Popen(
         [sys.executable, "-m", "edgetune.sitehost", "--socket", str(socket_path), "--ready-file", str(ready)]
     )
-    deadline = time.time() + 120
+    deadline = time.time() + 600  # importing torch on a busy 2-core machine can take minutes
     while not ready.exists():
         if proc.poll() is not None or time.time() > deadline:
             proc.kill()
@@ -773,11 +864,21 @@ def report(
         ReportFormat | None,
         typer.Option("--format", help="html (one self-contained file, plots embedded) or md (plots linked)"),
     ] = None,
+    link_log: Annotated[
+        list[Path] | None,
+        typer.Option(help="A site's link-meter log (`edgetune site --count-bytes`); merged first (repeatable)"),
+    ] = None,
 ) -> None:
     """A report of one run: config, summary, per-round table, plots, bytes per site, IMV."""
+    from edgetune import linkmeter
     from edgetune import report as reportmod
 
     try:
+        if link_log:
+            totals = linkmeter.merge_into_run(run_dir, link_log)
+            console.print(
+                f"merged {len(link_log)} link-meter log(s): {totals.get('link_uplink_bytes_total', 0):,} B up"
+            )
         path = reportmod.write_report(run_dir, out=out, fmt=format_.value if format_ is not None else None)
     except ValueError as err:
         raise _fail(str(err)) from err

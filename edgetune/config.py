@@ -96,16 +96,21 @@ class ModelSection:
     device: str = "auto"
     """``auto`` (cuda when available), ``cpu`` or ``cuda[:N]``."""
     trainable: str = "q_proj,k_proj,v_proj,o_proj"
-    """``all``, ``lora`` (LoRA adapters on ``target_modules``) or comma-separated substrings
-    of parameter names."""
+    """``all``, ``lora`` (LoRA adapters on ``target_modules``; A and B train), ``lora-b`` (LoRA
+    adapters, only B trains: A keeps its keyed initialisation, which every replica derives from
+    ``run.seed``, so A is never sent), or comma-separated substrings of parameter names."""
     target_modules: str = "q_proj,v_proj"
-    """LoRA target modules (comma-separated), used when ``trainable = "lora"``."""
+    """LoRA target modules (comma-separated), used when ``trainable`` is ``lora`` or ``lora-b``."""
     lora_rank: int = 8
     """LoRA rank r."""
     lora_alpha: float = 16.0
     """LoRA alpha (scaling = alpha / r)."""
     lora_dropout: float = 0.0
     """LoRA dropout."""
+    lora_layers: str = ""
+    """Decoder blocks that get LoRA adapters: empty for all, or an inclusive range ``"first-last"``
+    (peft's ``layers_to_transform``). With spsa, adapters on the top blocks only let each probe
+    rerun just those blocks (``models/suffix.py``)."""
     cache_dir: str = ""
     """Where the converted SmolLM2 folder is cached; empty: ``$EDGETUNE_CACHE`` or
     ``~/.cache/edgetune``."""
@@ -145,10 +150,26 @@ class ModelSection:
             )
         if self.autocast not in {"none", "bf16", "fp16"}:
             raise ValueError(f"model.autocast must be none, bf16 or fp16, got {self.autocast!r}")
+        _ = self.lora_layer_list  # validates the spelling
 
     @property
     def target_module_list(self) -> tuple[str, ...]:
         return _csv(self.target_modules)
+
+    @property
+    def lora_layer_list(self) -> tuple[int, ...] | None:
+        """The blocks of ``lora_layers`` (None: all blocks)."""
+        text = self.lora_layers.strip()
+        if not text:
+            return None
+        first, sep, last = text.partition("-")
+        try:
+            lo, hi = int(first), int(last if sep else first)
+        except ValueError as err:
+            raise ValueError(f"model.lora_layers must be empty or 'first-last', got {self.lora_layers!r}") from err
+        if not 0 <= lo <= hi:
+            raise ValueError(f"model.lora_layers must be a range 0 <= first <= last, got {self.lora_layers!r}")
+        return tuple(range(lo, hi + 1))
 
     @property
     def trainable_patterns(self) -> tuple[str, ...]:
@@ -161,8 +182,9 @@ class DataSection:
 
     source: str = "demo"
     """``demo`` (the built-in fact-recall data: alarm codes -> procedures), ``triage`` (the built-in
-    fault-report routing data: report -> one of the site's categories), or ``file``: your own data in
-    ``path`` (``jsonl`` is the same, kept for old recipes)."""
+    fault-report routing data: report -> one of the site's categories), ``docs`` (real technical
+    prose: the docstrings of transformers, datasets, peft and flwr, one package per site) or ``file``:
+    your own data in ``path`` (``jsonl`` is the same, kept for old recipes)."""
     path: str = ""
     """Your data for ``source = "file"``: a ``.jsonl``, ``.json``, ``.parquet`` or ``.csv`` file, or a
     folder written by ``datasets``' ``save_to_disk`` (read offline with ``datasets``). Rows are
@@ -193,11 +215,12 @@ class DataSection:
     system_prompt: str = ""
     """System prompt of examples that carry none of their own (a ``system`` column or a system
     message); empty: the source's own (``demo``: a factory maintenance assistant; ``triage``: a
-    fault-report router; your own data: no system prompt, so the chat template's default applies)."""
+    fault-report router; ``docs``: a documentation writer; your own data: no system prompt, so the
+    chat template's default applies)."""
 
     def __post_init__(self) -> None:
-        if self.source not in {"demo", "triage", "file", "jsonl"}:
-            raise ValueError(f"data.source must be demo, triage or file, got {self.source!r}")
+        if self.source not in {"demo", "triage", "docs", "file", "jsonl"}:
+            raise ValueError(f"data.source must be demo, triage, docs or file, got {self.source!r}")
         if self.source in {"file", "jsonl"} and not self.path:
             raise ValueError(f"data.source = {self.source!r} needs data.path")
         if self.partition not in {"natural", "iid", "dirichlet"}:
@@ -288,7 +311,15 @@ class CryptoSection:
 
 @dataclass(frozen=True, kw_only=True)
 class SpsaSection:
-    """Shared-seed SPSA (Just One Byte, MeZO, FedKSeed); see ``algorithms/spsa.py``."""
+    """Shared-seed SPSA (Just One Byte, MeZO, FedKSeed); see ``algorithms/spsa/``.
+
+    How lr, probes and batch relate: one step moves theta by ``lr * mean_p(g_p z_p)`` (averaged
+    over the P probes and, with ``normalizer = "mean"``, over the N sites), where g_p ~ grad . z_p
+    has the size of the gradient's norm and z_p has d entries of +-1. More probes average more
+    directions at the same lr (the step's noise shrinks as 1/sqrt(N P)); a bigger batch lowers the
+    noise of each g_p. The stable lr falls roughly as 1/d with the number d of perturbed values:
+    LoRA-B (d ~ 10^5) takes lr ~ 1e-3..1e-2, attention projections (d ~ 2.6e7) ~ 1e-5..1e-4.
+    """
 
     eps: float = 2.0**-10
     """Perturbation scale; a power of two so that eps*z is exact (MeZO's zo_eps)."""
@@ -297,12 +328,35 @@ class SpsaSection:
     num_steps: int = 4
     """K: local SPSA steps per site per round."""
     num_probes: int = 1
-    """P: probes (perturbation directions) per step."""
+    """P: probes (perturbation directions) per step; the uplink is K*P bytes (+ framing)."""
+    difference: str = "central"
+    """``central``: [L(w+eps z) - L(w-eps z)] / 2eps, two forwards per probe; ``forward``:
+    [L(w+eps z) - L(w)] / eps, the P probes of a step share one base pass (P + 1 forwards)."""
+    normalizer: str = "mean"
+    """``mean``: the update averages the N*P scalars of a step (lr / (N P)); ``sqrt``: Just One
+    Byte's lr / sqrt(N P)."""
     directions: str = "per-site"
     """``per-site``: every site draws its own directions; ``shared``: all sites evaluate the same
     K*P directions and each coordinate is aggregated across sites (robust aggregators need it)."""
     seed_pool: int = 0
-    """FedKSeed: draw every probe from a per-round pool of this many seeds (0: off)."""
+    """FedKSeed: draw every probe from a pool of this many seeds (0: off); see ``pool_scope``."""
+    pool_scope: str = "round"
+    """``round``: a new pool every round; ``run``: one fixed pool for the whole run, so the model is
+    the base plus S integer coefficients (catch-up and ``edgetune export --delta`` in kilobytes)
+    and ``optimizer`` can keep momentum on them."""
+    optimizer: str = "sgd"
+    """Server-side optimizer on the run-scope pool's coefficients: ``sgd``, ``momentum`` or
+    ``adam`` (every replica computes it from the committed codes; no extra bytes)."""
+    momentum: float = 0.9
+    """Momentum (``momentum``) or beta1 (``adam``)."""
+    adam_beta2: float = 0.999
+    """Adam's beta2."""
+    adam_eps: float = 1e-8
+    """Adam's denominator floor, in the units of g / D."""
+    sparse_frac: float = 0.0
+    """Sparse MeZO: perturb only this fraction of each trainable tensor, its smallest-magnitude
+    base weights (0: all). The mask is a function of the run's base weights, so every replica
+    derives the same one."""
     scalar_codec: str = "int8-sr"
     """One byte per scalar: ``int8-sr`` (linear, stochastic rounding, unbiased inside the clip)
     or ``log8`` (sign + 7-bit log magnitude)."""
@@ -317,8 +371,8 @@ class SpsaSection:
     trim_frac: float = 0.125
     """Fraction trimmed from each side by the trimmed mean."""
     snapshot_after: int = 50
-    """A site more rounds behind than this gets a signed snapshot of the weights (fp32) instead of
-    the replay log (bytes, not weights, while the gap is short)."""
+    """A site more rounds behind than this gets a signed snapshot (fp32 weights; with a run-scope
+    pool its coefficients, sent whenever they are smaller than the log) instead of the replay log."""
     round_start: str = "auto"
     """Where the round-start weights live while a site perturbs its copy: ``host`` memory,
     ``disk`` (a safetensors file read back per tensor), or ``auto`` (disk on CPU, host on GPU)."""
@@ -328,10 +382,31 @@ class SpsaSection:
             raise ValueError(f"spsa.eps must be a power of two (e.g. 0.0009765625 = 2^-10), got {self.eps}")
         if self.lr <= 0 or self.num_steps < 1 or self.num_probes < 1:
             raise ValueError("spsa.lr must be > 0, spsa.num_steps and spsa.num_probes >= 1")
+        if self.num_steps * self.num_probes > 1 << 16:
+            raise ValueError("spsa.num_steps x spsa.num_probes must be at most 65536 (one byte each)")
+        if self.difference not in {"central", "forward"}:
+            raise ValueError(f"spsa.difference must be central or forward, got {self.difference!r}")
+        if self.normalizer not in {"mean", "sqrt"}:
+            raise ValueError(f"spsa.normalizer must be mean or sqrt, got {self.normalizer!r}")
         if self.directions not in {"per-site", "shared"}:
             raise ValueError(f"spsa.directions must be per-site or shared, got {self.directions!r}")
-        if self.seed_pool < 0:
-            raise ValueError(f"spsa.seed_pool must be >= 0, got {self.seed_pool}")
+        if not 0 <= self.seed_pool <= 1 << 20:
+            raise ValueError(f"spsa.seed_pool must be in [0, 2^20], got {self.seed_pool}")
+        if self.pool_scope not in {"round", "run"}:
+            raise ValueError(f"spsa.pool_scope must be round or run, got {self.pool_scope!r}")
+        if self.pool_scope == "run" and self.seed_pool < 1:
+            raise ValueError("spsa.pool_scope = 'run' needs spsa.seed_pool >= 1")
+        if self.optimizer not in {"sgd", "momentum", "adam"}:
+            raise ValueError(f"spsa.optimizer must be sgd, momentum or adam, got {self.optimizer!r}")
+        if self.optimizer != "sgd" and self.pool_scope != "run":
+            raise ValueError(
+                "spsa.optimizer momentum/adam runs on a run-scope pool's coefficients: "
+                "set spsa.pool_scope = 'run' and spsa.seed_pool > 0"
+            )
+        if not 0 <= self.momentum < 1 or not 0 <= self.adam_beta2 < 1 or not 0 < self.adam_eps < 1:
+            raise ValueError("spsa.momentum and spsa.adam_beta2 must be in [0, 1), spsa.adam_eps in (0, 1)")
+        if not 0 <= self.sparse_frac < 1:
+            raise ValueError(f"spsa.sparse_frac must be in [0, 1), got {self.sparse_frac}")
         if not 0 <= self.snapshot_after <= 200:
             raise ValueError(f"spsa.snapshot_after must be in [0, 200] (the longest log), got {self.snapshot_after}")
         if self.scalar_codec not in {"int8-sr", "log8"}:

@@ -177,7 +177,7 @@ def register_sites(keys_dir: Path, env: dict[str, str]) -> list[str]:
             env=env,
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=600,  # a busy machine: the flwr CLI alone takes seconds to start
         )
         text = out.stdout + out.stderr
         if out.returncode != 0 and "already" not in text.lower():
@@ -202,13 +202,16 @@ def submit_run(app_dir: Path, run_config: Path, env: dict[str, str]) -> int:
 
 def run_status(run_id: int, env: dict[str, str]) -> str:
     """Flower's status of a run (``running``, ``finished:completed``, ``finished:failed``, ...)."""
-    out = subprocess.run(
-        ["flwr", "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    try:
+        out = subprocess.run(
+            ["flwr", "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    except subprocess.TimeoutExpired:
+        return "unknown"  # a busy machine: the flwr CLI alone can take a minute; ask again next poll
     try:
         return str(json.loads(out.stdout)["runs"][0]["status"])
     except (ValueError, KeyError, IndexError):
@@ -228,9 +231,13 @@ def supernode_command(
     site_host: str = "",
     model_path: str = "",
     quantize: str = "",
+    via_gateway: Path | None = None,
 ) -> list[str]:
     """``flower-supernode`` for one site: its kit, its data, its device, its own copy of the base model
     (checked against the run's ``model.sha256``) and its site host's socket.
+
+    ``via_gateway``: ``superlink`` is the site's thin-link gateway on loopback, whose throwaway CA
+    certificate this names (the gateway checks the SuperLink's certificate over the link).
     """
     site = json.loads((kit / "site.json").read_text())["site_id"]
     node_config: dict[str, Any] = {"site-id": site, "kit-dir": str(kit.resolve())}
@@ -255,4 +262,5 @@ def supernode_command(
     for name in ("ca.crt", "node.key"):
         if not (kit / name).is_file():
             raise DeployError(f"site kit {kit} lacks {name}: ask the server team for a kit made with `edgetune certs`")
-    return [*cmd, "--root-certificates", str(kit / "ca.crt"), "--auth-supernode-private-key", str(kit / "node.key")]
+    ca = via_gateway or kit / "ca.crt"
+    return [*cmd, "--root-certificates", str(ca), "--auth-supernode-private-key", str(kit / "node.key")]

@@ -75,23 +75,42 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Held-out loss (and accuracy) of ``checkpoint`` on the run's held-out questions
     (``show_progress``: a progress bar over the scored examples).
+
+    ``checkpoint`` is a checkpoint folder, or a delta file of a run-scope spsa pool
+    (``edgetune export --delta``), which is rebuilt from its base model and checked against its
+    recorded state hash first.
     """
     checkpoint = Path(checkpoint)
-    if not checkpoint.is_dir():
-        raise ValueError(f"no checkpoint folder at {checkpoint}")
-    cfg = _run_config(checkpoint, recipe)
+    result: dict[str, Any] = {}
+    if checkpoint.is_file():
+        from edgetune.algorithms.spsa.delta import load_delta
+
+        model, tokenizer, cfg, info = load_delta(checkpoint)
+        if recipe is not None:
+            cfg = cfgmod.from_run_config(cfgmod.load_recipe(recipe))
+        result.update({"round": info["round"], "delta_bytes": info["bytes"], "state_sha256": info["state_sha256"]})
+    elif checkpoint.is_dir():
+        cfg = _run_config(checkpoint, recipe)
+        model, tokenizer = None, None
+    else:
+        raise ValueError(f"no checkpoint folder or delta file at {checkpoint}")
     if num_examples:
         cfg = cfgmod.from_run_config({**cfgmod.flatten(cfg), "eval.num_examples": num_examples})
     sites = num_sites or cfg.run.num_sites or 4
-    model, tokenizer = load_checkpoint(checkpoint, cfg)
+    if model is None:
+        model, tokenizer = load_checkpoint(checkpoint, cfg)
+        info_file = checkpoint / "edgetune.json"
+        if info_file.is_file():
+            result["round"] = json.loads(info_file.read_text()).get("round")
     examples = heldout_examples(cfg, sites)
-    result: dict[str, Any] = {}
-    info = checkpoint / "edgetune.json"
-    if info.is_file():
-        result["round"] = json.loads(info.read_text()).get("round")
     from edgetune import progress
 
-    total = len(examples) * (2 if accuracy else 1)
+    passes = 1
+    if accuracy:
+        # label accuracy, or greedy answers plus (with mc_choices) the multiple-choice ranking
+        free_form_mc = not all(ex.get("choices") for ex in examples) and all(ex.get("mc_choices") for ex in examples)
+        passes += 2 if free_form_mc else 1
+    total = len(examples) * passes
     with progress.task(f"evaluating {checkpoint.name}", total=total) if show_progress else nullcontext() as bar:
         result.update(
             evaluate(

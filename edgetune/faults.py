@@ -1,7 +1,8 @@
 """Fault injection for crash tests (unset in normal use).
 
 ``EDGETUNE_FAULT=<point>:<round>:<seconds>`` makes the process print a marker and pause at that
-point of that round, so a test can kill it there with certainty. Points: ``after-plan`` and
+point of that round (``*``: every round), so a test can kill it there with certainty; benchmarks use
+``site-before-reply:*:55`` for rounds of about a minute. Points: ``after-plan`` and
 ``after-commit`` (server), ``site-before-reply`` (a site, after computing, before replying).
 """
 
@@ -17,6 +18,6 @@ def point(where: str, round_idx: int) -> None:
     if not spec:
         return
     name, rnd, seconds = spec.split(":")
-    if name == where and int(rnd) == round_idx:
+    if name == where and (rnd == "*" or int(rnd) == round_idx):
         print(f"[edgetune] fault point {where} round {round_idx}: pausing {seconds} s", flush=True)
         time.sleep(float(seconds))

@@ -75,7 +75,7 @@ def build(
     from edgetune.models.load import clear_cache
 
     clear_cache()
-    spsa._REPLICAS.clear()
+    spsa.clear_replicas()
     run_dir = Path(run_dir) if run_dir else Path(cfg.run.dir) / new_run_name(cfg)
     site_ids = [site_name(i) for i in range(num_sites)]
     server, tokenizer, evaluate = build_server(cfg, run_dir, site_ids)

@@ -95,7 +95,24 @@ def load_run(run_dir: Path | str) -> Run:
         except json.JSONDecodeError as err:
             raise ValueError(f"{summary_path}: not valid JSON ({err})") from err
     run.ledger = read_jsonl(path / "ledger.jsonl")
+    _add_link_bytes(run.rows, run.ledger)
     return run
+
+
+def _add_link_bytes(rows: list[dict[str, Any]], ledger: Sequence[dict[str, Any]]) -> None:
+    """Per round, the real bytes a link meter counted (``link`` ledger rows, all sites) next to the payload."""
+    link: dict[tuple[int, str], int] = defaultdict(int)
+    for r in ledger:
+        if r.get("kind") == "link":
+            link[(int(r.get("round_idx", -1)), str(r.get("direction")))] += int(r.get("num_bytes", 0))
+    if not link:
+        return
+    for row in rows:
+        up, down = link.get((int(row.get("round", -1)), "up")), link.get((int(row.get("round", -1)), "down"))
+        if up is not None or down is not None:
+            row["uplink_link_bytes"], row["downlink_link_bytes"] = up or 0, down or 0
+            if up and row.get("uplink_bytes") is not None:
+                row["uplink_payload_share"] = row["uplink_bytes"] / up
 
 
 def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -161,6 +178,9 @@ ROUND_COLUMNS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("cum_downlink_bytes", "cum. downlink B", _fixed(",")),
     ("uplink_flower_bytes", "uplink Flower B", _fixed(",")),
     ("downlink_flower_bytes", "downlink Flower B", _fixed(",")),
+    ("uplink_link_bytes", "uplink real B", _fixed(",")),
+    ("downlink_link_bytes", "downlink real B", _fixed(",")),
+    ("uplink_payload_share", "payload / real up", _fixed(".2%")),
     ("num_accepted", "sites", _fixed(".0f")),
     ("num_rejected", "rejected", _fixed(".0f")),
     ("wall_s", "wall s", _fixed(".2f")),
@@ -172,7 +192,8 @@ ROUND_COLUMNS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("rejected", "rejections", _rejections),
 )
 """The per-round table: (metrics key, header, format). A column shows only when some row has the key;
-the Flower byte columns only when some row has a non-zero value (in-process runs have no Flower)."""
+the Flower byte columns only when some row has a non-zero value (in-process runs have no Flower); the
+real (link) columns only when link-meter logs were merged into the run (``edgetune/linkmeter.py``)."""
 
 IMV_KEYS = ("imv", "imv_radius", "imv_base_loss", "imv_capped", "worker_mv", "worker_imv", "dppf_alpha", "dppf_lam")
 
@@ -306,7 +327,9 @@ def build_document(run: Run) -> list[tuple[str, list[Block]]]:
         Text(
             "One row per round from metrics.jsonl (round 0: before training). Bytes are encoded edgetune "
             "payloads summed over all sites; the Flower columns, when shown, are the serialized Flower "
-            "messages that carried them. The state hash is the first 12 hex digits."
+            "messages that carried them; the real columns, when shown, are the TCP bytes a link meter "
+            "counted on the sites' links in that round (round 0: run setup, app bundle included). "
+            "The state hash is the first 12 hex digits."
         ),
         Table(headers, cells),
     ]

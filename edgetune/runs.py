@@ -3,7 +3,8 @@
 runs/<run-id>/
   config.toml          the resolved configuration (a recipe that reproduces the run)
   metrics.jsonl        one row per round (round 0 = before training)
-  ledger.jsonl         bytes per (round, phase, site, direction, payload|flower)
+  ledger.jsonl         bytes per (round, phase, site, direction, payload|flower|link)
+  timeline.jsonl       when the run was submitted and each round closed (splits link-meter logs by round)
   summary.json         first/last held-out loss and accuracy, bytes, framing, timings
   loss_vs_bytes.png    held-out loss against cumulative bytes
   checkpoints/round-NNNN/   model (safetensors + config) or peft adapter, tokenizer, edgetune.json
@@ -25,6 +26,7 @@ from edgetune import config as cfgmod
 from edgetune.comm.ledger import ByteLedger, LedgerRow
 from edgetune.config import RunConfig
 from edgetune.io import append_jsonl, atomic_folder, atomic_write_bytes, atomic_write_json, read_jsonl
+from edgetune.linkmeter import mark_timeline
 from edgetune.tracking import Trackers
 
 
@@ -80,6 +82,7 @@ class RunRecorder:
         row["elapsed_s"] = round(time.time() - self.t_start, 3)
         self.rows.append(row)
         append_jsonl(self.metrics_path, row)
+        mark_timeline(self.dir, "round", round=r)  # when the round closed: splits a link meter's bytes by round
         self.ledger.write_jsonl(self.dir / "ledger.jsonl")
         self.trackers.log(row)
         if self.on_row is not None:

@@ -1,8 +1,10 @@
 """ByteLedger: encoded bytes per (round, phase, site, direction), recorded where encoded.
 
-Two kinds of rows: ``payload`` (the length of the edgetune payload, ``comm/wire.py``) and
+Two kinds of rows are added here: ``payload`` (the length of the edgetune payload, ``comm/wire.py``) and
 ``flower`` (the serialized Flower message that carried it, measured in ``edgetune/flower``).
-Their difference is Flower's framing; a test keeps the two consistent.
+Their difference is Flower's framing; a test keeps the two consistent. A third kind, ``link`` (the TCP
+bytes a link meter counted on a site's link, per round), is merged into ``ledger.jsonl`` after a run by
+``edgetune/linkmeter.py``.
 """
 
 from __future__ import annotations

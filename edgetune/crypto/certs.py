@@ -5,7 +5,7 @@ Layout under the federation's key folder (next to the seed-envelope keys of ``ke
     tls/ca.crt, tls/ca.key            a private CA (ECDSA P-256, 10 years); ca.key stays offline
     tls/superlink.crt, superlink.key  the SuperLink's certificate (SANs: the given hosts/IPs)
     sites/<id>/ca.crt                 the CA, so the site can verify the SuperLink
-    sites/<id>/node.key, node.pub     Flower SuperNode authentication key (ECDSA P-384, OpenSSH
+    sites/<id>/node.key, node.pub     Flower SuperNode authentication key (ECDSA P-256, OpenSSH
                                       format, as ``flower-supernode --auth-supernode-private-key``
                                       expects); node.pub is registered with ``flwr supernode register``
 
@@ -127,7 +127,9 @@ def generate_node_keys(out_dir: Path, site_ids: Sequence[str], *, overwrite: boo
             raise ValueError(f"no site kit {kit}: run `edgetune keys {out_dir} --sites {site}` first")
         if (kit / "node.key").exists() and not overwrite:
             raise ValueError(f"{kit / 'node.key'} exists; pass --overwrite to replace it")
-        key = ec.generate_private_key(ec.SECP384R1())
+        # P-256: Flower accepts any NIST curve; every request carries the node's public key and a
+        # signature, and P-256's are ~110 B shorter than P-384's (128-bit security, as TLS's X25519)
+        key = ec.generate_private_key(ec.SECP256R1())
         private = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
         )

@@ -86,13 +86,17 @@ def add_(
     index: int,
     alpha: float,
     packed: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> None:
     """In place: ``param += alpha * z`` for the z of (key, tensor ``index``).
 
     Works chunk by chunk so the expanded z never exceeds ``CHUNK_ELEMS`` values. ``packed``
     (from ``tensor_bits``) skips keystream generation when the same z is applied again.
+    ``mask`` (same shape as ``param``, 0/1 or bool) zeroes z outside it (sparse perturbations);
+    z * mask is still in {-1, 0, +1}, so every update keeps its single rounding.
     """
     flat = param.view(-1)
+    flat_mask = None if mask is None else mask.view(-1)
     numel = flat.numel()
     for start in range(0, numel, CHUNK_ELEMS):
         stop = min(start + CHUNK_ELEMS, numel)
@@ -100,20 +104,30 @@ def add_(
             chunk_bits = torch.from_numpy(bits(key, index, start, stop - start).copy()).to(param.device)
         else:
             chunk_bits = packed[start // 8 : (stop + 7) // 8]
-        flat[start:stop].add_(_expand_chunk(chunk_bits, stop - start, param.dtype), alpha=alpha)
+        z = _expand_chunk(chunk_bits, stop - start, param.dtype)
+        if flat_mask is not None:
+            z = z * flat_mask[start:stop]
+        flat[start:stop].add_(z, alpha=alpha)
 
 
-def add_many_(param: torch.Tensor, index: int, terms: list[tuple[bytes, float]]) -> None:
+def add_many_(
+    param: torch.Tensor, index: int, terms: list[tuple[bytes, float]], mask: torch.Tensor | None = None
+) -> None:
     """In place, in order: ``param -= c * z_key`` ... for each (key, c) in ``terms``.
 
     The canonical replay kernel: one tensor, every probe of a round in canonical order, each
-    applied with its own rounding (``w = fl(w - c)`` or ``fl(w + c)`` per element).
+    applied with its own rounding (``w = fl(w - c)`` or ``fl(w + c)`` per element). ``mask`` as
+    in ``add_``.
     """
     flat = param.view(-1)
+    flat_mask = None if mask is None else mask.view(-1)
     numel = flat.numel()
     for start in range(0, numel, CHUNK_ELEMS):
         stop = min(start + CHUNK_ELEMS, numel)
         view = flat[start:stop]
         for key, coeff in terms:
             chunk_bits = torch.from_numpy(bits(key, index, start, stop - start).copy()).to(param.device)
-            view.add_(_expand_chunk(chunk_bits, stop - start, param.dtype), alpha=-coeff)
+            z = _expand_chunk(chunk_bits, stop - start, param.dtype)
+            if flat_mask is not None:
+                z = z * flat_mask[start:stop]
+            view.add_(z, alpha=-coeff)

@@ -111,6 +111,9 @@ GENERAL_HELDOUT_TEMPLATE = "A new technician at the {site} asks about {topic}. W
 
 RESPONSE_TEMPLATE = "Procedure PR-{number}: {first} and {second}."
 
+MC_OPTIONS = 4
+"""Held-out multiple choice: the true answer and three other answers of the same site."""
+
 
 @dataclass(frozen=True)
 class DemoSite:
@@ -218,6 +221,15 @@ def _make_site(site_id: str, name: str, key: bytes, num_facts: int) -> DemoSite:
 
     train_rows = [{"instruction": q, "response": r, "site": site_id} for qs, _, r in facts for q in qs]
     heldout_rows = [{"instruction": h, "response": r, "site": site_id} for _, h, r in facts]
+    # Multiple choice for a graded score that moves early: the true answer among three other
+    # answers of the same site, in a keyed order (scored by likelihood, metrics/eval.py).
+    responses = [r for _, _, r in facts]
+    if len(responses) >= MC_OPTIONS:
+        for i, row in enumerate(heldout_rows):
+            others = [responses[j] for j in schedule.permutation(stream(f"mc-{i}"), len(responses)) if j != i]
+            options = [row["response"], *others[: MC_OPTIONS - 1]]
+            order = schedule.permutation(stream(f"mc-order-{i}"), MC_OPTIONS)
+            row["mc_choices"] = "\n".join(options[int(k)] for k in order)
     # Keyed shuffles so that any prefix mixes facts and phrasings (the three phrasings of
     # one fact are otherwise adjacent, and general facts would all sit at the end).
     train_order = schedule.permutation(stream("train-order"), len(train_rows))

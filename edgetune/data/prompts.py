@@ -6,7 +6,8 @@ evaluated on exactly the prompt it was trained on. The loss covers answers only.
 
 An example is a dict in one of two shapes:
 
-* ``{"instruction", "response"}`` (optionally ``"system"`` and ``"template"``): the prompt is the
+* ``{"instruction", "response"}`` (optionally ``"system"``, ``"template"`` and ``"answer_prefix"``,
+  text such as ``Category:`` that ends the prompt and starts the answer line): the prompt is the
   model's chat template with a system and a user message (or ``template``, the recipe's
   ``data.prompt_template``, or the built-in ``### Question:`` layout when the tokenizer has no chat
   template); the loss covers the response and the end-of-turn token.
@@ -42,7 +43,9 @@ CHAT_ROLES = ("system", "user", "assistant")
 """Roles a ``messages`` row may use."""
 
 
-def format_prompt(tokenizer: Any, instruction: str, system: str | None = None, template: str | None = None) -> str:
+def format_prompt(
+    tokenizer: Any, instruction: str, system: str | None = None, answer_prefix: str = "", *, template: str | None = None
+) -> str:
     """The prompt text for ``instruction``, up to where the answer starts.
 
     Parameters
@@ -54,6 +57,9 @@ def format_prompt(tokenizer: Any, instruction: str, system: str | None = None, t
         The question.
     system
         System prompt; ``None`` uses ``SYSTEM_PROMPT``, ``""`` none (no system message).
+    answer_prefix
+        Text the answer starts with that is part of the prompt, not of the answer (the triage
+        data's ``Category:``): the model is scored on what follows it. It follows the template too.
     template
         A recipe's ``data.prompt_template`` (``{instruction}``, ``{system}``); used when given.
 
@@ -64,13 +70,13 @@ def format_prompt(tokenizer: Any, instruction: str, system: str | None = None, t
     """
     system = SYSTEM_PROMPT if system is None else system
     if template:
-        return template.format(instruction=instruction, system=system)
+        return template.format(instruction=instruction, system=system) + answer_prefix
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "system", "content": system}] if system else []
         messages.append({"role": "user", "content": instruction})
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + answer_prefix
     plain = PLAIN_TEMPLATE if system else PLAIN_TEMPLATE.removeprefix("{system}\n")
-    return plain.format(instruction=instruction, system=system)
+    return plain.format(instruction=instruction, system=system) + answer_prefix
 
 
 def end_token_id(tokenizer: Any) -> int:
@@ -109,11 +115,27 @@ def pad_token_id(tokenizer: Any) -> int:
 
 
 def encode_prompt(
-    tokenizer: Any, instruction: str, system: str | None = None, template: str | None = None
+    tokenizer: Any, instruction: str, system: str | None = None, answer_prefix: str = "", *, template: str | None = None
 ) -> list[int]:
-    """Token ids of ``format_prompt(tokenizer, instruction, system, template)``."""
-    text = format_prompt(tokenizer, instruction, system, template)
+    """Token ids of ``format_prompt(tokenizer, instruction, system, answer_prefix, template=template)``."""
+    text = format_prompt(tokenizer, instruction, system, answer_prefix, template=template)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_answer(tokenizer: Any, response: str, answer_prefix: str = "") -> list[int]:
+    """Token ids of an answer (without the end-of-turn token).
+
+    After an ``answer_prefix`` the answer is ``" " + response`` tokenised as the continuation of the
+    prefix (``"Category: mechanical"`` minus the tokens of ``"Category:"``), which is how the text
+    reads as a whole.
+    """
+    if not answer_prefix:
+        return list(tokenizer(response, add_special_tokens=False)["input_ids"])
+    head = list(tokenizer(answer_prefix, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(f"{answer_prefix} {response}", add_special_tokens=False)["input_ids"])
+    if full[: len(head)] == head and len(full) > len(head):
+        return full[len(head) :]
+    return list(tokenizer(f" {response}", add_special_tokens=False)["input_ids"])
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
@@ -179,7 +201,13 @@ def prompt_ids(tokenizer: Any, example: Mapping[str, Any]) -> list[int]:
     if "messages" in example:
         messages = chat_messages(example)
         return _ids(tokenizer, _render(tokenizer, messages[:-1], generation_prompt=True))
-    return encode_prompt(tokenizer, example["instruction"], example.get("system"), example.get("template"))
+    return encode_prompt(
+        tokenizer,
+        example["instruction"],
+        example.get("system"),
+        example.get("answer_prefix") or "",
+        template=example.get("template"),
+    )
 
 
 def _encode_chat(tokenizer: Any, example: Mapping[str, Any], max_length: int) -> tuple[list[int], list[int]]:
@@ -218,7 +246,8 @@ def encode_example(tokenizer: Any, example: Mapping[str, Any], max_length: int) 
         A Hugging Face tokenizer.
     example
         ``{"instruction": str, "response": str, ...}``, optionally ``"system"`` (its system prompt)
-        and ``"template"``; or ``{"messages": [...], ...}`` (see the module docstring).
+        and ``"template"`` (see ``format_prompt``) and ``"answer_prefix"``; or ``{"messages": [...], ...}``
+        (see the module docstring).
     max_length
         Most tokens kept. A longer example loses the left of its prompt (for conversations: its
         oldest turns), never its last answer; an answer longer than ``max_length`` on its own keeps
@@ -235,7 +264,7 @@ def encode_example(tokenizer: Any, example: Mapping[str, Any], max_length: int) 
     if "messages" in example:
         return _encode_chat(tokenizer, example, max_length)
     prompt = prompt_ids(tokenizer, example)
-    answer = list(tokenizer(example["response"], add_special_tokens=False)["input_ids"])
+    answer = encode_answer(tokenizer, example["response"], example.get("answer_prefix") or "")
     answer.append(end_token_id(tokenizer))
     if len(answer) >= max_length:
         answer, prompt = answer[:max_length], []
@@ -336,7 +365,10 @@ def batch_indices(num_examples: int, batch_size: int, key: bytes) -> list[int]:
 
 
 def generation_batch(
-    tokenizer: Any, instructions: Sequence[str], systems: Sequence[str | None] | None = None
+    tokenizer: Any,
+    instructions: Sequence[str],
+    systems: Sequence[str | None] | None = None,
+    answer_prefixes: Sequence[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Left-padded prompts for batched greedy decoding (instruction examples).
 
@@ -352,7 +384,15 @@ def generation_batch(
         raise ValueError("generation_batch needs at least one instruction")
     if systems is not None and len(systems) != len(instructions):
         raise ValueError(f"{len(instructions)} instructions but {len(systems)} system prompts")
-    prompts = [encode_prompt(tokenizer, q, None if systems is None else systems[i]) for i, q in enumerate(instructions)]
+    prompts = [
+        encode_prompt(
+            tokenizer,
+            q,
+            None if systems is None else systems[i],
+            "" if answer_prefixes is None else answer_prefixes[i],
+        )
+        for i, q in enumerate(instructions)
+    ]
     return left_padded(tokenizer, prompts)
 
 

@@ -1,6 +1,6 @@
 """Which examples each site trains on and which the server evaluates on.
 
-Simulation: site ``i`` of ``N`` gets demo site ``i`` (``data.source = "demo"`` or ``"triage"``) or partition
+Simulation: site ``i`` of ``N`` gets demo site ``i`` (``data.source = "demo"``, ``"triage"`` or ``"docs"``) or partition
 ``i`` of ``data.path`` (``natural``/``iid``/``dirichlet``). Deployment: a site's node config
 ``data-path`` names its own data file (any format ``data/files.py`` reads). The server evaluates on
 the demo held-out questions, on ``data.eval_path``, or on a keyed 10% split of ``data.path`` that the
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from edgetune.config import RunConfig
 from edgetune.crypto import schedule
+from edgetune.data import realtext
 from edgetune.data.demo import demo_heldout, demo_sites
 from edgetune.data.files import load_examples
 from edgetune.data.prompts import SYSTEM_PROMPT as DEMO_SYSTEM_PROMPT
@@ -67,6 +68,8 @@ def site_examples(cfg: RunConfig, site_index: int, num_sites: int, data_path: st
         return _with_system(cfg, list(sites[site_index].train))
     if cfg.data.source == "triage":
         return _with_system(cfg, list(triage_sites(num_sites, seed=cfg.run.seed)[site_index].train))
+    if cfg.data.source == "docs":
+        return _with_system(cfg, realtext.docs_site(site_index, seed=cfg.run.seed))
     # flwr-datasets' partitioners: a Flower package, so they live in edgetune/flower/ (imported only
     # when a simulated site partitions a data file)
     from edgetune.flower.partition import partition
@@ -89,6 +92,8 @@ def heldout_examples(cfg: RunConfig, num_sites: int) -> list[dict]:
         rows = demo_heldout(num_sites, facts_per_site=cfg.data.demo_facts, seed=cfg.run.seed)
     elif cfg.data.source == "triage":
         rows = triage_heldout(num_sites, seed=cfg.run.seed)
+    elif cfg.data.source == "docs":
+        rows = realtext.docs_heldout(num_sites, seed=cfg.run.seed)
     else:
         _, rows = _split_path(cfg)
     return _with_system(cfg, list(rows[: cfg.eval.num_examples]))
@@ -96,11 +101,13 @@ def heldout_examples(cfg: RunConfig, num_sites: int) -> list[dict]:
 
 def system_prompt(cfg: RunConfig) -> str:
     """The system prompt of examples without their own: ``data.system_prompt``, else the source's
-    (demo: the factory assistant, triage: the report router, your own data: ``""``, none).
+    (demo: the factory assistant, triage: the report router, docs: the technical writer, your own
+    data: ``""``, none).
     """
     if cfg.data.system_prompt:
         return cfg.data.system_prompt
-    return {"demo": DEMO_SYSTEM_PROMPT, "triage": TRIAGE_SYSTEM_PROMPT}.get(cfg.data.source, "")
+    defaults = {"demo": DEMO_SYSTEM_PROMPT, "triage": TRIAGE_SYSTEM_PROMPT, "docs": realtext.SYSTEM_PROMPT}
+    return defaults.get(cfg.data.source, "")
 
 
 def _with_system(cfg: RunConfig, rows: list[dict]) -> list[dict]:

@@ -29,8 +29,12 @@ CATEGORIES_PER_SITE = 5
 SYSTEM_PROMPT = "You route factory fault reports. Answer with one category from the list."
 """The triage recipes' system prompt (``data.system_prompt``)."""
 
+ANSWER_PREFIX = "Category:"
+"""Every answer starts with this (part of the prompt): the label is the word that follows it."""
+
 # Symptom descriptions per category: the first TRAIN_SYMPTOMS train, the rest are held out.
-# Written so that the category word itself never appears in a symptom.
+# Written in an operator's words: some name the part involved ("the level sensor", "a safety
+# cover", "the cooling tower pump"), most describe only what is seen, heard or smelt.
 SYMPTOMS: dict[str, tuple[str, ...]] = {
     "hydraulics": (
         "oil is seeping from the clamp cylinder",
@@ -251,9 +255,9 @@ HELDOUT_REPORTS_PER_SITE = 40
 class TriageSite:
     """One plant: its categories and its reports.
 
-    ``train`` and ``heldout`` hold example dicts ``{"instruction", "response", "choices",
-    "site"}``; ``choices`` is the site's categories, newline-separated (the candidates that
-    accuracy ranks, ``metrics/eval.py``).
+    ``train`` and ``heldout`` hold example dicts ``{"instruction", "response", "answer_prefix",
+    "choices", "site"}``; ``choices`` is the site's categories, newline-separated (the candidates
+    that accuracy ranks, ``metrics/eval.py``), and the answer follows ``Category:``.
     """
 
     site_id: str
@@ -358,7 +362,13 @@ def _make_site(site_id: str, name: str, key: bytes, n_train: int, n_heldout: int
                 seen.add(report)
                 question = QUESTION_TEMPLATE.format(site=name, report=report, choices=choices)
                 rows.append(
-                    {"instruction": question, "response": category, "choices": "\n".join(categories), "site": site_id}
+                    {
+                        "instruction": question,
+                        "response": category,
+                        "answer_prefix": ANSWER_PREFIX,
+                        "choices": "\n".join(categories),
+                        "site": site_id,
+                    }
                 )
                 if len(rows) == count:
                     break

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from edgetune import faults
+from edgetune.bundle import check_version
 from edgetune.comm import wire
 from edgetune.flower.messages import from_content, to_content
 
@@ -64,6 +65,7 @@ def hello(msg: Message, context: Context) -> Message:
     """Answer ``query.hello`` with this node's site id (and remember the simulation kit root)."""
     kit_root = str(msg.content["hello"].get("kit_root", ""))
     me = identity(context, kit_root)
+    check_version(str(msg.content["hello"].get("edgetune", "")), me["site"])  # the FAB runs this site's edgetune
     context.state["edgetune-hello"] = ConfigRecord({"kit_root": kit_root})
     return Message(RecordDict({"hello": ConfigRecord({"site": me["site"]})}), reply_to=msg)
 

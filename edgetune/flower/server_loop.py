@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 
 from edgetune import config as cfgmod
 from edgetune.build import build_server, keys_dir_for
+from edgetune.bundle import code_version
 from edgetune.comm.ledger import ByteLedger
 from edgetune.federation import Failure, run_federation
 from edgetune.flower.messages import MessageError, flower_bytes, from_content, to_content
@@ -179,7 +180,7 @@ def discover_sites(grid: Grid, node_ids: list[int], kit_root: str, timeout_s: fl
     """Ask every node which site it is; the reply names a site id (unique) per node."""
     msgs = [
         Message(
-            RecordDict({"hello": ConfigRecord({"kit_root": kit_root})}),
+            RecordDict({"hello": ConfigRecord({"kit_root": kit_root, "edgetune": code_version()})}),
             dst_node_id=n,
             message_type=HELLO,
             group_id="hello",

@@ -25,6 +25,7 @@ from transformers import GenerationConfig
 from edgetune.data.prompts import (
     IGNORE_INDEX,
     TokenizedSet,
+    encode_answer,
     left_padded,
     pad_token_id,
     prompt_ids,
@@ -217,9 +218,9 @@ def _token_f1(pred: list[str], gold: list[str]) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def choices_of(example: Mapping[str, str]) -> list[str]:
+def choices_of(example: Mapping[str, str], field: str = "choices") -> list[str]:
     """The candidate answers of ``example`` (its ``choices`` field, newline-separated)."""
-    raw = example.get("choices")
+    raw = example.get(field)
     if not isinstance(raw, str) or not raw.strip():
         raise ValueError(f"example has no choices: {str(example.get('instruction', ''))[:80]!r}")
     choices = [c for c in raw.split(CHOICE_SEPARATOR) if c]
@@ -235,9 +236,10 @@ def choice_accuracy(
     *,
     batch_size: int,
     max_length: int,
+    field: str = "choices",
     on_batch: Callable[[int], None] | None = None,
 ) -> float:
-    """Fraction of examples whose response is the best-scored of its ``choices``.
+    """Fraction of examples whose response is the best-scored of its ``choices`` (or ``field``).
 
     Parameters
     ----------
@@ -260,7 +262,8 @@ def choice_accuracy(
     fast: list[int] = []
     slow: list[int] = []
     for i, ex in enumerate(examples):
-        firsts = [tokenizer(c, add_special_tokens=False)["input_ids"][:1] for c in choices_of(ex)]
+        prefix = ex.get("answer_prefix") or ""
+        firsts = [encode_answer(tokenizer, c, prefix)[:1] for c in choices_of(ex, field)]
         ids = [f[0] if f else -1 for f in firsts]
         first_token.append(ids)
         (fast if -1 not in ids and len(set(ids)) == len(ids) else slow).append(i)
@@ -279,13 +282,13 @@ def choice_accuracy(
             logits = last_position_logits(model, input_ids, attention_mask)
             for row, i in enumerate(idx):
                 scores = logits[row, first_token[i]]
-                choices = choices_of(examples[i])
+                choices = choices_of(examples[i], field)
                 correct += choices[int(torch.argmax(scores))] == examples[i]["response"]
             if on_batch is not None:
                 on_batch(len(idx))
         for i in slow:
             ex = examples[i]
-            choices = choices_of(ex)
+            choices = choices_of(ex, field)
             rows = [{**ex, "response": c} for c in choices]
             data = TokenizedSet(tokenizer, rows, max_length)
             scores = sequence_logprobs(model, data.batch(list(range(len(rows)))))
@@ -309,14 +312,15 @@ def evaluate(
     """Held-out loss, and accuracy when ``accuracy`` (slower: ranking or greedy decoding).
 
     ``on_batch`` is called with the examples of every batch scored: ``len(examples)`` for the
-    loss, as many again for the accuracy.
+    loss, as many again for the accuracy, and again for ``mc_accuracy``.
 
     Returns
     -------
     dict[str, float]
         ``{"heldout_loss": ...}``, plus, when asked for, ``"accuracy"``: label accuracy
         (``choice_accuracy``) when every example has ``choices``, else greedy exact match, with
-        the graded scores ``procedure_accuracy`` and ``action_f1`` next to it.
+        the graded scores ``procedure_accuracy`` and ``action_f1`` next to it, and ``mc_accuracy``
+        (likelihood-ranked multiple choice) when every example has ``mc_choices``.
     """
     metrics = {
         "heldout_loss": heldout_loss(
@@ -335,6 +339,16 @@ def evaluate(
             graded = graded_scores(answers, examples)
             metrics["accuracy"] = graded.pop("exact_match")
             metrics.update(graded)
+            if all(ex.get("mc_choices") for ex in examples):
+                metrics["mc_accuracy"] = choice_accuracy(
+                    model,
+                    tokenizer,
+                    examples,
+                    batch_size=batch_size,
+                    max_length=max_length,
+                    field="mc_choices",
+                    on_batch=on_batch,
+                )
     return metrics
 
 

@@ -267,6 +267,7 @@ def _add_lora(model: nn.Module, cfg: ModelSection, seed: int) -> nn.Module:
         lora_dropout=cfg.lora_dropout,
         target_modules=list(cfg.target_module_list),
         task_type="CAUSAL_LM",
+        layers_to_transform=list(cfg.lora_layer_list) if cfg.lora_layer_list else None,
     )
     # peft draws its init from torch's global generator; fork it so the caller's global state is
     # untouched, then overwrite A from the keyed ``init`` stream (B stays zero, as in LoRA).
@@ -316,7 +317,7 @@ def _torch_dtype(name: str) -> torch.dtype | str:
 def load_model(cfg: ModelSection, *, seed: int = 0) -> tuple[nn.Module, Any]:
     """Load a fresh (model, tokenizer) on ``cfg.device`` in ``cfg.dtype``, eval mode.
 
-    LoRA adapters are added when ``cfg.trainable == "lora"``; only the parameters
+    LoRA adapters are added when ``cfg.trainable`` is ``lora`` or ``lora-b``; only the parameters
     ``cfg.trainable`` names keep ``requires_grad`` (the trainable manifest).
     ``cfg.quantize`` loads 4/8-bit base weights (bitsandbytes, CUDA), ``cfg.gradient_checkpointing``
     turns on activation recomputation for training.
@@ -364,7 +365,7 @@ def load_model(cfg: ModelSection, *, seed: int = 0) -> tuple[nn.Module, Any]:
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.trainable.strip() == "lora":
+    if cfg.trainable.strip() in {"lora", "lora-b"}:
         model = _add_lora(model, cfg, seed)
     select_trainable(model, cfg.trainable_patterns)
     if cfg.quantize == "none":
@@ -377,7 +378,7 @@ def cached_model(cfg: ModelSection, *, seed: int = 0, namespace: str = "") -> tu
     """One (model, tokenizer) per process and (model config, seed, namespace).
 
     Callers that mutate the weights (SPSA) keep them in a known state themselves
-    (``algorithms/spsa.py`` tracks round and hash); ``namespace`` gives a caller its own copy.
+    (``algorithms/spsa/replica.py`` tracks round and hash); ``namespace`` gives a caller its own copy.
     """
     key = (
         cfg.path,
@@ -391,6 +392,7 @@ def cached_model(cfg: ModelSection, *, seed: int = 0, namespace: str = "") -> tu
         cfg.lora_dropout,
         cfg.quantize,
         cfg.gradient_checkpointing,
+        cfg.lora_layers,
         seed,
         namespace,
     )

@@ -36,7 +36,8 @@ def answer_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tenso
     base = _plain(model)
     if base is None:
         return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-    hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    # use_cache=False: a training/eval forward needs no key-value cache (the default builds one)
+    hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
     logits = base.get_output_embeddings()(hidden[:, :-1][mask])
@@ -50,7 +51,7 @@ def last_position_logits(model: nn.Module, input_ids: torch.Tensor, attention_ma
     base = _plain(model)
     if base is None:
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -1].float()
-    hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     return base.get_output_embeddings()(hidden[:, -1]).float()
 
 

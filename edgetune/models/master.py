@@ -155,13 +155,14 @@ def replay(
     store: MasterStore,
     work: Sequence[torch.Tensor],
     terms: Sequence[tuple[bytes, float]],
+    masks: Sequence[torch.Tensor | None] | None = None,
 ) -> str:
     """Apply ``w -= c * z_key`` for every (key, c) in ``terms``, in order, to the master state,
     tensor by tensor; then refresh the work tensors from it. Returns the new state hash.
 
     Arithmetic happens in fp32 on the work tensor's device (one fp32 tensor of scratch when the
     work copy is not fp32). Each term is one rounding per element, so the result is the same
-    on any device.
+    on any device. ``masks`` (one per tensor, or None) restrict z to sparse coordinates.
     """
     h = hashlib.sha256()
     store.begin()
@@ -170,10 +171,23 @@ def replay(
         buf = w if direct else torch.empty(w.shape, dtype=torch.float32, device=w.device)
         store.read_into(i, buf)
         if terms:
-            keystream.add_many_(buf, i, list(terms))
+            keystream.add_many_(buf, i, list(terms), None if masks is None else masks[i])
         h.update(tensor_bytes(buf))
         store.write(i, buf)
         if not direct:
             w.copy_(buf)
+    store.commit()
+    return h.hexdigest()
+
+
+def write_all(store: MasterStore, work: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> str:
+    """Replace the master state by ``values`` (fp32, host), refresh the work tensors; return the hash."""
+    h = hashlib.sha256()
+    store.begin()
+    for i, (w, v) in enumerate(zip(work, values, strict=True)):
+        v = v.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        h.update(tensor_bytes(v))
+        store.write(i, v)
+        w.copy_(v.view_as(w))
     store.commit()
     return h.hexdigest()

@@ -60,8 +60,8 @@ class Manifest:
 def select_trainable(model: nn.Module, patterns: Iterable[str]) -> Manifest:
     """Mark parameters trainable by name and return their manifest.
 
-    ``patterns`` holds ``all``, ``lora`` (parameters whose name contains ``lora_``) or
-    substrings of parameter names. Everything else gets ``requires_grad = False``.
+    ``patterns`` holds ``all``, ``lora`` (parameters whose name contains ``lora_``), ``lora-b``
+    (``lora_B`` only) or substrings of parameter names. Everything else gets ``requires_grad = False``.
     Raises ``ValueError`` if nothing matches.
     """
     pats = tuple(patterns)
@@ -71,6 +71,8 @@ def select_trainable(model: nn.Module, patterns: Iterable[str]) -> Manifest:
             keep = True
         elif "lora" in pats:
             keep = "lora_" in name
+        elif "lora-b" in pats:
+            keep = "lora_B" in name
         else:
             keep = any(p in name for p in pats)
         param.requires_grad_(keep)

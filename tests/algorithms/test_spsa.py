@@ -351,7 +351,7 @@ def test_site_in_a_fresh_process_continues_from_its_saved_state(tmp_path):
     server, transport, recorder, *_ = _federation(tmp_path, cfg, 2, separate=True)
     for r in (1, 2, 3):
         run_round(cfg, server, transport, recorder, r)
-    spsa._REPLICAS.clear()  # forget every in-process copy, as a new ClientApp process would
+    spsa.clear_replicas()  # forget every in-process copy, as a new ClientApp process would
     loadmod.clear_cache()
     from edgetune.build import build_client, keys_dir_for
     from edgetune.crypto.keys import site_kit_dir

@@ -58,8 +58,11 @@ def test_default_sizes_and_example_shape():
         assert site.name.endswith(" plant")
         assert len(site.train) == 3 * (24 + NUM_GENERAL)
         assert len(site.heldout) == 24 + NUM_GENERAL
-        for ex in site.train + site.heldout:
+        for ex in site.train:
             assert set(ex) == {"instruction", "response", "site"}
+        for ex in site.heldout:
+            assert set(ex) == {"instruction", "response", "site", "mc_choices"}
+        for ex in site.train + site.heldout:
             assert ex["site"] == site.site_id
             assert RESPONSE.match(ex["response"]), ex["response"]
             assert len(ex["response"].split()) <= 14
@@ -139,3 +142,15 @@ def test_out_of_range_arguments_raise(num_sites, facts):
     # Execute / Assert
     with pytest.raises(ValueError, match="demo data"):
         demo_sites(num_sites, facts_per_site=facts)
+
+
+def test_heldout_multiple_choice_holds_the_answer_and_three_answers_of_the_same_site():
+    """Each held-out fact offers 4 distinct options: its own answer and three other answers of its site."""
+    from edgetune.data.demo import MC_OPTIONS, demo_sites
+
+    site = demo_sites(2, facts_per_site=6, seed=0)[1]
+    answers = {row["response"] for row in site.heldout}
+    for row in site.heldout:
+        options = row["mc_choices"].split("\n")
+        assert len(options) == len(set(options)) == MC_OPTIONS
+        assert row["response"] in options and set(options) <= answers

@@ -4,6 +4,10 @@
 three `edgetune site` processes join. A fourth node whose key was never registered is refused. One
 site is killed mid-round: the round completes with the other two; the site restarts, catches up
 from its saved state and the replay log, and ends with the server's state hash.
+
+Twice: with Flower's transport as is (``standard``) and with the thin-link profile (``--link thin``
+through the server's ``--gateway``). Every site counts its link's bytes (``--count-bytes``); the logs
+are merged into the run, and the real bytes of every round exceed the payload they carried.
 """
 
 from __future__ import annotations
@@ -66,7 +70,8 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
 
 
-def test_tls_node_auth_three_sites_kill_and_catch_up(tmp_path):
+@pytest.mark.parametrize("link", ["standard", "thin"])
+def test_tls_node_auth_three_sites_kill_and_catch_up(tmp_path, link):
     fed = tmp_path / "fed"
     keys.generate(fed, ["site-0", "site-1", "site-2"])
     certs.generate_tls(fed, ["127.0.0.1", "localhost"])
@@ -79,6 +84,8 @@ def test_tls_node_auth_three_sites_kill_and_catch_up(tmp_path):
         "COLUMNS": "200",
     }
     port = _port()
+    gateway = _port()
+    site_target = f"127.0.0.1:{gateway if link == 'thin' else port}"
     server_log = open(tmp_path / "server.out", "w")
     server = subprocess.Popen(
         [
@@ -101,6 +108,7 @@ def test_tls_node_auth_three_sites_kill_and_catch_up(tmp_path):
             "run.quorum_grace_s=3",
             "--set",
             "run.round_timeout_s=120",
+            *(["--gateway", f"127.0.0.1:{gateway}"] if link == "thin" else []),
         ],
         cwd=ROOT,
         # the server pauses after committing round 4, long enough for Flower to let the killed site's
@@ -121,7 +129,10 @@ def test_tls_node_auth_three_sites_kill_and_catch_up(tmp_path):
                 "--kit",
                 str(kit),
                 "--superlink",
-                f"127.0.0.1:{port}",
+                site_target,
+                "--link",
+                link,
+                "--count-bytes",
                 "--demo-index",
                 str(index),
                 "--num-sites",
@@ -177,3 +188,26 @@ def test_tls_node_auth_three_sites_kill_and_catch_up(tmp_path):
     saved = json.loads(next((tmp_path / "cache" / "sites" / "site-2" / "spsa").glob("*/replica.json")).read_text())
     assert saved["hash"] == rows[saved["applied"]]["state_hash"]
     assert saved["applied"] == 7
+
+    # the real bytes on each site's link, merged into the run: every round of every site is there, and
+    # exceeds what edgetune's payload counted for it
+    from edgetune import linkmeter
+    from edgetune.io import read_jsonl
+
+    logs = [tmp_path / f"state-{s}" / "link-bytes.jsonl" for s in ("site-0", "site-1", "site-2")]
+    totals = linkmeter.merge_into_run(run_dir, logs)
+    ledger = read_jsonl(run_dir / "ledger.jsonl")
+    real = {(r["round_idx"], r["site_id"], r["direction"]): r["num_bytes"] for r in ledger if r["kind"] == "link"}
+    payload = [r for r in ledger if r["kind"] == "payload" and r["round_idx"] > 0]
+    for r in payload:  # a reply crossed the site's link in the round it answered
+        if r["direction"] == "up":
+            assert real[(r["round_idx"], r["site_id"], "up")] > r["num_bytes"], r
+    for site in ("site-0", "site-1", "site-2"):  # a message can wait at the SuperLink for a dead site
+        down = sum(n for (_, s, d), n in real.items() if s == site and d == "down")
+        assert down > sum(r["num_bytes"] for r in payload if r["site_id"] == site and r["direction"] == "down")
+    assert {s for (_, s, _) in real} == {"site-0", "site-1", "site-2"}
+    assert 0 < totals["payload_share_of_link_uplink"] < 1
+    if link == "thin":
+        # the slim app bundle and HTTP/2: setup well under the 40 KB goal; a short round under 5 KB up
+        assert totals["link_setup_downlink_bytes_per_site"] < 40_000, totals
+        assert totals["link_uplink_bytes_per_site_round"] < 5_000, totals

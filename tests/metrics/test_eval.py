@@ -182,8 +182,9 @@ def test_evaluate_reports_accuracy_only_when_asked(model_tok, examples, monkeypa
     with_acc = evaluate(model, tok, examples[:2], batch_size=2, max_length=MAX_LENGTH, max_new_tokens=4, accuracy=True)
     # Assert
     assert set(without) == {"heldout_loss"}
-    assert set(with_acc) == {"heldout_loss", "accuracy", "procedure_accuracy", "action_f1"}
+    assert set(with_acc) == {"heldout_loss", "accuracy", "procedure_accuracy", "action_f1", "mc_accuracy"}
     assert with_acc["accuracy"] == with_acc["procedure_accuracy"] == with_acc["action_f1"] == 0.0
+    assert 0.0 <= with_acc["mc_accuracy"] <= 1.0
     assert with_acc["heldout_loss"] == without["heldout_loss"] > 0
 
 
@@ -192,3 +193,83 @@ def test_empty_examples_are_rejected(model_tok):
     model, tok = model_tok
     with pytest.raises(ValueError, match="at least one example"):
         heldout_loss(model, tok, [], batch_size=2, max_length=MAX_LENGTH)
+
+
+def _triage_like(tok):
+    """Examples whose candidates start with distinct tokens (byte tokenizer: distinct first letters)."""
+    return [
+        {"instruction": f"Report {i}", "response": r, "choices": "alpha\nbeta\ngamma", "answer_prefix": "Category:"}
+        for i, r in enumerate(["alpha", "beta", "gamma", "beta"])
+    ]
+
+
+def test_choice_accuracy_ranks_by_the_first_answer_token_after_the_prefix(model_tok, monkeypatch):
+    """Label accuracy picks, per example, the candidate whose first answer token has the highest
+    next-token logit after the prompt (answer prefix included); checked against a model whose logits
+    favour one letter."""
+    from edgetune.data.prompts import encode_answer
+    from edgetune.metrics import eval as evalmod
+
+    model, tok = model_tok
+    examples = _triage_like(tok)
+    favoured = encode_answer(tok, "beta", "Category:")[0]
+
+    def fake_logits(_model, input_ids, attention_mask):
+        logits = torch.zeros(input_ids.shape[0], 300)
+        logits[:, favoured] = 5.0
+        return logits
+
+    monkeypatch.setattr(evalmod, "last_position_logits", fake_logits)
+    assert evalmod.choice_accuracy(model, tok, examples, batch_size=3, max_length=MAX_LENGTH) == 0.5
+
+
+def test_choice_accuracy_falls_back_to_whole_answers_when_first_tokens_collide(model_tok):
+    """Candidates sharing their first token are ranked by whole-answer log-likelihood, which equals
+    the sum of per-token log-probabilities computed by hand."""
+    from edgetune.metrics.eval import choice_accuracy
+    from edgetune.models.loss import sequence_logprobs
+
+    model, tok = model_tok
+    ex = {"instruction": "Which?", "response": "abc", "choices": "abc\nabd"}
+    rows = TokenizedSet(tok, [ex, {**ex, "response": "abd"}], MAX_LENGTH)
+    scores = sequence_logprobs(model, rows.batch([0, 1]))
+    expected = float(scores[0] >= scores[1])
+    assert choice_accuracy(model, tok, [ex], batch_size=2, max_length=MAX_LENGTH) == expected
+
+
+def test_choices_must_contain_the_response(model_tok):
+    """A row whose response is not among its choices is a clear error, not a silent miss."""
+    from edgetune.metrics.eval import choice_accuracy
+
+    model, tok = model_tok
+    with pytest.raises(ValueError, match="include its response"):
+        choice_accuracy(
+            model, tok, [{"instruction": "q", "response": "x", "choices": "a\nb"}], batch_size=1, max_length=64
+        )
+
+
+def test_graded_scores_count_procedure_numbers_and_action_overlap():
+    """Procedure accuracy compares the PR-number; action F1 is token F1 after the colon."""
+    from edgetune.metrics.eval import graded_scores
+
+    gold = [
+        {"response": "Procedure PR-311: replace the seal and torque the bolts."},
+        {"response": "Procedure PR-120: reset the relay and check the door switch."},
+    ]
+    answers = ["Procedure PR-311: replace the seal.", "Procedure PR-999: reset the relay and check the door switch."]
+    scores = graded_scores(answers, gold)
+    assert scores["exact_match"] == 0.0 and scores["procedure_accuracy"] == 0.5
+    f1_first = 2 * (3 / 3) * (3 / 7) / (3 / 3 + 3 / 7)
+    assert scores["action_f1"] == pytest.approx((f1_first + 1.0) / 2)
+
+
+def test_answer_prefix_is_prompt_not_answer(model_tok):
+    """With an answer prefix, the prefix tokens end the prompt (no loss) and the labels cover what
+    follows it plus the end-of-turn token."""
+    from edgetune.data.prompts import encode_answer, end_token_id
+
+    _, tok = model_tok
+    ids, labels = encode_example(tok, {"instruction": "q", "response": "beta", "answer_prefix": "Category:"}, 512)
+    answer = encode_answer(tok, "beta", "Category:") + [end_token_id(tok)]
+    assert [t for t in labels if t != IGNORE_INDEX] == answer
+    assert ids[: len(ids) - len(answer)] == encode_prompt(tok, "q", None, "Category:")

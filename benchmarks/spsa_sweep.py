@@ -1,0 +1,246 @@
+"""spsa's defaults from a sweep: one factor at a time around the demo recipe, the same data and seed.
+
+Usage (from the repository root)::
+
+    python -m benchmarks.spsa_sweep [--recipe recipes/spsa/smollm2-135m-4c.toml] [--rounds 4]
+        [--sites 4] [--factors lr,eps,num_probes,batch_size,seed_pool] [--timeout 3600]
+        [--out benchmarks/results/spsa_sweep.json] [--plot benchmarks/results/spsa_sweep.png]
+
+Every run is ``python -m edgetune.inproc RECIPE key=value ... --sites N`` in a fresh subprocess (as in
+``quality_per_byte``), with deterministic secrets, the recipe's data and held-out set, accuracy after
+every round, and exactly one factor changed from the recipe:
+
+========== =========================================================
+factor     values (x: the recipe's value)
+========== =========================================================
+lr         x/4, x/2, x, 2x, 4x
+eps        2^-9, 2^-7, 2^-5
+num_probes 8, 16, 32, 64      (lr scaled with P / P_recipe: same step per probe)
+batch_size 4, 8, 16
+seed_pool  0 (fresh directions), 64, 256, 1024 (run scope; the recipe's optimizer)
+========== =========================================================
+
+From each run's ``metrics.jsonl``: held-out loss and accuracy after round 0 and the last round, the best
+accuracy over rounds, uplink payload bytes per site per round, and the run's wall time. The table says
+which value of each factor reached the best final accuracy (ties: lower held-out loss); the recipe's
+comment cites the row it was set from. Wall times are comparable only within one invocation on a quiet
+machine; the JSON records the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_RECIPE = ROOT / "recipes" / "spsa" / "smollm2-135m-4c.toml"
+DEFAULT_OUT = Path("benchmarks") / "results" / "spsa_sweep.json"
+DEFAULT_PLOT = Path("benchmarks") / "results" / "spsa_sweep.png"
+FACTORS = ("lr", "eps", "num_probes", "batch_size", "seed_pool")
+
+
+def variations(flat: dict[str, Any], factor: str) -> list[tuple[str, dict[str, Any]]]:
+    """(label, overrides) for every value of ``factor`` around the recipe ``flat``."""
+    from edgetune.config import from_run_config
+
+    cfg = from_run_config(flat)
+    s = cfg.spsa
+    if factor == "lr":
+        return [(f"lr={s.lr * m:.3g}", {"spsa.lr": s.lr * m}) for m in (0.25, 0.5, 1.0, 2.0, 4.0)]
+    if factor == "eps":
+        return [(f"eps=2^{e}", {"spsa.eps": 2.0**e}) for e in (-9, -7, -5)]
+    if factor == "num_probes":
+        return [(f"P={p}", {"spsa.num_probes": p, "spsa.lr": s.lr * p / s.num_probes}) for p in (8, 16, 32, 64)]
+    if factor == "batch_size":
+        return [(f"batch={b}", {"data.batch_size": b}) for b in (4, 8, 16)]
+    if factor == "seed_pool":
+        out = [("fresh", {"spsa.seed_pool": 0, "spsa.pool_scope": "round", "spsa.optimizer": "sgd"})]
+        optimizer = s.optimizer if s.pool_scope == "run" else "sgd"
+        out += [
+            (f"S={n}", {"spsa.seed_pool": n, "spsa.pool_scope": "run", "spsa.optimizer": optimizer})
+            for n in (64, 256, 1024)
+        ]
+        return out
+    raise ValueError(f"unknown factor {factor!r}; one of {FACTORS}")
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(str(v))
+
+
+def run_one(
+    recipe: Path, label: str, overrides: dict[str, Any], *, rounds: int, sites: int, runs_dir: Path, timeout_s: float
+) -> dict[str, Any]:
+    name = f"sweep-{uuid.uuid4().hex[:8]}"
+    fixed = {
+        "num_rounds": rounds,
+        "run.num_sites": sites,
+        "run.min_sites": sites,
+        "crypto.deterministic_secrets": True,
+        "eval.every_rounds": 1,
+        "eval.accuracy_every_rounds": 1,
+        "run.dir": str(runs_dir),
+        "run.name": name,
+    }
+    sets = [f"{k}={_value(v)}" for k, v in {**overrides, **fixed}.items()]
+    cmd = [sys.executable, "-m", "edgetune.inproc", str(recipe), *sets, "--sites", str(sites)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    t0, load0 = time.time(), os.getloadavg()[0]
+    log_path = runs_dir / f"{name}.log"
+    with open(log_path, "w") as log:
+        try:
+            code = subprocess.run(
+                cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s
+            ).returncode
+        except subprocess.TimeoutExpired:
+            code = -1
+    rows = []
+    metrics = runs_dir / name / "metrics.jsonl"
+    if metrics.is_file():
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    trained = [r for r in rows if r["round"] > 0]
+    accs = [r["accuracy"] for r in rows if r.get("accuracy") is not None]
+    losses = [r["heldout_loss"] for r in rows if r.get("heldout_loss") is not None]
+    return {
+        "benchmark": "spsa_sweep",
+        "label": label,
+        "overrides": overrides,
+        "ok": code == 0 and len(trained) == rounds,
+        "exit_code": code,
+        "rounds": rounds,
+        "sites": sites,
+        "heldout_loss_first": losses[0] if losses else None,
+        "heldout_loss_last": losses[-1] if losses else None,
+        "accuracy_first": accs[0] if accs else None,
+        "accuracy_last": accs[-1] if accs else None,
+        "accuracy_best": max(accs) if accs else None,
+        "uplink_bytes_per_site_round": (
+            sum(r["uplink_bytes"] for r in trained) / (sites * len(trained)) if trained else None
+        ),
+        "wall_s": time.time() - t0,
+        "load_avg_1m": [load0, os.getloadavg()[0]],
+        "curve": [
+            {"round": r["round"], "heldout_loss": r.get("heldout_loss"), "accuracy": r.get("accuracy")} for r in rows
+        ],
+        "log_tail": "" if code == 0 else log_path.read_text()[-2000:],
+    }
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = [
+        f"{'factor':<11} {'value':<14} {'ok':>3} {'loss 0':>7} {'loss R':>7} {'acc 0':>6} {'acc R':>6} "
+        f"{'acc best':>8} {'up B/site/rnd':>13} {'wall s':>7}"
+    ]
+    for r in rows:
+
+        def f(x: Any, fmt: str) -> str:
+            return "-" if x is None else format(x, fmt)
+
+        losses = f"{f(r['heldout_loss_first'], '.4f'):>7} {f(r['heldout_loss_last'], '.4f'):>7}"
+        accs = f"{f(r['accuracy_first'], '.3f'):>6} {f(r['accuracy_last'], '.3f'):>6} {f(r['accuracy_best'], '.3f'):>8}"
+        lines.append(
+            f"{r['factor']:<11} {r['label']:<14} {'yes' if r['ok'] else 'NO':>3} {losses} {accs} "
+            f"{f(r['uplink_bytes_per_site_round'], '.0f'):>13} {r['wall_s']:>7.0f}"
+        )
+    for factor in dict.fromkeys(r["factor"] for r in rows):
+        ok = [r for r in rows if r["factor"] == factor and r["ok"]]
+        if ok:
+            best = max(ok, key=lambda r: (r["accuracy_last"], -r["heldout_loss_last"]))
+            acc, loss = best["accuracy_last"], best["heldout_loss_last"]
+            lines.append(f"best {factor}: {best['label']} (accuracy {acc:.3f}, loss {loss:.4f})")
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    factors = list(dict.fromkeys(r["factor"] for r in rows))
+    fig, axes = plt.subplots(1, len(factors), figsize=(3.2 * len(factors), 3.4), dpi=120, squeeze=False)
+    for ax, factor in zip(axes[0], factors):
+        rs = [r for r in rows if r["factor"] == factor and r["ok"]]
+        labels = [r["label"] for r in rs]
+        ax.plot(labels, [r["accuracy_last"] for r in rs], "o-", label="accuracy (last round)")
+        ax.plot(labels, [r["accuracy_first"] for r in rs], "k:", label="accuracy (round 0)")
+        ax.set_title(factor)
+        ax.tick_params(axis="x", rotation=45, labelsize=7)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out label accuracy")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.spsa_sweep", description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--sites", type=int, default=4)
+    parser.add_argument("--factors", default=",".join(FACTORS))
+    parser.add_argument("--timeout", type=float, default=3600.0)
+    parser.add_argument("--keep-runs", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--plot", type=Path, default=DEFAULT_PLOT)
+    args = parser.parse_args(argv)
+    from edgetune.config import load_recipe
+
+    flat = load_recipe(args.recipe)
+    factors = [f.strip() for f in args.factors.split(",") if f.strip()]
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="edgetune-sweep-") as tmp:
+        runs_dir = (args.keep_runs or Path(tmp)).resolve()
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        done: dict[str, dict[str, Any]] = {}
+        for factor in factors:
+            for label, overrides in variations(flat, factor):
+                key = json.dumps(overrides, sort_keys=True)
+                row = (
+                    dict(done[key])
+                    if key in done
+                    else run_one(
+                        args.recipe,
+                        label,
+                        overrides,
+                        rounds=args.rounds,
+                        sites=args.sites,
+                        runs_dir=runs_dir,
+                        timeout_s=args.timeout,
+                    )
+                )
+                done[key] = row
+                row = {**row, "factor": factor, "label": label, "recipe": str(args.recipe)}
+                rows.append(row)
+                print(
+                    f"{factor} {label}: acc {row['accuracy_first']} -> {row['accuracy_last']}, "
+                    f"loss {row['heldout_loss_first']} -> {row['heldout_loss_last']} ({row['wall_s']:.0f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(rows, indent=2) + "\n")
+    plot(rows, args.plot)
+    print(format_table(rows))
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
