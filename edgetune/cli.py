@@ -74,6 +74,13 @@ class Engine(StrEnum):
     inproc = "inproc"
 
 
+class Link(StrEnum):
+    """``edgetune site --link``."""
+
+    standard = "standard"
+    thin = "thin"
+
+
 class ReportFormat(StrEnum):
     """``edgetune report --format``."""
 
@@ -641,12 +648,12 @@ def site(
         ),
     ] = True,
     link: Annotated[
-        str,
+        Link,
         typer.Option(
             help="standard, or thin: HTTP/2 to the server's --gateway, held polls, 300 s heartbeats "
             "(docs/site-operator.md: what it saves and costs)"
         ),
-    ] = "standard",
+    ] = Link.standard,
     count_bytes: Annotated[
         bool, typer.Option(help="Count the real bytes on this site's link (log: STATE/link-bytes.jsonl)")
     ] = False,
@@ -668,8 +675,6 @@ def site(
         if not deploy.is_loopback(host):
             raise _fail("--insecure is for loopback tests only; use the kit's TLS and node key")
         console.print("[bold red]WARNING: --insecure: no TLS, no node authentication. Loopback tests only.[/]")
-    if link not in {"standard", "thin"}:
-        raise _fail(f"--link must be standard or thin, got {link!r}")
     socket_path = _site_host_socket(state.resolve()) if keep_loaded else None
     try:
         node_superlink, local_ca, link_stop = _site_link(

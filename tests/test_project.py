@@ -71,7 +71,7 @@ def test_relative_paths_become_absolute_against_the_callers_directory(tmp_path):
 
 
 def test_cli_version_and_enum_options_are_checked_before_anything_runs(tmp_path):
-    """--version prints the installed version; --engine and --format accept only their choices."""
+    """--version prints the installed version; --engine, --format and --link accept only their choices."""
     runner = CliRunner()
     version = runner.invoke(cli.app, ["--version"])
     assert version.exit_code == 0 and version.stdout.strip() == f"edgetune {project.version()}"
@@ -79,6 +79,13 @@ def test_cli_version_and_enum_options_are_checked_before_anything_runs(tmp_path)
     assert bad_engine.exit_code == 2 and "'ray' is not one of 'flower', 'inproc'" in bad_engine.output
     bad_format = runner.invoke(cli.app, ["report", str(tmp_path), "--format", "pdf"])
     assert bad_format.exit_code == 2 and "'pdf' is not one of 'html', 'md'" in bad_format.output
+    kit = tmp_path / "kit"
+    kit.mkdir()
+    (kit / "site.json").write_text('{"site_id": "plant-a"}')
+    bad_link = runner.invoke(
+        cli.app, ["site", "--kit", str(kit), "--superlink", "127.0.0.1:9092", "--demo-index", "0", "--link", "fast"]
+    )
+    assert bad_link.exit_code == 2 and "'fast' is not one of 'standard', 'thin'" in bad_link.output
     made = runner.invoke(cli.app, ["new", str(tmp_path / "p"), "--model", "tiny", "--algorithm", "kavg"])
     assert made.exit_code == 0, made.output
     assert cfgmod.load_recipe(tmp_path / "p" / "recipe.toml")["algorithm"] == "kavg"

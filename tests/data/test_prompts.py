@@ -262,3 +262,24 @@ def test_chat_rows_need_a_template_that_keeps_earlier_turns_stable(tok):
     )
     with pytest.raises(ValueError, match=r"c.jsonl:4: the model's chat template renders earlier turns differently"):
         TokenizedSet(unstable, [{**CHAT, "where": "c.jsonl:4"}], 1000)
+
+
+@pytest.mark.parametrize("template", ["", "Q: {instruction}\nA:"])
+def test_answer_prefix_follows_any_prompt_and_is_not_scored(tok, template):
+    """An answer prefix (triage's ``Category:``) ends the prompt whether it comes from the chat template or
+    a recipe template; only the answer after it and the end-of-turn token carry loss, and generation and
+    training see the same prompt tokens."""
+    from edgetune.data.prompts import encode_answer, prompt_ids
+
+    ex = {"instruction": "Pump 3 leaks oil", "response": "mechanical", "answer_prefix": "Category:"}
+    if template:
+        ex["template"] = template
+    ids, labels = encode_example(tok, ex, 1000)
+    prompt = prompt_ids(tok, ex)
+    text = format_prompt(tok, ex["instruction"], None, "Category:", template=template or None)
+    assert text.endswith("Category:") and (not template or text == "Q: Pump 3 leaks oil\nA:Category:")
+    assert ids[: len(prompt)] == prompt == encode_prompt(tok, ex["instruction"], None, "Category:", template=template)
+    answer = encode_answer(tok, "mechanical", "Category:") + [end_token_id(tok)]
+    assert ids[len(prompt) :] == answer
+    assert labels == [IGNORE_INDEX] * len(prompt) + answer
+    assert tok.decode(ids).endswith("Category: mechanical<|im_end|>")
