@@ -105,6 +105,15 @@ def plan(quick: bool, sim_sites: str) -> list[Step]:
                 ("site_reload.json",),
             ),
             Step(
+                "model_load",
+                "benchmarks.model_load",
+                ("--model", "tiny"),
+                "tiny",
+                "--quick: smoke run",
+                0.3,
+                ("model_load.json",),
+            ),
+            Step(
                 "spsa_step",
                 "benchmarks.spsa_step",
                 ("--model", "tiny", "--repeats", "2"),
@@ -179,6 +188,17 @@ def plan(quick: bool, sim_sites: str) -> list[Step]:
             "a deployed site starts a fresh process per message: reload vs the round's local compute, real model",
             1.5,
             ("site_reload.json",),
+        )
+    )
+    steps.append(
+        Step(
+            "model_load",
+            "benchmarks.model_load",
+            ("--model", "smollm2"),
+            "smollm2",
+            "peak memory of a bf16 load vs an fp32 load (and the old fp32-then-cast): bytes of the real model",
+            1.0,
+            ("model_load.json",),
         )
     )
     steps.append(

@@ -58,6 +58,10 @@ class RunSection:
     """Write a checkpoint every N rounds (0: only after the last round)."""
     keep_checkpoints: int = 2
     """How many checkpoint folders to keep (the newest ones)."""
+    track: str = ""
+    """Also export the per-round metrics to experiment trackers: ``tensorboard`` (event files in
+    ``<run>/tensorboard``; needs the tensorboard package), ``wandb`` (needs wandb; offline unless
+    ``WANDB_MODE`` says otherwise), or both, comma-separated; empty: off."""
 
     def __post_init__(self) -> None:
         if self.num_sites < 0:
@@ -72,6 +76,9 @@ class RunSection:
             raise ValueError("run.checkpoint_every must be >= 0 and run.keep_checkpoints >= 1")
         if "/" in self.name or self.name in {".", ".."}:
             raise ValueError(f"run.name must be a plain folder name, got {self.name!r}")
+        unknown = sorted(set(_csv(self.track)) - {"tensorboard", "wandb"})
+        if unknown:
+            raise ValueError(f"run.track: unknown tracker(s) {unknown}; use tensorboard, wandb or both")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,9 +87,14 @@ class ModelSection:
 
     path: str = "smollm2"
     """``smollm2`` (the embedded SmolLM2-135M-Instruct), ``tiny`` (an in-memory 2-layer Llama
-    for tests), or a local folder that ``AutoModelForCausalLM.from_pretrained`` can read."""
+    for tests), a local folder that ``AutoModelForCausalLM.from_pretrained`` can read, or a
+    Hugging Face model id (``org/name``) already in the local Hugging Face cache (never downloaded).
+    In deployment a site's node config ``model-path`` points at its own copy."""
+    revision: str = ""
+    """For a model id: the cached revision (branch, tag or commit) to use; empty: ``main``."""
     dtype: str = "float32"
-    """Weights dtype for the forward pass: float32, bfloat16 or float16. Masters stay fp32."""
+    """Weights dtype, applied while loading (no fp32 copy first): float32, bfloat16, float16, or
+    ``auto`` (the dtype the model's config.json names). spsa needs float32 (see ``RunConfig``)."""
     device: str = "auto"
     """``auto`` (cuda when available), ``cpu`` or ``cuda[:N]``."""
     trainable: str = "q_proj,k_proj,v_proj,o_proj"
@@ -104,16 +116,42 @@ class ModelSection:
     cache_dir: str = ""
     """Where the converted SmolLM2 folder is cached; empty: ``$EDGETUNE_CACHE`` or
     ``~/.cache/edgetune``."""
+    sha256: str = ""
+    """Fingerprint every copy of the base model must have (``edgetune fingerprint``); empty: not
+    checked. ``edgetune server`` fills it in from its own copy, so a site whose ``model-path``
+    holds another model is refused before it trains."""
+    quantize: str = "none"
+    """Base weights of the sites' training copies: ``none``, ``4bit`` (QLoRA, NF4) or ``8bit``
+    (bitsandbytes, CUDA only; ``pip install 'edgetune[gpu]'``). Needs ``trainable = "lora"``. The
+    server keeps its copy unquantised; a site's node config ``quantize`` overrides it."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (backprop algorithms): less memory, ~30% slower."""
+    autocast: str = "none"
+    """Mixed precision of local training (backprop algorithms): ``none``, ``bf16`` or ``fp16``
+    (``torch.autocast``; trainable weights stay in their dtype, fp16 adds a gradient scaler).
+    fp16 needs CUDA."""
 
     def __post_init__(self) -> None:
-        if self.dtype not in {"float32", "bfloat16", "float16"}:
-            raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.dtype not in {"float32", "bfloat16", "float16", "auto"}:
+            raise ValueError(f"model.dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}")
+        if not self.path.strip():
+            raise ValueError("model.path must not be empty")
         if not self.trainable.strip():
             raise ValueError("model.trainable must not be empty")
         if self.lora_rank < 1:
             raise ValueError(f"model.lora_rank must be >= 1, got {self.lora_rank}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"model.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.sha256 and (len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256)):
+            raise ValueError(f"model.sha256 must be 64 lowercase hex digits (edgetune fingerprint): {self.sha256!r}")
+        if self.quantize not in {"none", "4bit", "8bit"}:
+            raise ValueError(f"model.quantize must be none, 4bit or 8bit, got {self.quantize!r}")
+        if self.quantize != "none" and self.trainable.strip() != "lora":
+            raise ValueError(
+                f"model.quantize = {self.quantize!r} freezes quantised base weights: it needs model.trainable = 'lora'"
+            )
+        if self.autocast not in {"none", "bf16", "fp16"}:
+            raise ValueError(f"model.autocast must be none, bf16 or fp16, got {self.autocast!r}")
         _ = self.lora_layer_list  # validates the spelling
 
     @property
@@ -147,13 +185,22 @@ class DataSection:
     source: str = "demo"
     """``demo`` (the built-in fact-recall data: alarm codes -> procedures), ``triage`` (the built-in
     fault-report routing data: report -> one of the site's categories), ``docs`` (real technical
-    prose: the docstrings of transformers, datasets, peft and flwr, one package per site) or
-    ``jsonl`` (``path``)."""
+    prose: the docstrings of transformers, datasets, peft and flwr, one package per site) or ``file``:
+    your own data in ``path`` (``jsonl`` is the same, kept for old recipes)."""
     path: str = ""
-    """JSONL file with ``instruction``/``response`` (or ``text``) rows, for ``source = "jsonl"``.
-    In deployment each site's node config ``data-path`` overrides it."""
+    """Your data for ``source = "file"``: a ``.jsonl``, ``.json``, ``.parquet`` or ``.csv`` file, or a
+    folder written by ``datasets``' ``save_to_disk`` (read offline with ``datasets``). Rows are
+    ``instruction``/``response``, ``text`` or chat ``messages`` (see ``columns``). In deployment each
+    site's node config ``data-path`` overrides it."""
     eval_path: str = ""
-    """Held-out JSONL for the server's evaluation (``jsonl`` source); empty: split off ``path``."""
+    """Held-out data for the server's evaluation (same formats as ``path``); empty: split off ``path``."""
+    columns: str = ""
+    """Column mapping, ``field=column`` pairs, comma-separated: ``"instruction=question,response=answer"``.
+    Fields: instruction, response, text, messages, system. Unmapped fields use their own name."""
+    prompt_template: str = ""
+    """Prompt text for instruction rows with ``{instruction}`` and optionally ``{system}``
+    (``"### Question:\\n{instruction}\\n### Answer:\\n"``); empty: the model's chat template, or
+    that built-in layout when the tokenizer has none. Chat ``messages`` always use the chat template."""
     partition: str = "natural"
     """Simulation split of ``path``: ``natural`` (one partition per value of ``partition_by``,
     the demo's own sites), ``iid`` or ``dirichlet`` (flwr-datasets partitioners)."""
@@ -168,20 +215,59 @@ class DataSection:
     batch_size: int = 8
     """Examples per local step."""
     system_prompt: str = ""
-    """System prompt of every example; empty: the source's own (``demo`` and ``jsonl``: a factory
-    maintenance assistant; ``triage``: a fault-report router; ``docs``: a documentation writer)."""
+    """System prompt of examples that carry none of their own (a ``system`` column or a system
+    message); empty: the source's own (``demo``: a factory maintenance assistant; ``triage``: a
+    fault-report router; ``docs``: a documentation writer; your own data: no system prompt, so the
+    chat template's default applies)."""
 
     def __post_init__(self) -> None:
-        if self.source not in {"demo", "triage", "docs", "jsonl"}:
-            raise ValueError(f"data.source must be demo, triage, docs or jsonl, got {self.source!r}")
-        if self.source == "jsonl" and not self.path:
-            raise ValueError("data.source = 'jsonl' needs data.path")
+        if self.source not in {"demo", "triage", "docs", "file", "jsonl"}:
+            raise ValueError(f"data.source must be demo, triage, docs or file, got {self.source!r}")
+        if self.source in {"file", "jsonl"} and not self.path:
+            raise ValueError(f"data.source = {self.source!r} needs data.path")
         if self.partition not in {"natural", "iid", "dirichlet"}:
             raise ValueError(f"data.partition must be natural, iid or dirichlet, got {self.partition!r}")
         if self.dirichlet_alpha <= 0:
             raise ValueError(f"data.dirichlet_alpha must be > 0, got {self.dirichlet_alpha}")
         if self.batch_size < 1 or self.max_length < 8 or self.demo_facts < 1:
             raise ValueError("data.batch_size >= 1, data.max_length >= 8 and data.demo_facts >= 1 required")
+        self.column_map  # noqa: B018 (validates the mapping)
+        if self.prompt_template:
+            check_prompt_template(self.prompt_template)
+
+    @property
+    def column_map(self) -> dict[str, str]:
+        """``{field: column}`` from ``columns`` (only the mapped fields)."""
+        out: dict[str, str] = {}
+        for pair in _csv(self.columns):
+            field_name, sep, column = (x.strip() for x in pair.partition("="))
+            if not sep or not field_name or not column:
+                raise ValueError(f"data.columns: {pair!r} is not field=column (e.g. 'response=answer')")
+            if field_name not in DATA_FIELDS:
+                raise ValueError(f"data.columns: unknown field {field_name!r} (one of {', '.join(DATA_FIELDS)})")
+            if field_name in out:
+                raise ValueError(f"data.columns maps {field_name!r} twice")
+            out[field_name] = column
+        return out
+
+
+DATA_FIELDS = ("instruction", "response", "text", "messages", "system")
+"""Fields an example is read from (``data.columns`` maps them to a file's own column names)."""
+
+
+def check_prompt_template(template: str) -> None:
+    """Raise ``ValueError`` unless ``template`` has ``{instruction}`` and no placeholder but ``{system}``."""
+    import string
+
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:
+        raise ValueError(f"data.prompt_template is not a valid template ({err}); literal braces are {{{{ }}}}") from err
+    unknown = sorted({n for n in names if n not in {"instruction", "system"}})
+    if unknown:
+        raise ValueError(f"data.prompt_template: unknown placeholder(s) {unknown}; only {{instruction}} and {{system}}")
+    if "instruction" not in names:
+        raise ValueError("data.prompt_template must contain {instruction}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -356,7 +442,13 @@ class KavgSection:
     local_steps: int = 4
     """K: local optimizer steps per site per round."""
     lr: float = 1e-4
-    """Local learning rate."""
+    """Local learning rate (the base value of ``lr_schedule``)."""
+    lr_schedule: str = "constant"
+    """How the local learning rate changes across rounds (``edgetune/schedules.py``): ``constant``,
+    ``cosine[:floor]``, ``linear[:floor]``, ``inverse[:power]``, ``step:every:factor``. The server
+    puts each round's value into the round plan."""
+    warmup_rounds: int = 0
+    """Linear warm-up of the learning rate over the first rounds (round r <= W: x r / (W + 1))."""
     optimizer: str = "sgd"
     """``sgd`` or ``adamw`` (optimizer state is reset every round: sites keep nothing between rounds)."""
     momentum: float = 0.0
@@ -376,15 +468,12 @@ class KavgSection:
     trim_frac: float = 0.125
     """Fraction trimmed from each side by the trimmed mean (rounded down: with the default 0.125,
     nothing is trimmed below 8 sites)."""
-    lr_schedule: str = "constant"
-    """``lr`` across rounds (``edgetune/schedules.py``): constant, cosine[:floor], linear[:floor],
-    inverse[:power] (K-AVG Theorem 2's diminishing step), step:every:factor. The server evaluates it
-    when it plans a round and sends the value in the round plan."""
     batch_schedule: str = "constant"
     """``data.batch_size`` across rounds, same spellings: grow-linear[:cap] or grow-geometric:f[:cap]
     give K-AVG Theorem 2's growing batch."""
-    warmup_rounds: int = 0
-    """Linear learning-rate warm-up: round r <= N trains at lr_schedule's value x r / (N + 1)."""
+    grad_accum_steps: int = 1
+    """Gradient accumulation: each local step's batch (``data.batch_size`` examples) runs as this many
+    micro-batches whose gradients add up, weighted by answer tokens: the same step, less activation memory."""
 
     def __post_init__(self) -> None:
         from edgetune.comm.tensors import TENSOR_CODECS
@@ -405,6 +494,8 @@ class KavgSection:
             raise ValueError(f"kavg.aggregator must be mean, trimmed or median, got {self.aggregator!r}")
         if not 0 <= self.trim_frac < 0.5:
             raise ValueError(f"kavg.trim_frac must be in [0, 0.5), got {self.trim_frac}")
+        if self.grad_accum_steps < 1:
+            raise ValueError(f"kavg.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
         parse(self.lr_schedule, key="kavg.lr_schedule")
         parse(self.batch_schedule, key="kavg.batch_schedule")
         if self.warmup_rounds < 0:
@@ -595,6 +686,20 @@ class RunConfig:
                         f"kavg.lr_schedule = {self.kavg.lr_schedule!r} gives lr 0 in round {r} of {self.num_rounds}: "
                         "give it a floor above 0 (cosine:0.1, linear:0.1)"
                     )
+        if self.algorithm == "spsa" and self.model.dtype != "float32":
+            # spsa perturbs the weights the forward pass reads by +-eps*z with eps a power of two, exact
+            # only in fp32: in bf16 (8 significant bits) w +- 2^-10 rounds back to w for |w| >= 2^-2, so
+            # the probe measures rounding, not the loss slope. Masters are fp32 anyway.
+            raise ValueError(
+                f"algorithm = 'spsa' needs model.dtype = 'float32' (got {self.model.dtype!r}): in bf16/fp16 the "
+                "+-eps perturbations round away; use a backprop algorithm (kavg, lowrank) for bf16 weights"
+            )
+        if self.algorithm == "spsa" and self.model.quantize != "none":
+            raise ValueError("algorithm = 'spsa' perturbs the weights themselves: model.quantize must be 'none'")
+        if self.algorithm == "spsa" and (self.model.gradient_checkpointing or self.model.autocast != "none"):
+            raise ValueError(
+                "model.gradient_checkpointing and model.autocast apply to backprop training; spsa runs forward only"
+            )
 
 
 def _sections() -> dict[str, type]:
@@ -755,10 +860,12 @@ def _toml_value(v: Scalar) -> str:
     return '"' + "".join(out) + '"'
 
 
-def pyproject_table() -> str:
-    """The ``[tool.flwr.app.config]`` block of pyproject.toml for the current defaults."""
+def pyproject_table(cfg: RunConfig | None = None) -> str:
+    """The ``[tool.flwr.app.config]`` block of pyproject.toml: every key, with ``cfg``'s values
+    (default: the defaults).
+    """
     lines = ["[tool.flwr.app.config]"]
-    for line in to_toml(flatten(RunConfig())).splitlines():
+    for line in to_toml(flatten(cfg if cfg is not None else RunConfig())).splitlines():
         lines.append(f"[tool.flwr.app.config.{line[1:]}" if line.startswith("[") else line)
     return "\n".join(lines).rstrip() + "\n"
 

@@ -70,10 +70,16 @@ def hello(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"hello": ConfigRecord({"site": me["site"]})}), reply_to=msg)
 
 
+NODE_OVERRIDES = {"device": "model.device", "model-path": "model.path", "quantize": "model.quantize"}
+"""Node config keys a site sets for itself (``edgetune site --device/--model/--quantize``) -> run config keys.
+A site's own model copy is still checked against the run's ``model.sha256``."""
+
+
 def _run_config(context: Context) -> dict[str, Any]:
     flat = dict(context.run_config)
-    if "device" in context.node_config:  # a site's own accelerator (edgetune site --device)
-        flat["model.device"] = str(context.node_config["device"])
+    for node_key, run_key in NODE_OVERRIDES.items():
+        if node_key in context.node_config:
+            flat[run_key] = str(context.node_config[node_key])
     return flat
 
 

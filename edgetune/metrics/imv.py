@@ -269,15 +269,31 @@ def imv_examples(cfg: RunConfig, num_sites: int) -> list[dict]:
     return heldout_examples(wide, num_sites)
 
 
-def model_imv(model: nn.Module, tokenizer: Any, examples: Sequence[Mapping[str, str]], cfg: RunConfig) -> ImvResult:
+def model_imv(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Mapping[str, str]],
+    cfg: RunConfig,
+    on_loss_eval: Callable[[], None] | None = None,
+) -> ImvResult:
     """The probe of ``cfg.imv`` on ``model``, loss over the first ``imv.num_examples`` of ``examples``.
 
     Directions come from ``derive(run_key(run.seed), "imv", r)``: the same for every round of a run.
+    ``on_loss_eval`` is called after every loss evaluation (progress bars; at most
+    ``1 + num_directions * (11 + bisect_steps)``).
     """
     icfg = cfg.imv
     loss_fn = heldout_loss_fn(
         tokenizer, list(examples[: icfg.num_examples]), batch_size=cfg.eval.batch_size, max_length=cfg.data.max_length
     )
+    if on_loss_eval is not None:
+        scored = loss_fn
+
+        def loss_fn(m: nn.Module) -> float:
+            value = scored(m)
+            on_loss_eval()
+            return value
+
     return valley_imv(
         model,
         loss_fn,
@@ -306,6 +322,7 @@ def checkpoint_imv(
     recipe: Path | None = None,
     num_sites: int = 0,
     overrides: Mapping[str, Any] | None = None,
+    show_progress: bool = False,
 ) -> dict[str, Any]:
     """Valley probe of a saved checkpoint (``edgetune imv CHECKPOINT``), as a JSON-ready dict.
 
@@ -319,6 +336,8 @@ def checkpoint_imv(
         Sites of the run, for the demo held-out set (0: ``run.num_sites`` or 4), as ``edgetune eval``.
     overrides
         Dotted config keys replacing the run's (``{"imv.num_directions": 8, "imv.delta": 0.05}``).
+    show_progress
+        Show a progress bar over the probe's loss evaluations (``edgetune/progress.py``).
 
     Returns
     -------
@@ -343,7 +362,14 @@ def checkpoint_imv(
     # adapter, all-frozen), so the probe moves what training moved.
     select_trainable(model, cfg.model.trainable_patterns)
     examples = imv_examples(cfg, num_sites or cfg.run.num_sites or 4)
-    result = model_imv(model, tokenizer, examples, cfg)
+    if show_progress:
+        from edgetune import progress
+
+        bound = 1 + cfg.imv.num_directions * (11 + cfg.imv.bisect_steps)
+        with progress.task("valley probe (loss evaluations, at most)", total=bound) as bar:
+            result = model_imv(model, tokenizer, examples, cfg, on_loss_eval=bar.advance)
+    else:
+        result = model_imv(model, tokenizer, examples, cfg)
     out: dict[str, Any] = {"checkpoint": str(checkpoint)}
     info = checkpoint / "edgetune.json"
     if info.is_file():

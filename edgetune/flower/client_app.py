@@ -1,4 +1,4 @@
-"""edgetune ClientApp: one handler per message type a site answers (wiring only)."""
+"""edgetune ClientApp: one handler per message type a site answers (wiring only; edgetune/project.py names it)."""
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
