@@ -82,14 +82,21 @@ def require_local_kit(me: dict[str, Any]) -> None:
         )
 
 
+NODE_OVERRIDES = {"device": "model.device", "model-path": "model.path", "quantize": "model.quantize"}
+"""Node config keys a site sets for itself (``edgetune site --device/--model/--quantize``) -> run config keys.
+A site's own model copy is still checked against the run's ``model.sha256``."""
+
+
 def _run_config(context: Context, cuda_visible: bool | None = None) -> dict[str, Any]:
-    """The run config as this node applies it: its own device(s) in deployment; in simulation
-    the GPU Flower's backend assigned to it (``run.gpus_per_site``), or the CPU when none was.
+    """The run config as this node applies it: its own device(s), model copy and quantisation in
+    deployment (``NODE_OVERRIDES``); in simulation the GPU Flower's backend assigned to it
+    (``run.gpus_per_site``), or the CPU when none was.
     """
     flat = dict(context.run_config)
-    if "device" in context.node_config:  # a site's own accelerator(s) (edgetune site --device/--devices)
-        flat["model.device"] = str(context.node_config["device"])
-    elif "site-id" not in context.node_config:  # a simulated site
+    for node_key, run_key in NODE_OVERRIDES.items():
+        if node_key in context.node_config:
+            flat[run_key] = str(context.node_config[node_key])
+    if "device" not in context.node_config and "site-id" not in context.node_config:  # a simulated site
         from edgetune.models.load import simulated_site_device
 
         if cuda_visible is None:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgetune import schedules
 from edgetune.algorithms.base import ReplyRejected, RoundResult, ServerContext
 from edgetune.algorithms.spsa import pool as poolmod
 from edgetune.algorithms.spsa.log import MAX_LOG_ROUNDS, LogEntry, decode_log, encode_log
@@ -166,7 +167,7 @@ class SpsaServer:
             self._plans[round_idx] = {
                 "K": self.scfg.num_steps,
                 "P": self.scfg.num_probes,
-                "lr": float(self.scfg.lr),
+                "lr": float(schedules.parse(self.scfg.lr_schedule).value(self.scfg.lr, round_idx, self.cfg.num_rounds)),
                 "eps": float(self.scfg.eps),
                 "scale": self.scale,
                 "codec": self.scfg.scalar_codec,
