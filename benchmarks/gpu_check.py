@@ -11,8 +11,9 @@ stream_hash
     sha256 of the perturbation stream (packed bits and expanded +-1 values of 2^22 parameters in
     several tensors) computed on the device equals the one computed on the CPU. Goal: equal.
 spsa_round, lowrank_round
-    One federated round (2 sites, in-process, ``--dtype``) of spsa and of lowrank on ``--model``:
-    every site's reply accepted, the state hash recorded.
+    One federated round (2 sites, in-process) of spsa and of lowrank on ``--model``: every site's
+    reply accepted, the state hash recorded. lowrank runs in ``--dtype``; spsa always in float32,
+    because the config refuses spsa on bf16/fp16 weights (its +-eps perturbations round away there).
 spsa_step_vs_forward, spsa_memory_vs_inference
     ``benchmarks.spsa_step`` on the attention projections: one spsa step (P=1, central) / one no-grad
     forward of the same batch (goal <= 2.1), and peak memory of an spsa round / of inference
@@ -226,7 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         work = Path(tmp)
         rows.append(check_stream(args.device))
         for algorithm in ("spsa", "lowrank"):
-            rows.append(one_round(algorithm, args.model, args.device, args.dtype, work))
+            dtype = "float32" if algorithm == "spsa" else args.dtype
+            rows.append(one_round(algorithm, args.model, args.device, dtype, work))
         rows.extend(spsa_ratios(args.model, args.device, args.repeats, args.batch_size))
         gpus = 1.0 / args.sites if args.device.startswith("cuda") else 0.0
         rows.append(simulate_sites(args.sites, gpus, args.device, args.sim_engine, work, args.sim_timeout))

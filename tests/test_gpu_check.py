@@ -51,7 +51,7 @@ def test_dry_run_makes_every_check_on_cpu(tmp_path):
     }
     assert by["stream_hash"]["pass"]
     assert by["spsa_round"]["pass"] and by["lowrank_round"]["pass"], by
-    assert by["spsa_round"]["dtype"] == "bfloat16"
+    assert (by["spsa_round"]["dtype"], by["lowrank_round"]["dtype"]) == ("float32", "bfloat16")  # spsa refuses bf16
     assert by["simulate_sites"]["pass"], by["simulate_sites"]["tail"]
     assert by["spsa_step_vs_forward"]["value"] > 1.0  # a step runs two forwards
     assert by["spsa_memory_vs_inference"]["value"] > 0
@@ -62,10 +62,10 @@ def test_linearity_flags_superlinear_time():
     rows = [
         {"sites": 16, "ok": True, "mean_round_wall_s": 1.6},
         {"sites": 64, "ok": True, "mean_round_wall_s": 6.4},
-        {"sites": 200, "ok": True, "mean_round_wall_s": 200.0 * 200 / 1600},
+        {"sites": 200, "ok": True, "mean_round_wall_s": 50.0},
         {"sites": 1000, "ok": False, "mean_round_wall_s": None},
     ]
     many_sites.add_linearity(rows)
     assert rows[1]["per_site_vs_smallest"] == pytest.approx(1.0)
-    assert rows[2]["per_site_vs_smallest"] == pytest.approx(2.5)  # 25 s at 200 sites: 2.5x per site
+    assert rows[2]["per_site_vs_smallest"] == pytest.approx(2.5)  # 50 s at 200 sites: 0.25 s per site vs 0.1 at 16
     assert "s_per_site_round" not in rows[3]
