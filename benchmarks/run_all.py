@@ -105,6 +105,15 @@ def plan(quick: bool, sim_sites: str) -> list[Step]:
                 ("site_reload.json",),
             ),
             Step(
+                "model_load",
+                "benchmarks.model_load",
+                ("--model", "tiny"),
+                "tiny",
+                "--quick: smoke run",
+                0.3,
+                ("model_load.json",),
+            ),
+            Step(
                 "spsa_step",
                 "benchmarks.spsa_step",
                 ("--model", "tiny", "--repeats", "2"),
@@ -192,6 +201,17 @@ def plan(quick: bool, sim_sites: str) -> list[Step]:
     )
     steps.append(
         Step(
+            "model_load",
+            "benchmarks.model_load",
+            ("--model", "smollm2"),
+            "smollm2",
+            "peak memory of a bf16 load vs an fp32 load (and the old fp32-then-cast): bytes of the real model",
+            1.0,
+            ("model_load.json",),
+        )
+    )
+    steps.append(
+        Step(
             "byzantine",
             "benchmarks.byzantine",
             ("--rounds", "10"),
@@ -224,7 +244,16 @@ OPT_IN = [
         "real link bytes of 60 s rounds (mostly waiting, ~16 min): runs only when named in --only",
         16.0,
         ("wire_bytes.json", "wire_bytes.png"),
-    )
+    ),
+    Step(
+        "paper_claims",
+        "benchmarks.paper_claims",
+        ("--model", "tiny", "--jobs", "2", "--threads", "1"),
+        "tiny",
+        "the source papers' claims over 16 long runs (about 1.5-3 h on 2 shared cores): only when named in --only",
+        120.0,
+        ("paper_claims.json", "paper_claims.png"),
+    ),
 ]
 """Steps outside the 20-minute plan, run only with ``--only NAME``."""
 

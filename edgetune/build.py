@@ -6,6 +6,7 @@ Shared by ``inproc.py`` and the Flower apps so both build exactly the same objec
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -22,7 +23,7 @@ from edgetune.data.prompts import TokenizedSet
 from edgetune.data.sources import heldout_examples, site_examples
 from edgetune.io import private_dir
 from edgetune.metrics.eval import evaluate as eval_model
-from edgetune.models.load import cache_root, cached_model
+from edgetune.models.load import cache_root, cached_model, check_fingerprint
 
 
 def site_name(index: int) -> str:
@@ -64,7 +65,10 @@ def ensure_sim_keys(cfg: RunConfig, run_dir: Path, site_ids: list[str]) -> Path:
 def build_server(cfg: RunConfig, run_dir: Path, site_ids: list[str]) -> tuple[ServerHalf, Any, Callable]:
     """The server half, the tokenizer, and the held-out evaluator."""
     keys_dir = ensure_sim_keys(cfg, run_dir, site_ids)
-    model, tokenizer = cached_model(cfg.model, seed=cfg.run.seed)
+    # The server only evaluates and checkpoints: it keeps an unquantised copy whatever sites train on.
+    server_model = dataclasses.replace(cfg.model, quantize="none")
+    check_fingerprint(server_model, seed=cfg.run.seed, who="the server")
+    model, tokenizer = cached_model(server_model, seed=cfg.run.seed)
     ctx = ServerContext(
         run_id=run_id_for(Path(run_dir).name),
         model=model,
@@ -134,7 +138,11 @@ def build_client(
     data_path: str = "",
     namespace: str = "",
 ) -> ClientHalf:
-    """One site's client half (model shared per process, unless ``namespace`` separates it)."""
+    """One site's client half (model shared per process, unless ``namespace`` separates it).
+
+    With ``model.sha256`` set, the site's own copy of the base model must have that fingerprint.
+    """
+    check_fingerprint(cfg.model, seed=cfg.run.seed, who=f"site {site_id}")
     model, tokenizer = cached_model(cfg.model, seed=cfg.run.seed, namespace=namespace)
     examples = site_examples(cfg, site_index, num_sites, data_path)
     ctx = ClientContext(

@@ -1,13 +1,15 @@
 """What a site downloads per run (the Flower app bundle), and the check that its edgetune matches the server's.
 
 Flower ships each run's app as a FAB: the files of the app folder that ``[tool.flwr.app] fab-include``
-in ``pyproject.toml`` selects (that list is the one place to change when the app modules move). The
-ClientApp and ServerApp modules are wiring only; everything they call is the ``edgetune`` package,
-which every site installs. So the FAB carries the app modules and nothing else (a few KB instead of
-the whole checkout), and the code a site runs is its own installed edgetune. That is only safe when
-it is the server's edgetune: ``code_version`` names the installed package by version and a hash of its
-source, the server sends its own in the ``query.hello`` of every run, and a site whose version differs
-answers with an error naming both, and takes no part in the run.
+in ``pyproject.toml`` selects, plus that ``pyproject.toml``. edgetune's ClientApp and ServerApp are
+modules of the installed package (``edgetune/flower/client_app.py``, ``server_app.py``; its
+``[tool.flwr.app.components]`` names them), so the FAB carries no code at all: the checkout's
+``fab-include`` names only ``pyproject.toml``, and the folders ``edgetune simulate``/``server`` submit
+(``project.write_app_folder``) hold nothing else (a few KB instead of the whole checkout). The code a
+site runs is its own installed edgetune. That is only safe when it is the server's edgetune:
+``code_version`` names the installed package by version and a hash of its source, the server sends its
+own in the ``query.hello`` of every run, and a site whose version differs answers with an error naming
+both, and takes no part in the run.
 """
 
 from __future__ import annotations

@@ -1,24 +1,29 @@
 """The ``edgetune`` command line.
 
+    edgetune new DIR [--from RECIPE] [--model M] [--algorithm A] [--data PATH] [--sites N]
     edgetune simulate RECIPE --sites N [--rounds R] [--set key=value ...] [--engine flower|inproc]
     edgetune keys OUT_DIR --sites site-0,site-1 [--add] [--overwrite]
     edgetune eval CHECKPOINT [--examples N] [--no-accuracy]
     edgetune imv CHECKPOINT [--set imv.num_directions=8]
     edgetune certs KEYS --hosts link.example.org,10.0.0.5
     edgetune server RECIPE --keys KEYS [--address 0.0.0.0:9091]
-    edgetune site --kit KEYS/sites/<id> --superlink HOST:PORT --data site.jsonl [--device cuda]
+    edgetune site --kit KEYS/sites/<id> --superlink HOST:PORT --data site.jsonl [--device cuda] [--model PATH]
+    edgetune fingerprint MODEL
     edgetune bench [--quick] [--only NAME,...]
     edgetune report RUN_DIR [--out PATH] [--format html|md]
     edgetune compare RUN_DIR... [--out compare.png]
+    edgetune --version
 
 ``simulate`` runs Flower's simulation engine (``flwr run`` against a private local SuperLink,
 offline) and follows the run's ``metrics.jsonl`` in a live table; ``--engine inproc`` runs the
-same loop without Flower.
+same loop without Flower. Nothing here needs the source checkout: the Flower apps are modules of
+the package and the app folder ``flwr run`` submits is generated (``edgetune/project.py``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -28,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -37,6 +43,7 @@ from rich.live import Live
 from rich.table import Table
 
 from edgetune import config as cfgmod
+from edgetune import project
 from edgetune.io import private_dir, read_jsonl
 from edgetune.runs import new_run_name
 
@@ -54,20 +61,60 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(code=1)
 
 
-def app_dir() -> Path:
-    """The Flower app folder (the source checkout holding pyproject.toml with [tool.flwr.app])."""
-    root = Path(__file__).resolve().parent.parent
-    pyproject = root / "pyproject.toml"
-    if not pyproject.is_file() or "[tool.flwr.app]" not in pyproject.read_text():
-        raise _fail(f"{root} is not the edgetune source checkout; `edgetune simulate` needs the Flower app folder")
-    return root
+def app_dir(folder: Path, cfg: cfgmod.RunConfig | None = None) -> Path:
+    """A Flower app folder for ``flwr run``: a generated pyproject.toml naming edgetune's installed
+    ServerApp and ClientApp (no source checkout needed; the bundle Flower ships is that one file).
+    """
+    return project.write_app_folder(folder, cfg)
+
+
+class Engine(StrEnum):
+    """``edgetune simulate --engine``."""
+
+    flower = "flower"
+    inproc = "inproc"
+
+
+class Link(StrEnum):
+    """``edgetune site --link``."""
+
+    standard = "standard"
+    thin = "thin"
+
+
+class ReportFormat(StrEnum):
+    """``edgetune report --format``."""
+
+    html = "html"
+    md = "md"
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"edgetune {project.version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit")
+    ] = False,
+) -> None:
+    """Federated fine-tuning over thin links."""
 
 
 def _load(recipe: Path, sets: list[str], extra: dict[str, Any]) -> tuple[dict[str, Any], cfgmod.RunConfig]:
+    """Read and validate a recipe; relative paths in it are taken from the current directory."""
+    from edgetune import tracking
+
     try:
         flat = cfgmod.load_recipe(recipe, sets)
         flat.update(extra)
-        return flat, cfgmod.from_run_config(flat)
+        flat = project.absolute_paths(flat, Path.cwd())
+        cfg = cfgmod.from_run_config(flat)
+        tracking.check_available(cfg)
+        return flat, cfg
     except ValueError as err:
         raise _fail(str(err)) from err
 
@@ -142,6 +189,27 @@ def _flwr_env(flwr_home: Path) -> dict[str, str]:
     return env
 
 
+LOCAL_LINK_SLOW = "Failed to start local SuperLink"
+"""What ``flwr run`` says when the local SuperLink it spawned did not answer within its 15 s."""
+
+
+def _wait_local_superlink(env: dict[str, str], timeout_s: float) -> bool:
+    """Poll the local SuperLink's health endpoint (``flwr run`` leaves it starting) until it answers."""
+    import urllib.request
+
+    url = f"http://127.0.0.1:{env['FLWR_LOCAL_SUPERLINK_HTTP_API_PORT']}/health"
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 (our own loopback endpoint)
+                if resp.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(1.0)
+    return False
+
+
 def _stop_local_superlink(flwr_home: Path) -> None:
     """The local SuperLink that ``flwr run`` spawns keeps running after the run; stop ours."""
     log = flwr_home / "local-superlink" / "superlink.log"
@@ -163,15 +231,25 @@ def _sim_status(run_id: int, env: dict[str, str], root: Path) -> str:
         return "unknown"
 
 
-def follow(table: RoundTable, run_dir: Path, status_fn: Any, *, poll_s: float = 2.0) -> str:
-    """Show the run's metrics.jsonl rows live until ``status_fn()`` says the run finished."""
+def follow(
+    table: RoundTable, run_dir: Path, status_fn: Any, *, poll_s: float = 2.0, status_every_s: float = 15.0
+) -> str:
+    """Show the run's metrics.jsonl rows live until ``status_fn()`` says the run finished.
+
+    The rows are read every ``poll_s``; Flower is asked for the run's status (a ``flwr ls``: a new
+    Python process, about a CPU-second) only every ``status_every_s`` and as soon as the run writes
+    its summary, so following a run does not take CPU from the sites it simulates.
+    """
     status = ""
+    asked = -math.inf
     with Live(table.render(), console=console, refresh_per_second=2) as live:
         while True:
             for row in read_jsonl(run_dir / "metrics.jsonl")[len(table.rows) :]:
                 table.add(row)
-            status = status_fn()
-            table.status = status
+            if time.monotonic() - asked >= status_every_s or (run_dir / "summary.json").exists():
+                status = status_fn()
+                asked = time.monotonic()
+                table.status = status
             live.update(table.render())
             if status.startswith("finished"):
                 break
@@ -182,10 +260,31 @@ def follow(table: RoundTable, run_dir: Path, status_fn: Any, *, poll_s: float = 
     return status
 
 
+def federation_config(sites: int, cpus: float, gpus: float) -> str:
+    """``flwr run --federation-config`` for ``sites`` simulated sites with Flower's client resources.
+
+    ``gpus``: Flower's fractional ``num-gpus`` per site (Ray then gives each site's actor its own
+    ``CUDA_VISIBLE_DEVICES``); cpus: whole cores (Flower's field is an unsigned integer).
+    """
+    if sites < 1:
+        raise ValueError(f"--sites must be >= 1, got {sites}")
+    if not (math.isfinite(cpus) and cpus >= 1 and float(cpus).is_integer()):
+        raise ValueError(f"--cpus-per-site must be a whole number of cores >= 1 (Flower's num-cpus), got {cpus:g}")
+    gpus = cfgmod.check_gpus_per_site(gpus, "--gpus-per-site / run.gpus_per_site")
+    text = f"num-supernodes={sites} client-resources-num-cpus={int(cpus)}"
+    if gpus > 0:
+        text += f" client-resources-num-gpus={gpus:g}"
+    return text
+
+
 def simulate_flower(flat: dict[str, Any], cfg: cfgmod.RunConfig, sites: int, cpus: float, run_dir: Path) -> int:
     """Run ``flwr run`` on Flower's simulation engine and follow the run; return an exit code."""
-    root = app_dir()
+    try:
+        fed_config = federation_config(sites, cpus, cfg.run.gpus_per_site)
+    except ValueError as err:
+        raise _fail(str(err)) from err
     flwr_home = Path(tempfile.mkdtemp(prefix="edgetune-flwr-"))
+    root = app_dir(flwr_home / "app", cfg)
     env = _flwr_env(flwr_home)
     run_cfg = flwr_home / "run-config.toml"
     run_cfg.write_text(cfgmod.to_toml(flat))
@@ -195,23 +294,21 @@ def simulate_flower(flat: dict[str, Any], cfg: cfgmod.RunConfig, sites: int, cpu
     streamer = None
     code = 1
     try:
-        start = subprocess.run(
-            [
-                "flwr",
-                "run",
-                str(root),
-                "--run-config",
-                str(run_cfg),
-                "--format",
-                "json",
-                "--federation-config",
-                f"num-supernodes={sites} client-resources-num-cpus={cpus:g}",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            cwd=root,
-        )
+        cmd = [
+            "flwr",
+            "run",
+            str(root),
+            "--run-config",
+            str(run_cfg),
+            "--format",
+            "json",
+            "--federation-config",
+            fed_config,
+        ]
+        start = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=root)
+        if LOCAL_LINK_SLOW in start.stdout + start.stderr and _wait_local_superlink(env, 120.0):
+            # flwr gives its local SuperLink 15 s; on a busy machine it comes up later: submit again
+            start = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=root)
         try:
             run_id = int(json.loads(start.stdout)["run-id"])
         except (ValueError, KeyError):
@@ -253,27 +350,78 @@ def _print_summary(run_dir: Path) -> None:
 
 
 @app.command()
+def new(
+    folder: Annotated[Path, typer.Argument(help="The project folder to create (must not exist or be empty)")],
+    from_: Annotated[
+        str, typer.Option("--from", help="Start from a recipe file or a shipped one, e.g. spsa/tiny-4c")
+    ] = "",
+    algorithm: Annotated[str | None, typer.Option(help="spsa, kavg, lowrank, deft or dppf (default: spsa)")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="smollm2, tiny, a model folder or a model id in your HF cache")
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option(help="Your data file or save_to_disk folder (default: the demo data)")
+    ] = None,
+    sites: Annotated[int | None, typer.Option(help="Simulated sites (default: 2, Flower's own default)")] = None,
+) -> None:
+    """Start a federation project: a Flower app folder with a recipe (flwr run . / edgetune simulate)."""
+    if algorithm is not None and algorithm not in cfgmod.ALGORITHM_NAMES:
+        raise _fail(f"--algorithm must be one of {', '.join(cfgmod.ALGORITHM_NAMES)}, got {algorithm!r}")
+    try:
+        made = project.new_project(folder, from_recipe=from_, algorithm=algorithm, model=model, data=data, sites=sites)
+    except ValueError as err:
+        raise _fail(str(err)) from err
+    console.print(f"created {made}: pyproject.toml (the Flower app), recipe.toml, README.md")
+    console.print(f"  cd {folder} && edgetune simulate recipe.toml        # or: flwr run .")
+
+
+@app.command()
+def fingerprint(
+    model: Annotated[str, typer.Argument(help="smollm2, tiny, a model folder or a model id in your HF cache")],
+    revision: Annotated[str, typer.Option(help="For a model id: the cached revision (default main)")] = "",
+) -> None:
+    """The base-model fingerprint that model.sha256 pins (compare a site's copy with the server's)."""
+    from edgetune.models.load import model_fingerprint
+
+    try:
+        console.print(model_fingerprint(cfgmod.ModelSection(path=model, revision=revision)))
+    except ValueError as err:
+        raise _fail(str(err)) from err
+
+
+@app.command()
 def simulate(
     recipe: Annotated[Path, typer.Argument(help="Recipe TOML, e.g. recipes/spsa/smollm2-135m-4c.toml")],
     sites: Annotated[int, typer.Option(help="Number of simulated sites (0: the recipe's run.num_sites)")] = 0,
     rounds: Annotated[int, typer.Option(help="Override num_rounds")] = 0,
     set_: Annotated[list[str] | None, typer.Option("--set", help="key=value override (repeatable)")] = None,
-    engine: Annotated[str, typer.Option(help="flower (Flower's simulation engine) or inproc")] = "flower",
+    engine: Annotated[Engine, typer.Option(help="flower (Flower's simulation engine) or inproc")] = Engine.flower,
     cpus_per_site: Annotated[float, typer.Option(help="CPU cores Flower reserves per simulated site")] = 1.0,
+    gpus_per_site: Annotated[
+        float,
+        typer.Option(
+            help="GPUs Flower reserves per simulated site, e.g. 0.25 (default: the recipe's run.gpus_per_site)"
+        ),
+    ] = -1.0,
 ) -> None:
     """Simulate N sites on this machine with Flower's simulation engine (offline)."""
     extra: dict[str, Any] = {}
     if rounds:
         extra["num_rounds"] = rounds
+    if gpus_per_site != -1.0:
+        try:
+            extra["run.gpus_per_site"] = cfgmod.check_gpus_per_site(gpus_per_site, "--gpus-per-site")
+        except ValueError as err:
+            raise _fail(str(err)) from err
     flat, cfg = _load(recipe, set_ or [], extra)
     num_sites = sites or cfg.run.num_sites or 4
     name = new_run_name(cfg)
     run_dir = (Path(cfg.run.dir).expanduser() / name).resolve()
     flat.update({"run.name": name, "run.dir": str(run_dir.parent), "run.num_sites": num_sites})
     cfg = cfgmod.from_run_config(flat)
-    if engine == "flower":
+    if engine == Engine.flower:
         code = simulate_flower(flat, cfg, num_sites, cpus_per_site, run_dir)
-    elif engine == "inproc":
+    else:
         from edgetune import inproc
 
         table = RoundTable(
@@ -290,8 +438,6 @@ def simulate(
             table.status = "finished"
             live.update(table.render())
         code = 0
-    else:
-        raise _fail(f"--engine must be flower or inproc, got {engine!r}")
     _print_summary(run_dir)
     raise typer.Exit(code=code)
 
@@ -340,7 +486,13 @@ def eval_(
 
     try:
         result = evaluate_checkpoint(
-            checkpoint, recipe=recipe, num_sites=sites, num_examples=examples, accuracy=accuracy, verify=verify
+            checkpoint,
+            recipe=recipe,
+            num_sites=sites,
+            num_examples=examples,
+            accuracy=accuracy,
+            verify=verify,
+            show_progress=True,
         )
     except ValueError as err:
         raise _fail(str(err)) from err
@@ -381,7 +533,7 @@ def imv(
 
     try:
         overrides = dict(cfgmod.parse_override(o) for o in (set_ or []))
-        report = checkpoint_imv(checkpoint, recipe=recipe, num_sites=sites, overrides=overrides)
+        report = checkpoint_imv(checkpoint, recipe=recipe, num_sites=sites, overrides=overrides, show_progress=True)
     except ValueError as err:
         raise _fail(str(err)) from err
     for key, value in report.items():
@@ -461,6 +613,17 @@ def server(
     name = new_run_name(cfg)
     run_dir = (Path(cfg.run.dir).expanduser() / name).resolve()
     flat.update({"run.name": name, "run.dir": str(run_dir.parent)})
+    if not cfg.model.sha256:
+        # pin the base model: a site whose own copy (node config model-path) differs is refused
+        from edgetune.models.load import model_fingerprint
+
+        try:
+            flat["model.sha256"] = model_fingerprint(cfg.model, seed=cfg.run.seed)
+            console.print(f"base model {cfg.model.path}: fingerprint {flat['model.sha256'][:16]}... (model.sha256)")
+        except ValueError as err:
+            if not connect:
+                raise _fail(str(err)) from err
+            console.print(f"[yellow]base model not found here ({err}); sites' copies are not checked[/]")
     cfg = cfgmod.from_run_config(flat)
     host, port = deploy.split_address(connect or address)
     if insecure:
@@ -491,7 +654,7 @@ def server(
             done = deploy.register_sites(keys, env)
             console.print(f"registered node keys of {', '.join(done)}")
         linkmeter.mark_timeline(run_dir, "submitted")  # opens the run's setup window for link meters
-        run_id = deploy.submit_run(app_dir(), run_cfg, env)
+        run_id = deploy.submit_run(app_dir(state / "app", cfg), run_cfg, env)
         console.print(f"run {run_id} submitted: {run_dir}")
         table = RoundTable(f"edgetune server · {name} · {cfg.algorithm}", cfg.num_rounds)
         status = follow(table, run_dir, lambda: deploy.run_status(run_id, env), poll_s=3.0)
@@ -511,10 +674,23 @@ def server(
 def site(
     kit: Annotated[Path, typer.Option(help="This site's kit folder (sites/<id> from the server team)")],
     superlink: Annotated[str, typer.Option(help="The SuperLink's host:port")],
-    data: Annotated[str, typer.Option(help="This site's JSONL data (instruction/response rows)")] = "",
+    data: Annotated[
+        str, typer.Option(help="This site's data: JSONL/JSON/parquet/CSV file or save_to_disk folder")
+    ] = "",
     demo_index: Annotated[int, typer.Option(help="Use demo site N's data instead of --data (-1: off)")] = -1,
     num_sites: Annotated[int, typer.Option(help="With --demo-index: how many demo sites exist")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N (default: the recipe's)")] = "",
+    devices: Annotated[
+        str,
+        typer.Option(help="Several devices of this site, e.g. cuda:0,cuda:1: spsa spreads its probes across them"),
+    ] = "",
+    model: Annotated[
+        str,
+        typer.Option(help="This site's own copy of the base model (folder or cached model id; default: the recipe's)"),
+    ] = "",
+    quantize: Annotated[
+        str, typer.Option(help="4bit or 8bit base weights on this GPU site, none to turn the recipe's off")
+    ] = "",
     port: Annotated[int, typer.Option(help="Local port of this SuperNode's runtime API")] = 9094,
     state: Annotated[Path, typer.Option(help="This site's Flower home")] = Path(".edgetune/site"),
     insecure: Annotated[bool, typer.Option(help="No TLS, no node auth: loopback tests only")] = False,
@@ -528,12 +704,12 @@ def site(
         ),
     ] = True,
     link: Annotated[
-        str,
+        Link,
         typer.Option(
             help="standard, or thin: HTTP/2 to the server's --gateway, held polls, 300 s heartbeats "
             "(docs/site-operator.md: what it saves and costs)"
         ),
-    ] = "standard",
+    ] = Link.standard,
     count_bytes: Annotated[
         bool, typer.Option(help="Count the real bytes on this site's link (log: STATE/link-bytes.jsonl)")
     ] = False,
@@ -544,8 +720,10 @@ def site(
     kit = kit.resolve()
     if not (kit / "site.json").is_file():
         raise _fail(f"{kit} is not a site kit (no site.json)")
-    if data and not Path(data).is_file():
+    if data and not Path(data).exists():
         raise _fail(f"--data {data} does not exist")
+    if quantize and quantize not in {"none", "4bit", "8bit"}:
+        raise _fail(f"--quantize must be none, 4bit or 8bit, got {quantize!r}")
     if not data and demo_index < 0:
         raise _fail("give --data PATH (this site's JSONL) or --demo-index N (demo data)")
     host, _ = deploy.split_address(superlink)
@@ -553,8 +731,13 @@ def site(
         if not deploy.is_loopback(host):
             raise _fail("--insecure is for loopback tests only; use the kit's TLS and node key")
         console.print("[bold red]WARNING: --insecure: no TLS, no node authentication. Loopback tests only.[/]")
-    if link not in {"standard", "thin"}:
-        raise _fail(f"--link must be standard or thin, got {link!r}")
+    if device and devices:
+        raise _fail("give --device or --devices, not both")
+    if devices:
+        try:
+            device = ",".join(cfgmod.device_list(devices))
+        except ValueError as err:
+            raise _fail(f"--devices: {err}") from err
     socket_path = _site_host_socket(state.resolve()) if keep_loaded else None
     try:
         node_superlink, local_ca, link_stop = _site_link(
@@ -566,6 +749,8 @@ def site(
             port=port,
             data_path=data,
             device=device,
+            model_path=model,
+            quantize=quantize,
             insecure=insecure,
             site_index=demo_index if demo_index >= 0 else None,
             num_sites=num_sites or None,
@@ -725,10 +910,14 @@ def bench(
     Extra options go to ``python -m benchmarks.run_all`` (``--only``, ``--skip``, ``--sim-sites``,
     ``--results-dir``). About 20 minutes on 2 idle cores; ``--quick`` a few minutes.
     """
-    root = app_dir()
+    root = project.bundled_root()
     if not (root / "benchmarks" / "run_all.py").is_file():
-        raise _fail(f"{root / 'benchmarks'} not found: `edgetune bench` runs from the source checkout")
-    cmd = [sys.executable, "-m", "benchmarks.run_all", *(["--quick"] if quick else []), *ctx.args]
+        raise _fail(f"{root / 'benchmarks'} not found: this edgetune install has no benchmarks")
+    args = list(ctx.args)
+    if root != Path(__file__).resolve().parent.parent and not any(a.startswith("--results-dir") for a in args):
+        # an installed edgetune: results go to the current directory, not into site-packages
+        args += ["--results-dir", str(Path.cwd() / "bench-results")]
+    cmd = [sys.executable, "-m", "benchmarks.run_all", *(["--quick"] if quick else []), *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     raise typer.Exit(code=subprocess.run(cmd, cwd=root, env=env, check=False).returncode)
 
@@ -740,7 +929,7 @@ def report(
         Path | None, typer.Option(help="Report file (default: RUN_DIR/report.html, or report.md with --format md)")
     ] = None,
     format_: Annotated[
-        str | None,
+        ReportFormat | None,
         typer.Option("--format", help="html (one self-contained file, plots embedded) or md (plots linked)"),
     ] = None,
     link_log: Annotated[
@@ -758,7 +947,7 @@ def report(
             console.print(
                 f"merged {len(link_log)} link-meter log(s): {totals.get('link_uplink_bytes_total', 0):,} B up"
             )
-        path = reportmod.write_report(run_dir, out=out, fmt=format_)
+        path = reportmod.write_report(run_dir, out=out, fmt=format_.value if format_ is not None else None)
     except ValueError as err:
         raise _fail(str(err)) from err
     console.print(f"report: {path}")

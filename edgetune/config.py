@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgetune import schedules
+
 Scalar = bool | int | float | str
 
 
@@ -31,6 +33,24 @@ def _is_power_of_two(x: float) -> bool:
         return False
     mantissa, _ = math.frexp(x)
     return mantissa == 0.5
+
+
+def check_gpus_per_site(value: float, name: str) -> float:
+    """Flower's Ray backend takes a fraction of one GPU (0 < f <= 1) or a whole number of GPUs."""
+    v = float(value)
+    if not (math.isfinite(v) and v >= 0 and (v <= 1 or v.is_integer())):
+        raise ValueError(f"{name} must be 0, a fraction in (0, 1] or a whole number of GPUs, got {value!r}")
+    return v
+
+
+def device_list(spec: str) -> tuple[str, ...]:
+    """``model.device`` as a list: ``cuda:0,cuda:1`` names several devices of one site."""
+    devices = _csv(spec)
+    if not devices:
+        raise ValueError("model.device must not be empty (auto, cpu, cuda[:N] or a comma-separated list)")
+    if len(devices) > 1 and "auto" in devices:
+        raise ValueError(f"model.device: 'auto' cannot be part of a device list, got {spec!r}")
+    return devices
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +76,18 @@ class RunSection:
     """Write a checkpoint every N rounds (0: only after the last round)."""
     keep_checkpoints: int = 2
     """How many checkpoint folders to keep (the newest ones)."""
+    sites_per_round: float = 0.0
+    """Sites asked per round: 0 for all, a fraction in (0, 1) of the connected sites, or a whole
+    number of sites (at least ``min_sites``). The sample comes from the keyed ``sites`` stream of
+    ``run.seed`` and the round number, so a resumed run asks the same sites."""
+    gpus_per_site: float = 0.0
+    """Simulation: GPUs Flower's backend reserves per simulated site (fractional ``num-gpus``
+    client resources: 0.25 puts four sites on each GPU). 0: simulated sites run on the CPU
+    unless ``model.device`` names a GPU explicitly."""
+    track: str = ""
+    """Also export the per-round metrics to experiment trackers: ``tensorboard`` (event files in
+    ``<run>/tensorboard``; needs the tensorboard package), ``wandb`` (needs wandb; offline unless
+    ``WANDB_MODE`` says otherwise), or both, comma-separated; empty: off."""
 
     def __post_init__(self) -> None:
         if self.num_sites < 0:
@@ -70,6 +102,15 @@ class RunSection:
             raise ValueError("run.checkpoint_every must be >= 0 and run.keep_checkpoints >= 1")
         if "/" in self.name or self.name in {".", ".."}:
             raise ValueError(f"run.name must be a plain folder name, got {self.name!r}")
+        spr = self.sites_per_round
+        if not (math.isfinite(spr) and spr >= 0 and (spr < 1 or float(spr).is_integer())):
+            raise ValueError(
+                f"run.sites_per_round must be 0 (all), a fraction in (0, 1) or a whole number of sites, got {spr!r}"
+            )
+        check_gpus_per_site(self.gpus_per_site, "run.gpus_per_site")
+        unknown = sorted(set(_csv(self.track)) - {"tensorboard", "wandb"})
+        if unknown:
+            raise ValueError(f"run.track: unknown tracker(s) {unknown}; use tensorboard, wandb or both")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,11 +119,18 @@ class ModelSection:
 
     path: str = "smollm2"
     """``smollm2`` (the embedded SmolLM2-135M-Instruct), ``tiny`` (an in-memory 2-layer Llama
-    for tests), or a local folder that ``AutoModelForCausalLM.from_pretrained`` can read."""
+    for tests), a local folder that ``AutoModelForCausalLM.from_pretrained`` can read, or a
+    Hugging Face model id (``org/name``) already in the local Hugging Face cache (never downloaded).
+    In deployment a site's node config ``model-path`` points at its own copy."""
+    revision: str = ""
+    """For a model id: the cached revision (branch, tag or commit) to use; empty: ``main``."""
     dtype: str = "float32"
-    """Weights dtype for the forward pass: float32, bfloat16 or float16. Masters stay fp32."""
+    """Weights dtype, applied while loading (no fp32 copy first): float32, bfloat16, float16, or
+    ``auto`` (the dtype the model's config.json names). spsa needs float32 (see ``RunConfig``)."""
     device: str = "auto"
-    """``auto`` (cuda when available), ``cpu`` or ``cuda[:N]``."""
+    """``auto`` (cuda when available), ``cpu`` or ``cuda[:N]``; or several devices of one site,
+    comma-separated (``cuda:0,cuda:1``): spsa spreads each step's probes across replicas on them
+    (same bytes and state hash as one device); the other algorithms refuse a list."""
     trainable: str = "q_proj,k_proj,v_proj,o_proj"
     """``all``, ``lora`` (LoRA adapters on ``target_modules``; A and B train), ``lora-b`` (LoRA
     adapters, only B trains: A keeps its keyed initialisation, which every replica derives from
@@ -102,16 +150,43 @@ class ModelSection:
     cache_dir: str = ""
     """Where the converted SmolLM2 folder is cached; empty: ``$EDGETUNE_CACHE`` or
     ``~/.cache/edgetune``."""
+    sha256: str = ""
+    """Fingerprint every copy of the base model must have (``edgetune fingerprint``); empty: not
+    checked. ``edgetune server`` fills it in from its own copy, so a site whose ``model-path``
+    holds another model is refused before it trains."""
+    quantize: str = "none"
+    """Base weights of the sites' training copies: ``none``, ``4bit`` (QLoRA, NF4) or ``8bit``
+    (bitsandbytes, CUDA only; ``pip install 'edgetune[gpu]'``). Needs ``trainable = "lora"``. The
+    server keeps its copy unquantised; a site's node config ``quantize`` overrides it."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (backprop algorithms): less memory, ~30% slower."""
+    autocast: str = "none"
+    """Mixed precision of local training (backprop algorithms): ``none``, ``bf16`` or ``fp16``
+    (``torch.autocast``; trainable weights stay in their dtype, fp16 adds a gradient scaler).
+    fp16 needs CUDA."""
 
     def __post_init__(self) -> None:
-        if self.dtype not in {"float32", "bfloat16", "float16"}:
-            raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.dtype not in {"float32", "bfloat16", "float16", "auto"}:
+            raise ValueError(f"model.dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}")
+        if not self.path.strip():
+            raise ValueError("model.path must not be empty")
         if not self.trainable.strip():
             raise ValueError("model.trainable must not be empty")
+        device_list(self.device)
         if self.lora_rank < 1:
             raise ValueError(f"model.lora_rank must be >= 1, got {self.lora_rank}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"model.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.sha256 and (len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256)):
+            raise ValueError(f"model.sha256 must be 64 lowercase hex digits (edgetune fingerprint): {self.sha256!r}")
+        if self.quantize not in {"none", "4bit", "8bit"}:
+            raise ValueError(f"model.quantize must be none, 4bit or 8bit, got {self.quantize!r}")
+        if self.quantize != "none" and self.trainable.strip() != "lora":
+            raise ValueError(
+                f"model.quantize = {self.quantize!r} freezes quantised base weights: it needs model.trainable = 'lora'"
+            )
+        if self.autocast not in {"none", "bf16", "fp16"}:
+            raise ValueError(f"model.autocast must be none, bf16 or fp16, got {self.autocast!r}")
         _ = self.lora_layer_list  # validates the spelling
 
     @property
@@ -145,13 +220,22 @@ class DataSection:
     source: str = "demo"
     """``demo`` (the built-in fact-recall data: alarm codes -> procedures), ``triage`` (the built-in
     fault-report routing data: report -> one of the site's categories), ``docs`` (real technical
-    prose: the docstrings of transformers, datasets, peft and flwr, one package per site) or
-    ``jsonl`` (``path``)."""
+    prose: the docstrings of transformers, datasets, peft and flwr, one package per site) or ``file``:
+    your own data in ``path`` (``jsonl`` is the same, kept for old recipes)."""
     path: str = ""
-    """JSONL file with ``instruction``/``response`` (or ``text``) rows, for ``source = "jsonl"``.
-    In deployment each site's node config ``data-path`` overrides it."""
+    """Your data for ``source = "file"``: a ``.jsonl``, ``.json``, ``.parquet`` or ``.csv`` file, or a
+    folder written by ``datasets``' ``save_to_disk`` (read offline with ``datasets``). Rows are
+    ``instruction``/``response``, ``text`` or chat ``messages`` (see ``columns``). In deployment each
+    site's node config ``data-path`` overrides it."""
     eval_path: str = ""
-    """Held-out JSONL for the server's evaluation (``jsonl`` source); empty: split off ``path``."""
+    """Held-out data for the server's evaluation (same formats as ``path``); empty: split off ``path``."""
+    columns: str = ""
+    """Column mapping, ``field=column`` pairs, comma-separated: ``"instruction=question,response=answer"``.
+    Fields: instruction, response, text, messages, system. Unmapped fields use their own name."""
+    prompt_template: str = ""
+    """Prompt text for instruction rows with ``{instruction}`` and optionally ``{system}``
+    (``"### Question:\\n{instruction}\\n### Answer:\\n"``); empty: the model's chat template, or
+    that built-in layout when the tokenizer has none. Chat ``messages`` always use the chat template."""
     partition: str = "natural"
     """Simulation split of ``path``: ``natural`` (one partition per value of ``partition_by``,
     the demo's own sites), ``iid`` or ``dirichlet`` (flwr-datasets partitioners)."""
@@ -166,20 +250,59 @@ class DataSection:
     batch_size: int = 8
     """Examples per local step."""
     system_prompt: str = ""
-    """System prompt of every example; empty: the source's own (``demo`` and ``jsonl``: a factory
-    maintenance assistant; ``triage``: a fault-report router; ``docs``: a documentation writer)."""
+    """System prompt of examples that carry none of their own (a ``system`` column or a system
+    message); empty: the source's own (``demo``: a factory maintenance assistant; ``triage``: a
+    fault-report router; ``docs``: a documentation writer; your own data: no system prompt, so the
+    chat template's default applies)."""
 
     def __post_init__(self) -> None:
-        if self.source not in {"demo", "triage", "docs", "jsonl"}:
-            raise ValueError(f"data.source must be demo, triage, docs or jsonl, got {self.source!r}")
-        if self.source == "jsonl" and not self.path:
-            raise ValueError("data.source = 'jsonl' needs data.path")
+        if self.source not in {"demo", "triage", "docs", "file", "jsonl"}:
+            raise ValueError(f"data.source must be demo, triage, docs or file, got {self.source!r}")
+        if self.source in {"file", "jsonl"} and not self.path:
+            raise ValueError(f"data.source = {self.source!r} needs data.path")
         if self.partition not in {"natural", "iid", "dirichlet"}:
             raise ValueError(f"data.partition must be natural, iid or dirichlet, got {self.partition!r}")
         if self.dirichlet_alpha <= 0:
             raise ValueError(f"data.dirichlet_alpha must be > 0, got {self.dirichlet_alpha}")
         if self.batch_size < 1 or self.max_length < 8 or self.demo_facts < 1:
             raise ValueError("data.batch_size >= 1, data.max_length >= 8 and data.demo_facts >= 1 required")
+        self.column_map  # noqa: B018 (validates the mapping)
+        if self.prompt_template:
+            check_prompt_template(self.prompt_template)
+
+    @property
+    def column_map(self) -> dict[str, str]:
+        """``{field: column}`` from ``columns`` (only the mapped fields)."""
+        out: dict[str, str] = {}
+        for pair in _csv(self.columns):
+            field_name, sep, column = (x.strip() for x in pair.partition("="))
+            if not sep or not field_name or not column:
+                raise ValueError(f"data.columns: {pair!r} is not field=column (e.g. 'response=answer')")
+            if field_name not in DATA_FIELDS:
+                raise ValueError(f"data.columns: unknown field {field_name!r} (one of {', '.join(DATA_FIELDS)})")
+            if field_name in out:
+                raise ValueError(f"data.columns maps {field_name!r} twice")
+            out[field_name] = column
+        return out
+
+
+DATA_FIELDS = ("instruction", "response", "text", "messages", "system")
+"""Fields an example is read from (``data.columns`` maps them to a file's own column names)."""
+
+
+def check_prompt_template(template: str) -> None:
+    """Raise ``ValueError`` unless ``template`` has ``{instruction}`` and no placeholder but ``{system}``."""
+    import string
+
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:
+        raise ValueError(f"data.prompt_template is not a valid template ({err}); literal braces are {{{{ }}}}") from err
+    unknown = sorted({n for n in names if n not in {"instruction", "system"}})
+    if unknown:
+        raise ValueError(f"data.prompt_template: unknown placeholder(s) {unknown}; only {{instruction}} and {{system}}")
+    if "instruction" not in names:
+        raise ValueError("data.prompt_template must contain {instruction}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -239,6 +362,11 @@ class SpsaSection:
     """Perturbation scale; a power of two so that eps*z is exact (MeZO's zo_eps)."""
     lr: float = 3e-5
     """Learning rate applied to the projected-gradient scalars."""
+    lr_schedule: str = "constant"
+    """lr across rounds (``edgetune/schedules.py``: ``constant``, ``cosine[:floor]``, ``linear``,
+    ``inverse``, ``step``...). The server puts each round's lr in its plan and its replay log, so
+    replicas and catch-up apply the same value. ZO steps add noise in every perturbed direction:
+    a decaying lr stops that noise from undoing late progress (docs/algorithms/spsa.md)."""
     num_steps: int = 4
     """K: local SPSA steps per site per round."""
     num_probes: int = 1
@@ -296,6 +424,7 @@ class SpsaSection:
             raise ValueError(f"spsa.eps must be a power of two (e.g. 0.0009765625 = 2^-10), got {self.eps}")
         if self.lr <= 0 or self.num_steps < 1 or self.num_probes < 1:
             raise ValueError("spsa.lr must be > 0, spsa.num_steps and spsa.num_probes >= 1")
+        schedules.parse(self.lr_schedule, key="spsa.lr_schedule")
         if self.num_steps * self.num_probes > 1 << 16:
             raise ValueError("spsa.num_steps x spsa.num_probes must be at most 65536 (one byte each)")
         if self.difference not in {"central", "forward"}:
@@ -348,7 +477,13 @@ class KavgSection:
     local_steps: int = 4
     """K: local optimizer steps per site per round."""
     lr: float = 1e-4
-    """Local learning rate."""
+    """Local learning rate (the base value of ``lr_schedule``)."""
+    lr_schedule: str = "constant"
+    """How the local learning rate changes across rounds (``edgetune/schedules.py``): ``constant``,
+    ``cosine[:floor]``, ``linear[:floor]``, ``inverse[:power]``, ``step:every:factor``. The server
+    puts each round's value into the round plan."""
+    warmup_rounds: int = 0
+    """Linear warm-up of the learning rate over the first rounds (round r <= W: x r / (W + 1))."""
     optimizer: str = "sgd"
     """``sgd`` or ``adamw`` (optimizer state is reset every round: sites keep nothing between rounds)."""
     momentum: float = 0.0
@@ -371,9 +506,16 @@ class KavgSection:
     trim_frac: float = 0.125
     """Fraction trimmed from each side by the trimmed mean (rounded down: with the default 0.125,
     nothing is trimmed below 8 sites, so ``trimmed`` needs ``run.min_sites`` >= 8 or a larger fraction)."""
+    batch_schedule: str = "constant"
+    """``data.batch_size`` across rounds, same spellings: grow-linear[:cap] or grow-geometric:f[:cap]
+    give K-AVG Theorem 2's growing batch."""
+    grad_accum_steps: int = 1
+    """Gradient accumulation: each local step's batch (``data.batch_size`` examples) runs as this many
+    micro-batches whose gradients add up, weighted by answer tokens: the same step, less activation memory."""
 
     def __post_init__(self) -> None:
         from edgetune.comm.tensors import TENSOR_CODECS
+        from edgetune.schedules import parse
 
         if self.local_steps < 1 or not self.lr > 0:
             raise ValueError("kavg.local_steps must be >= 1 and kavg.lr > 0")
@@ -394,6 +536,12 @@ class KavgSection:
             raise ValueError(f"kavg.aggregator must be mean, trimmed or median, got {self.aggregator!r}")
         if not 0 <= self.trim_frac < 0.5:
             raise ValueError(f"kavg.trim_frac must be in [0, 0.5), got {self.trim_frac}")
+        if self.grad_accum_steps < 1:
+            raise ValueError(f"kavg.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        parse(self.lr_schedule, key="kavg.lr_schedule")
+        parse(self.batch_schedule, key="kavg.batch_schedule")
+        if self.warmup_rounds < 0:
+            raise ValueError(f"kavg.warmup_rounds must be >= 0, got {self.warmup_rounds}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -412,10 +560,24 @@ class LowrankSection:
     """ab-groups: after a re-factorisation the learning rate climbs back over this many rounds (0: off)."""
     rebound_lr: float = 1e-5
     """ab-groups: learning rate right after a re-factorisation (AB-training's rebound start)."""
+    full_rank_steps: int = 0
+    """ab-groups: AB-training's full-rank phase (0: off). Re-factorisation rounds then train a dense
+    delta on every LoRA target module's weight for this many local steps (factors frozen), and the
+    server truncates s*B*A + the mean delta back to rank r. Sites upload the dense deltas (out x in
+    per adapted layer, ``kavg.up_codec``) in those rounds: counted like every other byte."""
+    full_rank_lr: float = 0.0
+    """Learning rate of the full-rank steps (0: the round's ``kavg`` learning rate)."""
 
     def __post_init__(self) -> None:
         if self.mode not in {"fedavg", "exact", "ab-groups", "only-b"}:
             raise ValueError(f"lowrank.mode must be fedavg, exact, ab-groups or only-b, got {self.mode!r}")
+        if self.full_rank_steps < 0 or self.full_rank_lr < 0:
+            raise ValueError("lowrank.full_rank_steps and lowrank.full_rank_lr must be >= 0")
+        if self.full_rank_steps and (self.mode != "ab-groups" or self.refactor_every == 0):
+            raise ValueError(
+                "lowrank.full_rank_steps runs in ab-groups' re-factorisation rounds: "
+                "set lowrank.mode = 'ab-groups' and lowrank.refactor_every >= 1"
+            )
         if not 0 <= self.svd_cutoff < 1:
             raise ValueError(f"lowrank.svd_cutoff must be in [0, 1), got {self.svd_cutoff}")
         if self.refactor_every < 0 or self.rebound_rounds < 0 or not self.rebound_lr > 0:
@@ -435,8 +597,15 @@ class DeftSection:
     """Codec of the uploaded values: fp32, fp16 or bf16."""
     error_feedback: bool = True
     """Carry what was not sent into the next round's update (residuals kept on each site)."""
+    allocation: str = "site-norms"
+    """Where the per-partition k_p comes from (``selector = "deft"``): ``site-norms`` (the paper: every
+    round each site reports the norm of its error-feedback update per partition, 2 bytes each, in a
+    first exchange; the server allocates from their mean) or ``applied`` (the norm of last round's
+    applied sparse mean; no extra exchange, but the allocation feeds on its own past choices)."""
 
     def __post_init__(self) -> None:
+        if self.allocation not in {"site-norms", "applied"}:
+            raise ValueError(f"deft.allocation must be site-norms or applied, got {self.allocation!r}")
         if not 0 < self.density <= 1:
             raise ValueError(f"deft.density must be in (0, 1], got {self.density}")
         if self.selector not in {"deft", "topk"}:
@@ -454,9 +623,12 @@ class DppfSection:
     lam: float = 1e-3
     """Push strength (the spread settles near lam / alpha)."""
     schedule: str = "constant"
-    """``constant``, or ``linear``: alpha and lam ramp from 0 over ``warmup_rounds``."""
+    """``constant``, or ``linear``: the strengths ``ramp`` names grow from 0 over ``warmup_rounds``."""
     warmup_rounds: int = 0
     """Rounds of the linear ramp."""
+    ramp: str = "push"
+    """What the linear schedule ramps: ``push`` (lam only; the pull alpha is constant from round 1)
+    or ``pull-push`` (alpha and lam together, keeping lam / alpha; early rounds couple sites weakly)."""
     distance: str = "params"
     """Where the worker spread MV is measured: ``params`` (trainable parameters) or ``delta-w``
     (LoRA products s*B*A per layer, invariant to rescaling B and A)."""
@@ -466,6 +638,8 @@ class DppfSection:
             raise ValueError("dppf.alpha must be in [0, 1] and dppf.lam a finite number >= 0")
         if self.schedule not in {"constant", "linear"} or self.warmup_rounds < 0:
             raise ValueError("dppf.schedule must be constant or linear, dppf.warmup_rounds >= 0")
+        if self.ramp not in {"push", "pull-push"}:
+            raise ValueError(f"dppf.ramp must be push or pull-push, got {self.ramp!r}")
         if self.distance not in {"params", "delta-w"}:
             raise ValueError(f"dppf.distance must be params or delta-w, got {self.distance!r}")
 
@@ -482,16 +656,31 @@ class ImvSection:
     """Loss rise that defines the valley's edge."""
     num_examples: int = 16
     """Held-out examples used for the probe's loss."""
-    max_radius: float = 64.0
-    """Largest radius searched; a direction still flat there reports this value."""
+    max_radius: float = 0.0
+    """Largest radius searched; a direction still flat there reports this value. 0: 1.0 with
+    ``filter`` normalisation (every row moved by its own norm), 64.0 with ``global``."""
     bisect_steps: int = 8
     """Bisection steps per direction after bracketing."""
+    normalize: str = "filter"
+    """Direction scale: ``filter`` (Li et al. 2018's filter normalisation, per row of every matrix:
+    each row of d has the norm of that row of the weights, 1-D tensors are not moved; radii are
+    relative, so weight rescalings do not move them) or ``global`` (one unit vector over all probed
+    parameters; radii in parameter-space L2 units, edgetune's earlier probe)."""
 
     def __post_init__(self) -> None:
         if self.every_rounds < 0 or self.num_directions < 1 or self.num_examples < 1 or self.bisect_steps < 1:
             raise ValueError("imv.every_rounds >= 0, imv.num_directions, num_examples and bisect_steps >= 1")
-        if not (self.delta > 0 and math.isfinite(self.delta)) or not self.max_radius > 0:
-            raise ValueError("imv.delta and imv.max_radius must be positive")
+        if not (self.delta > 0 and math.isfinite(self.delta)) or not self.max_radius >= 0:
+            raise ValueError("imv.delta must be positive and imv.max_radius >= 0 (0: the normalisation's default)")
+        if self.normalize not in {"filter", "global"}:
+            raise ValueError(f"imv.normalize must be filter or global, got {self.normalize!r}")
+
+    @property
+    def radius_limit(self) -> float:
+        """``max_radius``, or its default for ``normalize`` when it is 0."""
+        if self.max_radius:
+            return self.max_radius
+        return 1.0 if self.normalize == "filter" else 64.0
 
 
 ALGORITHM_NAMES = ("spsa", "kavg", "lowrank", "deft", "dppf")
@@ -582,10 +771,44 @@ class RunConfig:
             raise ValueError(f"algorithm must be one of {', '.join(ALGORITHM_NAMES)}, got {self.algorithm!r}")
         if self.num_rounds < 1:
             raise ValueError(f"num_rounds must be >= 1, got {self.num_rounds}")
+        if len(device_list(self.model.device)) > 1 and self.algorithm != "spsa":
+            raise ValueError(
+                f"model.device = {self.model.device!r} names several devices, which only spsa uses (it spreads "
+                f"its probes); {self.algorithm} trains on one device: set model.device to one of them"
+            )
         if self.algorithm == "lowrank" and self.model.trainable.strip() != "lora":
             raise ValueError("algorithm = 'lowrank' trains LoRA factors: set model.trainable = 'lora'")
         _check_bounds(self)
         _check_trim(self)
+        lr_sched = schedules.parse(self.spsa.lr_schedule, key="spsa.lr_schedule")
+        for r in range(1, self.num_rounds + 1):
+            if not lr_sched.value(self.spsa.lr, r, self.num_rounds) > 1e-12 * self.spsa.lr:
+                raise ValueError(
+                    f"spsa.lr_schedule {self.spsa.lr_schedule!r} gives lr 0 in round {r} of {self.num_rounds}: "
+                    "give it a floor (e.g. 'cosine:0.05')"
+                )
+        if self.algorithm != "spsa":
+            lr = schedules.parse(self.kavg.lr_schedule, key="kavg.lr_schedule")
+            for r in range(1, self.num_rounds + 1):
+                if not lr.value(self.kavg.lr, r, self.num_rounds, self.kavg.warmup_rounds) > 0:
+                    raise ValueError(
+                        f"kavg.lr_schedule = {self.kavg.lr_schedule!r} gives lr 0 in round {r} of {self.num_rounds}: "
+                        "give it a floor above 0 (cosine:0.1, linear:0.1)"
+                    )
+        if self.algorithm == "spsa" and self.model.dtype != "float32":
+            # spsa perturbs the weights the forward pass reads by +-eps*z with eps a power of two, exact
+            # only in fp32: in bf16 (8 significant bits) w +- 2^-10 rounds back to w for |w| >= 2^-2, so
+            # the probe measures rounding, not the loss slope. Masters are fp32 anyway.
+            raise ValueError(
+                f"algorithm = 'spsa' needs model.dtype = 'float32' (got {self.model.dtype!r}): in bf16/fp16 the "
+                "+-eps perturbations round away; use a backprop algorithm (kavg, lowrank) for bf16 weights"
+            )
+        if self.algorithm == "spsa" and self.model.quantize != "none":
+            raise ValueError("algorithm = 'spsa' perturbs the weights themselves: model.quantize must be 'none'")
+        if self.algorithm == "spsa" and (self.model.gradient_checkpointing or self.model.autocast != "none"):
+            raise ValueError(
+                "model.gradient_checkpointing and model.autocast apply to backprop training; spsa runs forward only"
+            )
 
 
 def _sections() -> dict[str, type]:
@@ -747,10 +970,12 @@ def _toml_value(v: Scalar) -> str:
     return '"' + "".join(out) + '"'
 
 
-def pyproject_table() -> str:
-    """The ``[tool.flwr.app.config]`` block of pyproject.toml for the current defaults."""
+def pyproject_table(cfg: RunConfig | None = None) -> str:
+    """The ``[tool.flwr.app.config]`` block of pyproject.toml: every key, with ``cfg``'s values
+    (default: the defaults).
+    """
     lines = ["[tool.flwr.app.config]"]
-    for line in to_toml(flatten(RunConfig())).splitlines():
+    for line in to_toml(flatten(cfg if cfg is not None else RunConfig())).splitlines():
         lines.append(f"[tool.flwr.app.config.{line[1:]}" if line.startswith("[") else line)
     return "\n".join(lines).rstrip() + "\n"
 

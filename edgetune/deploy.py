@@ -229,9 +229,12 @@ def supernode_command(
     site_index: int | None,
     num_sites: int | None,
     site_host: str = "",
+    model_path: str = "",
+    quantize: str = "",
     via_gateway: Path | None = None,
 ) -> list[str]:
-    """``flower-supernode`` for one site: its kit, its data, its device (and its site host's socket).
+    """``flower-supernode`` for one site: its kit, its data, its device, its own copy of the base model
+    (checked against the run's ``model.sha256``) and its site host's socket.
 
     ``via_gateway``: ``superlink`` is the site's thin-link gateway on loopback, whose throwaway CA
     certificate this names (the gateway checks the SuperLink's certificate over the link).
@@ -244,6 +247,11 @@ def supernode_command(
         node_config["data-path"] = str(Path(data_path).resolve())
     if device:
         node_config["device"] = device
+    if model_path:
+        local = Path(model_path).expanduser()
+        node_config["model-path"] = str(local.resolve()) if local.exists() else model_path
+    if quantize:
+        node_config["quantize"] = quantize
     if site_index is not None:
         node_config["site-index"] = site_index
         node_config["num-sites"] = num_sites or site_index + 1

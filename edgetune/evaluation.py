@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ def load_checkpoint(checkpoint: Path, cfg: cfgmod.RunConfig) -> tuple[Any, Any]:
         from edgetune.models.load import load_model
 
         base, tokenizer = load_model(
-            cfgmod.ModelSection(**{**cfg.model.__dict__, "trainable": "all"}), seed=cfg.run.seed
+            cfgmod.ModelSection(**{**cfg.model.__dict__, "trainable": "all", "quantize": "none"}), seed=cfg.run.seed
         )
         model = PeftModel.from_pretrained(base, str(checkpoint), local_files_only=True)
     elif (checkpoint / "config.json").is_file():
@@ -122,8 +123,10 @@ def evaluate_checkpoint(
     num_examples: int = 0,
     accuracy: bool = True,
     verify: bool = True,
+    show_progress: bool = False,
 ) -> dict[str, Any]:
-    """Held-out loss (and accuracy) of ``checkpoint`` on the run's held-out questions.
+    """Held-out loss (and accuracy) of ``checkpoint`` on the run's held-out questions
+    (``show_progress``: a progress bar over the scored examples).
 
     ``checkpoint`` is a checkpoint folder, or a delta file of a run-scope spsa pool
     (``edgetune export --delta``), which is rebuilt from its base model and checked against its
@@ -163,17 +166,27 @@ def evaluate_checkpoint(
         elif verify:
             result["state_hash"] = "not checked: edgetune.json records no state hash"
     examples = heldout_examples(cfg, sites)
-    result.update(
-        evaluate(
-            model,
-            tokenizer,
-            examples,
-            batch_size=cfg.eval.batch_size,
-            max_length=cfg.data.max_length,
-            max_new_tokens=cfg.eval.max_new_tokens,
-            accuracy=accuracy,
+    from edgetune import progress
+
+    passes = 1
+    if accuracy:
+        # label accuracy, or greedy answers plus (with mc_choices) the multiple-choice ranking
+        free_form_mc = not all(ex.get("choices") for ex in examples) and all(ex.get("mc_choices") for ex in examples)
+        passes += 2 if free_form_mc else 1
+    total = len(examples) * passes
+    with progress.task(f"evaluating {checkpoint.name}", total=total) if show_progress else nullcontext() as bar:
+        result.update(
+            evaluate(
+                model,
+                tokenizer,
+                examples,
+                batch_size=cfg.eval.batch_size,
+                max_length=cfg.data.max_length,
+                max_new_tokens=cfg.eval.max_new_tokens,
+                accuracy=accuracy,
+                on_batch=bar.advance if bar is not None else None,
+            )
         )
-    )
     result["num_examples"] = len(examples)
     result["weights_sha256"] = model_sha256(model)
     return result

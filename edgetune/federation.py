@@ -24,6 +24,7 @@ every step of a round (``FAULT_POINTS``) for the crash tests.
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import time
@@ -37,6 +38,7 @@ from edgetune.algorithms.base import RoundResult, ServerHalf
 from edgetune.comm import wire
 from edgetune.comm.wire import Payload, WireError
 from edgetune.config import RunConfig, flatten
+from edgetune.crypto import schedule
 from edgetune.io import (
     atomic_folder,
     link_or_copy_tree,
@@ -137,6 +139,27 @@ def _decode_replies(raw: dict[str, bytes | Failure], max_bytes: int) -> tuple[di
     return replies, failed
 
 
+def sample_sites(cfg: RunConfig, round_idx: int, sites: list[str]) -> list[str]:
+    """The sites asked in round ``round_idx`` (``run.sites_per_round``; all when it is 0).
+
+    A keyed permutation of the sorted site ids from the ``sites`` stream of ``run.seed`` and the
+    round number: a resumed or retried round asks the same sites, and no global RNG is touched.
+    At least ``run.min_sites`` are asked (as Flower strategies sample at least their minimum).
+    """
+    spr = cfg.run.sites_per_round
+    if spr <= 0 or not sites:
+        return list(sites)
+    ordered = sorted(sites)
+    n = len(ordered)
+    want = math.ceil(spr * n) if spr < 1 else int(spr)
+    want = min(n, max(want, cfg.run.min_sites, 1))
+    if want == n:
+        return list(sites)
+    key = schedule.derive(schedule.run_key(cfg.run.seed), "sites", round_idx)
+    chosen = {ordered[int(i)] for i in schedule.permutation(key, n)[:want]}
+    return [s for s in sites if s in chosen]
+
+
 def run_round(
     cfg: RunConfig,
     server: ServerHalf,
@@ -153,7 +176,7 @@ def run_round(
         failures = {}
         committed = True
         for phase in server.phases:
-            sites = transport.sites()
+            sites = sample_sites(cfg, round_idx, transport.sites())
             payloads = server.configure(round_idx, phase, sites)
             if on_planned is not None:
                 on_planned(round_idx)  # saved before anything is sent: a restart resends these bytes

@@ -8,6 +8,7 @@ runs/<run-id>/
   summary.json         first/last held-out loss and accuracy, bytes, framing, timings
   loss_vs_bytes.png    held-out loss against cumulative bytes
   checkpoints/round-NNNN/   model (safetensors + config) or peft adapter, tokenizer, edgetune.json
+  tensorboard/         per-round scalars, when ``run.track`` names tensorboard (``tracking.py``)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from edgetune.comm.ledger import ByteLedger, LedgerRow
 from edgetune.config import RunConfig
 from edgetune.io import append_jsonl, atomic_folder, atomic_write_bytes, atomic_write_json, read_jsonl
 from edgetune.linkmeter import mark_timeline
+from edgetune.tracking import Trackers
 
 
 def new_run_name(cfg: RunConfig) -> str:
@@ -53,6 +55,7 @@ class RunRecorder:
         if not (self.dir / "config.toml").is_file():
             # a restarted server keeps the run's own record (journal.py refuses another run's journal)
             atomic_write_bytes(self.dir / "config.toml", cfgmod.to_toml(cfgmod.flatten(cfg)).encode())
+        self.trackers = Trackers(cfg, self.dir)
 
     @property
     def metrics_path(self) -> Path:
@@ -83,6 +86,7 @@ class RunRecorder:
         append_jsonl(self.metrics_path, row)
         mark_timeline(self.dir, "round", round=r)  # when the round closed: splits a link meter's bytes by round
         self.ledger.write_jsonl(self.dir / "ledger.jsonl")
+        self.trackers.log(row)
         if self.on_row is not None:
             self.on_row(row)
 
@@ -125,6 +129,7 @@ class RunRecorder:
         except Exception as err:  # a plot must never fail a finished run; the summary says what went wrong
             summary["plot_error"] = f"{type(err).__name__}: {err}"
         atomic_write_json(self.dir / "summary.json", summary)
+        self.trackers.close()
         return summary
 
 

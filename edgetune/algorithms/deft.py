@@ -7,14 +7,18 @@ vector is each site's K-step update (K-AVG local steps) plus its residual::
 
     setup   partitions p: every trainable tensor (manifest order, flattened); a tensor with
             s > D/N is cut into N contiguous chunks (sizes differ by <= 1). k = density * D.
-    server  nu_p = ||u_p||, u = last round's applied update (round 1, or u = 0: nu_p = s_p)
+    phase "norms"  (deft.allocation = "site-norms", the default)
+      site    y <- theta_r; K local steps;  a = (y - theta_r) + e      (e: residual, 0 at first)
+              send nu_{j,p} = ||a_p|| for every partition (bf16, 2 bytes each)
+      server  nu_p = sum_j w_j nu_{j,p} / sum_j w_j     (kavg.aggregator: mean, trimmed or median)
+    allocation (server)
             visit p by descending nu_p;  K_rem = k, N_rem = sum_p nu_p:
                 k_p = min(s_p, max(1, floor(K_rem * nu_p / N_rem)));  K_rem -= k_p;  N_rem -= nu_p
             common C = {p : k_p = s_p}                   (sent whole; no selection, cost 0)
             LPT: c_p = s_p * log2(k_p) if k_p > 1 else s_p; largest c_p first into the least
             loaded of N bins;  site j (sorted ids) gets bin (r + j) mod N   (rotation)
     phase "indices"
-      site    y <- theta_r; K local steps;  a = (y - theta_r) + e      (e: residual, 0 at first)
+      site    (deft.allocation = "applied": the K local steps and a happen here)
               send I_j = top-k_p(|a_p|) for every p in its bin
       server  I = U_j I_j  U  coords(C)        (bins are disjoint: |I| <= sum_p k_p ~ k)
     phase "values"
@@ -27,20 +31,33 @@ picked it (a one-phase variant averages each coordinate over a single site). ``s
 "topk"`` is the baseline through the same two phases: every site sends its top-k of |a| over all
 D coordinates, and the union grows toward N * k ("gradient build-up").
 
-Differences from the paper: k_p comes from the server's applied update (the sites' own |a_p|
-never reach it), so a partition that got little this round gets a smaller k_p next round; the
-residual it keeps on the site grows until its top values win again. Partitions are fixed by the
-number of sites in the first round; the number of bins follows the sites of each round.
+Allocation. In the paper every worker computes k_p from the norms of its own current
+error-feedback gradient a, and the rotating leader's k_p decide the bins. Here the server is the
+leader and has no a of its own, so with ``deft.allocation = "site-norms"`` every site reports its
+per-partition norms of this round's a first (one more exchange per round: the site trains in phase
+"norms", then selects in phase "indices" once the bins are known), and the server allocates from
+their mean. The only difference from the paper is that all sites select with the leader's k_p
+(the paper's workers use their own). ``deft.allocation = "applied"`` (edgetune's earlier scheme,
+two exchanges) uses nu_p = ||u_p||, u = last round's applied sparse mean (round 1: nu_p = s_p).
+That norm is about sqrt(k_p) times the partition's top magnitudes, so the allocation feeds on its
+own past choices and drifts away from partition size; the residual a starved partition keeps on
+the site grows until its top values win again. Partitions are fixed by the number of sites in the
+first round; the number of bins follows the sites of each round (with "site-norms": the sites whose
+norms were accepted).
 
 Wire (every integer list is LEB128 varints; ``encode_varints``)::
 
-    down "indices": plan, params (as kavg), sel, nsplit, k, bins = (partition id gap, k_p)*
+    down "norms":   plan, params (as kavg), nsplit
+    up   "norms":   norms = nu_{j,p} for every partition (bf16), loss
+    down "indices": round, run, sel, nsplit, k, bins = (partition id gap, k_p)*   ("site-norms")
+                    plan, params (as kavg), sel, nsplit, k, bins                   ("applied", topk)
     up   "indices": idx = gaps of the sorted flat indices (first index, then differences >= 1),
-                    about 1 byte per index at 1% density; loss
+                    about 1 byte per index at 1% density; loss (not with "site-norms": sent with the norms)
     down "values":  round, run, val, ef, n = |I|, union (as idx)
     up   "values":  values = a[I] with ``deft.value_codec`` (4 or 2 bytes per value)
 
-Only sites whose indices were accepted are asked for values. Between the phases and rounds a
+Only sites whose norms were accepted are asked for indices, and only sites whose indices were
+accepted are asked for values. Between the phases and rounds a
 site keeps a (``acc-<r>.npy``) and e (``res-<r>.npy``) under ``ClientContext.state_dir / <run id> /
 deft``, since the two phases may run in different processes (without a ``state_dir``: the process
 workdir, which is enough in one process only); ``state`` stays empty. A retried round starts
@@ -79,6 +96,8 @@ from edgetune.config import RunConfig
 from edgetune.io import prune_sibling_runs
 from edgetune.models.params import trainable_tensors
 
+NORMS_CODEC = "bf16"
+"""Codec of the per-partition norms sites report: 2 bytes each, fp32's range (k_p needs ~3 digits)."""
 MAX_VARINT_BYTES = 5
 """35 bits: any flat index of a model with fewer than 34 G trainable parameters."""
 REPLY_FRAMING_BYTES = 256
@@ -339,16 +358,26 @@ class _RoundState:
     union_blob: bytes = b""
     senders: tuple[str, ...] = ()
     """Sites whose indices were accepted: the only ones asked for values."""
+    site_norms: bool = False
+    """The round has a "norms" phase; the indices message then carries no parameters."""
+
+
+def size_gap(kp: np.ndarray, sizes: np.ndarray) -> float:
+    """Total variation between the budget shares k_p / sum k_p and the size shares s_p / D (0: k_p ~ s_p)."""
+    return 0.5 * float(np.abs(kp / kp.sum() - sizes / sizes.sum()).sum())
 
 
 class DeftServer(WeightsServer):
     """Plans partitions, k_p and rotating bins; takes the index union; applies the sparse mean."""
 
-    phases = ("indices", "values")
+    phases: tuple[str, ...] = ("indices", "values")
 
     def __init__(self, cfg: RunConfig, ctx: ServerContext) -> None:
         super().__init__(cfg, ctx)
         self.dcfg = cfg.deft
+        self.site_norms = self.dcfg.selector == "deft" and self.dcfg.allocation == "site-norms"
+        if self.site_norms:
+            self.phases = ("norms", "indices", "values")
         self.numels = [e.numel for e in self.manifest]
         self.dim = sum(self.numels)
         self.k = min(self.dim, max(1, math.floor(self.dcfg.density * self.dim)))
@@ -372,7 +401,7 @@ class DeftServer(WeightsServer):
             self.parts = make_partitions(self.numels, self.parts_sites)
 
     def plan_round(self, round_idx: int, site_ids: list[str]) -> _RoundState:
-        """Partitions (first call), k_p, common set, LPT bins and their rotation for one round."""
+        """Partitions (first call) and plans for one round; with ``applied`` also k_p and the bins."""
         sites = sorted(site_ids)
         plans = {s: self.site_plan(round_idx, s, sites) for s in sites}
         if self.dcfg.selector == "topk":
@@ -380,14 +409,22 @@ class DeftServer(WeightsServer):
         if self.parts is None:
             self.parts_sites = max(1, len(sites))
             self.parts = make_partitions(self.numels, self.parts_sites)
+        st = _RoundState(round_idx, plans, {}, site_norms=self.site_norms)
+        if not self.site_norms:
+            self.allocate(st, self.nu if self.nu is not None else self.parts.sizes, sites)
+        return st
+
+    def allocate(self, st: _RoundState, nu: np.ndarray, sites: list[str]) -> None:
+        """k_p from the partition weights ``nu``, the common set, LPT bins and their rotation over ``sites``."""
+        assert self.parts is not None
         parts = self.parts
-        kp = allocate_k(self.nu if self.nu is not None else parts.sizes, parts.sizes, self.k)
+        kp = allocate_k(nu, parts.sizes, self.k)
         common = np.flatnonzero(kp == parts.sizes)
         rest = np.flatnonzero(kp < parts.sizes)
         bins = pack_bins(selection_cost(parts.sizes, kp), rest, max(1, len(sites)))
-        mine = {s: bins[rotated_bin(round_idx, j, len(bins))] for j, s in enumerate(sites)}
-        budget = {s: int(kp[b].sum()) for s, b in mine.items()}
-        return _RoundState(round_idx, plans, budget, mine, kp, common)
+        st.bins = {s: bins[rotated_bin(st.round_idx, j, len(bins))] for j, s in enumerate(sorted(sites))}
+        st.budget = {s: int(kp[b].sum()) for s, b in st.bins.items()}
+        st.kp, st.common = kp, common
 
     # ---- protocol --------------------------------------------------------------------------------
 
@@ -395,27 +432,46 @@ class DeftServer(WeightsServer):
         st = self.round
         if st is None:
             return REPLY_FRAMING_BYTES
+        if phase == "norms":
+            return TENSOR_CODECS[NORMS_CODEC].nbytes((len(self.parts) if self.parts else 0,)) + REPLY_FRAMING_BYTES
         if phase == "indices":
             return MAX_VARINT_BYTES * max(st.budget.values(), default=0) + REPLY_FRAMING_BYTES
         n = 0 if st.union is None else len(st.union)
         return TENSOR_CODECS[self.dcfg.value_codec].nbytes((n,)) + REPLY_FRAMING_BYTES
 
     def configure(self, round_idx: int, phase: str, site_ids: list[str]) -> dict[str, Payload]:
-        if phase == "indices":
+        if phase == "norms":
             self.round = st = self.plan_round(round_idx, site_ids)
+            assert self.parts is not None
             blob = self._params_blob(round_idx)
+            return {
+                s: {"plan": wire.encode(st.plans[s]), "params": blob, "nsplit": self.parts.num_chunks} for s in st.plans
+            }
+        if phase == "indices":
+            if not self.site_norms:
+                self.round = self.plan_round(round_idx, site_ids)
+            cur = self.round
+            assert cur is not None and cur.round_idx == round_idx, "indices before norms"
+            assert cur.kp is not None or not self.site_norms, "indices before norms"
+            blob = b"" if self.site_norms else self._params_blob(round_idx)
             out = {}
-            for s in st.plans:
+            for s in cur.budget:
+                if s not in site_ids:
+                    continue
                 pairs = b""
-                if st.kp is not None:
-                    ids = st.bins[s]
-                    pairs = encode_varints(np.stack([np.diff(ids, prepend=0), st.kp[ids]], axis=1))
+                if cur.kp is not None:
+                    ids = cur.bins[s]
+                    pairs = encode_varints(np.stack([np.diff(ids, prepend=0), cur.kp[ids]], axis=1))
+                head: Payload = (
+                    {"round": round_idx, "run": self.ctx.run_id.hex()}
+                    if self.site_norms
+                    else {"plan": wire.encode(cur.plans[s]), "params": blob}
+                )
                 out[s] = {
-                    "plan": wire.encode(st.plans[s]),
-                    "params": blob,
+                    **head,
                     "sel": self.dcfg.selector,
                     "nsplit": self.parts.num_chunks if self.parts is not None else 0,
-                    "k": st.budget[s],
+                    "k": cur.budget[s],
                     "bins": pairs,
                 }
             return out
@@ -436,6 +492,8 @@ class DeftServer(WeightsServer):
     def aggregate(self, round_idx: int, phase: str, replies: dict[str, Payload], *, min_sites: int) -> RoundResult:
         st = self.round
         assert st is not None and st.round_idx == round_idx, "aggregate without configure"
+        if phase == "norms":
+            return self._aggregate_norms(st, replies, min_sites)
         if phase == "indices":
             return self._aggregate_indices(st, replies, min_sites)
         result = self._aggregate_values(st, replies, min_sites)
@@ -444,8 +502,45 @@ class DeftServer(WeightsServer):
                 w.copy_(p.to(w.device, w.dtype))
         return result
 
+    def _site_norms(self, site: str, payload: Payload) -> torch.Tensor:
+        assert self.parts is not None
+        wire.require(payload, {"norms": bytes, "loss": float}, where=f"{site} norms")
+        (norms,) = decode_tensors(payload["norms"], [(len(self.parts),)], NORMS_CODEC, where=f"{site} norms")
+        if bool((norms < 0).any()):
+            raise ReplyRejected(f"{site} norms: a partition norm is negative")
+        return norms
+
+    def _aggregate_norms(self, st: _RoundState, replies: dict[str, Payload], min_sites: int) -> RoundResult:
+        """Phase "norms": the sites' per-partition norms -> nu_p (their weighted mean) -> k_p and bins."""
+        accepted: dict[str, torch.Tensor] = {}
+        rejected: dict[str, str] = {}
+        losses = []
+        for site in sorted(replies):
+            if site not in st.plans:
+                rejected[site] = "reply from a site that was not asked"
+                continue
+            try:
+                accepted[site] = self._site_norms(site, replies[site])
+                losses.append(float(replies[site]["loss"]))
+            except (WireError, CodecError, ReplyRejected) as err:
+                rejected[site] = str(err)
+        if len(accepted) < min_sites:
+            return RoundResult(False, {"num_accepted": float(len(accepted))}, rejected)
+        sites = sorted(accepted)
+        weights = [float(st.plans[s]["K"] * st.plans[s]["bs"]) for s in sites]
+        kc = self.kcfg
+        nu = aggregate_tensors([[accepted[s]] for s in sites], weights, kc.aggregator, kc.trim_frac)[0]
+        self.allocate(st, nu.double().numpy(), sites)
+        metrics = {
+            "train_loss": sum(losses) / len(losses),
+            "num_accepted": float(len(accepted)),
+            "num_rejected": float(len(rejected)),
+        }
+        return RoundResult(True, metrics, rejected, tuple(sites))
+
     def _site_indices(self, st: _RoundState, site: str, payload: Payload) -> np.ndarray:
-        wire.require(payload, {"idx": bytes, "loss": float}, where=f"{site} indices")
+        schema: dict[str, type] = {"idx": bytes} if st.site_norms else {"idx": bytes, "loss": float}
+        wire.require(payload, schema, where=f"{site} indices")
         idx = decode_indices(payload["idx"], dim=self.dim, max_count=st.budget[site], where=f"{site} indices")
         if st.kp is not None and self.parts is not None and idx.size:
             pid = self.parts.of(idx)
@@ -470,13 +565,15 @@ class DeftServer(WeightsServer):
         rejected: dict[str, str] = {}
         losses = []
         for site in sorted(replies):
-            if site not in st.plans:
+            if site not in st.budget:
                 rejected[site] = "reply from a site that was not asked"
                 continue
             try:
                 idx = self._site_indices(st, site, replies[site])
-                losses.append(screening.reported_loss(site, replies[site]["loss"]))
+                loss = screening.reported_loss(site, replies[site]["loss"])
                 accepted[site] = idx
+                if not st.site_norms:
+                    losses.append(loss)
             except (WireError, CodecError, ReplyRejected, ValueError) as err:
                 rejected[site] = str(err)
         if len(accepted) < min_sites:
@@ -488,7 +585,7 @@ class DeftServer(WeightsServer):
         st.union_blob = encode_indices(st.union)
         st.senders = tuple(sorted(accepted))
         metrics = {
-            "train_loss": sum(losses) / len(losses),
+            **({"train_loss": sum(losses) / len(losses)} if losses else {}),
             "num_accepted": float(len(accepted)),
             "num_rejected": float(len(rejected)),
             "k": float(self.k),
@@ -504,6 +601,7 @@ class DeftServer(WeightsServer):
                     "k_sum": float(st.kp.sum()),
                     "common_size": float(len(common)),
                     "bin_load_max_over_mean": max(loads) / (sum(loads) / len(loads)) if sum(loads) else 1.0,
+                    "kp_size_gap": size_gap(st.kp, self.parts.sizes),
                 }
             )
         return RoundResult(True, metrics, rejected, st.senders)
@@ -552,7 +650,7 @@ class DeftServer(WeightsServer):
             # the values were finite, the sum with the parameters is not: undo, never keep inf weights
             self._apply(st.union, -mean)
             return RoundResult(False, {"num_accepted": float(len(accepted))}, {**rejected, "aggregate": "not finite"})
-        if self.parts is not None:
+        if self.parts is not None and not self.site_norms:
             sq = np.bincount(self.parts.of(st.union), weights=mean.double().numpy() ** 2, minlength=len(self.parts))
             self.nu = np.sqrt(sq)
         metrics = {
@@ -647,17 +745,46 @@ class DeftClient(WeightsClient):
         return SiteVectors(Path(root) / run / "deft", self.dim)
 
     def step(self, phase: str, msg: Payload, state: Payload) -> tuple[Payload, Payload]:
+        if phase == "norms":
+            return self._norms(msg), state
         if phase == "indices":
             return self._indices(msg), state
         if phase == "values":
             return self._values(msg), state
         raise ValueError(f"deft has no phase {phase!r}")
 
+    def _partitions(self, nsplit: int) -> Partitions:
+        if nsplit < 1:
+            raise ValueError(f"round message: nsplit must be >= 1, got {nsplit}")
+        return self._parts.setdefault(nsplit, make_partitions(self.numels, nsplit))
+
+    def _train(self, msg: Payload) -> tuple[dict[str, Any], torch.Tensor, list[float]]:
+        """The plan's K local steps; a = update + residual of the round before, saved as ``acc``."""
+        plan, start = self.load_global({"plan": msg["plan"], "params": msg["params"]})
+        named = dict(self.ctx.model.named_parameters())
+        chosen = [named[self.manifest.entries[i].name] for i in select(self.manifest, plan["train"])]
+        losses = self.train_plan(plan, chosen)
+        work = trainable_tensors(self.ctx.model, self.manifest)
+        acc = torch.cat([(w.detach().to("cpu", torch.float32) - s).reshape(-1) for w, s in zip(work, start)])
+        store = self.vectors(plan["run"])
+        residual = store.residual_before(plan["round"])
+        if residual is not None:
+            acc += residual
+        store.save("acc", plan["round"], acc)
+        return plan, acc, losses
+
+    def _norms(self, msg: Payload) -> Payload:
+        """Phase "norms": train, then report ||a_p|| for every partition (the paper's allocation input)."""
+        wire.require(msg, {"plan": bytes, "params": bytes, "nsplit": int}, where="norms message")
+        parts = self._partitions(msg["nsplit"])
+        _, acc, losses = self._train(msg)
+        sq = np.add.reduceat(acc.double().numpy() ** 2, parts.starts) if len(parts) else np.zeros(0)
+        norms = torch.from_numpy(np.sqrt(sq))
+        return {"norms": encode_tensors([norms], NORMS_CODEC), "loss": sum(losses) / len(losses)}
+
     def _assigned(self, msg: Payload) -> list[tuple[int, int, int]]:
         """(start, size, k_p) of every partition in this site's bin."""
-        if msg["nsplit"] < 1:
-            raise ValueError(f"round message: nsplit must be >= 1, got {msg['nsplit']}")
-        parts = self._parts.setdefault(msg["nsplit"], make_partitions(self.numels, msg["nsplit"]))
+        parts = self._partitions(msg["nsplit"])
         pairs = decode_varints(msg["bins"], max_count=2 * len(parts), where="bins")
         if pairs.size % 2:
             raise ValueError("bins: odd number of values")
@@ -669,22 +796,23 @@ class DeftClient(WeightsClient):
         return [(int(parts.starts[p]), int(parts.sizes[p]), int(kp)) for p, kp in zip(ids, kps)]
 
     def _indices(self, msg: Payload) -> Payload:
-        schema = {"plan": bytes, "params": bytes, "sel": str, "nsplit": int, "k": int, "bins": bytes}
+        trained_before = "params" not in msg  # site-norms: phase "norms" trained and saved a
+        head: dict[str, type] = {"round": int, "run": str} if trained_before else {"plan": bytes, "params": bytes}
+        schema = {**head, "sel": str, "nsplit": int, "k": int, "bins": bytes}
         wire.require(msg, schema, where="indices message")
         if msg["sel"] not in {"deft", "topk"} or not 0 <= msg["k"] <= self.dim:
             raise ValueError(f"indices message: selector {msg['sel']!r}, k {msg['k']} (dimension {self.dim})")
-        plan, start = self.load_global({"plan": msg["plan"], "params": msg["params"]})
+        if trained_before and msg["sel"] != "deft":
+            raise ValueError("indices message without parameters: only the deft selector has a norms phase")
         assigned = self._assigned(msg) if msg["sel"] == "deft" else []
-        named = dict(self.ctx.model.named_parameters())
-        chosen = [named[self.manifest.entries[i].name] for i in select(self.manifest, plan["train"])]
-        losses = self.train_plan(plan, chosen)
-        work = trainable_tensors(self.ctx.model, self.manifest)
-        acc = torch.cat([(w.detach().to("cpu", torch.float32) - s).reshape(-1) for w, s in zip(work, start)])
-        store = self.vectors(plan["run"])
-        residual = store.residual_before(plan["round"])
-        if residual is not None:
-            acc += residual
-        store.save("acc", plan["round"], acc)
+        losses: list[float] = []
+        if trained_before:
+            loaded = self.vectors(msg["run"]).load("acc", msg["round"])
+            if loaded is None:
+                raise ValueError(f"no accumulated update for round {msg['round']} (phase 'norms' did not run here)")
+            acc = loaded
+        else:
+            _, acc, losses = self._train(msg)
         mag = acc.abs()
         if msg["sel"] == "topk":
             chosen_idx = torch.topk(mag, msg["k"], sorted=False).indices
@@ -692,6 +820,8 @@ class DeftClient(WeightsClient):
             picks = [torch.topk(mag[a : a + s], kp, sorted=False).indices + a for a, s, kp in assigned]
             chosen_idx = torch.cat(picks) if picks else torch.zeros(0, dtype=torch.int64)
         idx = np.sort(chosen_idx.numpy().astype(np.int64))
+        if trained_before:
+            return {"idx": encode_indices(idx)}
         return {"idx": encode_indices(idx), "loss": sum(losses) / len(losses)}
 
     def _values(self, msg: Payload) -> Payload:

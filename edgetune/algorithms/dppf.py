@@ -31,11 +31,16 @@ Schedules (``dppf.schedule``), with f the fraction of full strength in round r (
 
     constant                 f(r) = 1
     linear, W = warmup_rounds  f(r) = min(1, (r - 1) / W)   (W = 0: f = 1)
-    alpha_r = f(r) alpha,  lam_r = f(r) lam        lam_r / alpha_r = lam / alpha whenever f > 0
+    dppf.ramp = "push"       alpha_r = alpha,       lam_r = f(r) lam      (the default)
+    dppf.ramp = "pull-push"  alpha_r = f(r) alpha,  lam_r = f(r) lam      (lam_r / alpha_r = lam / alpha)
 
 so round 1 (where every x_i = x_bar anyway) has f = 0, and full strength starts at round W + 1.
-Both ramp together, so the target width lam / alpha is fixed and only the stiffness (the pull)
-grows: early rounds couple the sites weakly.
+``push`` keeps the consensus pull at full strength from the start and lets the valley width target
+lam_r / alpha grow from 0: the sites stay coupled while the push comes in (a warm-up of the
+regulariser, the usual way a regularisation term is ramped in). ``pull-push`` (edgetune's earlier
+default) fixes the target width and ramps the stiffness instead, so early rounds couple the sites
+weakly (alpha_2 = alpha / 2 with W = 2), which lets non-IID sites drift apart. The paper's schedules
+could not be read (module docstring, "reconstructed").
 
 ``dppf.distance`` picks the space of worker_mv: ``params`` (the trainable tensors) or ``delta-w``
 for LoRA, where each site's adapters count as dW_i = s B_i A_i per layer (s = peft's scaling
@@ -133,11 +138,13 @@ def ramp(round_idx: int, schedule: str, warmup_rounds: int) -> float:
 
 
 def strengths(dcfg: DppfSection, round_idx: int) -> tuple[float, float]:
-    """(alpha_r, lam_r) of round ``round_idx``: the configured values times ``ramp``."""
+    """(alpha_r, lam_r) of round ``round_idx``: lam (and alpha with ``dppf.ramp = "pull-push"``) times ``ramp``."""
     f = ramp(round_idx, dcfg.schedule, dcfg.warmup_rounds)
     if f == 1.0:
         return float(dcfg.alpha), float(dcfg.lam)
-    return f * dcfg.alpha, f * dcfg.lam
+    if dcfg.ramp == "pull-push":
+        return f * dcfg.alpha, f * dcfg.lam
+    return float(dcfg.alpha), f * dcfg.lam
 
 
 def spread(offsets: Sequence[Sequence[torch.Tensor]]) -> float:

@@ -8,8 +8,12 @@ gradient descent algorithm for nonconvex optimization" (K-AVG; FedAvg with K loc
     server:  theta_{r+1} = theta_r + sum_i w_i Delta_i / sum_i w_i
 
 The weights w_i are the examples the server assigned to site i (K x batch size), never a
-number read from a reply. With K = 1 and plain SGD this is one synchronous SGD step on the
-union of the sites' batches (the objective being the mean of the site losses).
+number read from a reply. ``kavg.lr_schedule``, ``kavg.batch_schedule`` and ``kavg.warmup_rounds``
+make lr and the batch size functions of the round (``edgetune/schedules.py``; K-AVG's Theorem 2:
+a diminishing lr_r with a growing B_r); the server evaluates them when it plans round r and sends
+the values in the plan (``round_lr``, ``round_batch_size``). With K = 1 and plain SGD this is one
+synchronous SGD step on the union of the sites' batches (the objective being the mean of the site
+losses).
 
 Updates are screened before they count: exact size for the codec, finite values, rejection of
 updates far larger than the median site's (a scaled or corrupted update; 3+ sites), and a norm
@@ -45,6 +49,7 @@ from edgetune.data.prompts import batch_indices
 from edgetune.io import atomic_write_bytes, read_state_json, write_state_json
 from edgetune.models.loss import answer_loss
 from edgetune.models.params import Manifest, manifest_of, sha256_tensors, trainable_tensors
+from edgetune.schedules import parse as parse_schedule
 
 _PLAN_SCHEMA: dict[str, type] = {
     "round": int,
@@ -67,8 +72,9 @@ def check_plan(plan: dict[str, Any]) -> None:
     problems = []
     if plan["K"] < 1 or plan["bs"] < 1:
         problems.append(f"K={plan['K']} and bs={plan['bs']} must be >= 1")
-    if not (plan["lr"] > 0 and math.isfinite(plan["lr"])):
-        problems.append(f"lr={plan['lr']} must be a finite number > 0")
+    # 0 is a schedule's end (cosine with floor 0 reaches it in the last round), not an error
+    if not (plan["lr"] >= 0 and math.isfinite(plan["lr"])):
+        problems.append(f"lr={plan['lr']} must be a finite number >= 0")
     if plan["opt"] not in {"sgd", "adamw"}:
         problems.append(f"opt={plan['opt']!r} must be sgd or adamw")
     if not 0 <= plan["mom"] < 1:
@@ -80,6 +86,19 @@ def check_plan(plan: dict[str, Any]) -> None:
             problems.append(f"{key}={plan[key]!r} is not a tensor codec ({', '.join(TENSOR_CODECS)})")
     if problems:
         raise ValueError("round plan refused: " + "; ".join(problems))
+
+
+def round_lr(cfg: RunConfig, round_idx: int) -> float:
+    """``kavg.lr`` in round ``round_idx`` under ``kavg.lr_schedule`` and ``kavg.warmup_rounds``."""
+    k = cfg.kavg
+    sched = parse_schedule(k.lr_schedule, key="kavg.lr_schedule")
+    return sched.value(float(k.lr), round_idx, cfg.num_rounds, k.warmup_rounds)
+
+
+def round_batch_size(cfg: RunConfig, round_idx: int) -> int:
+    """``data.batch_size`` in round ``round_idx`` under ``kavg.batch_schedule`` (at least 1)."""
+    sched = parse_schedule(cfg.kavg.batch_schedule, key="kavg.batch_schedule")
+    return sched.int_value(cfg.data.batch_size, round_idx, cfg.num_rounds)
 
 
 def aggregate_tensors(
@@ -119,14 +138,24 @@ def local_train(
     optimizer: str,
     momentum: float = 0.0,
     weight_decay: float = 0.0,
+    grad_accum_steps: int = 1,
+    autocast: str = "none",
 ) -> list[float]:
     """K optimizer steps (one per batch) on ``params`` only; returns the K training losses.
 
     The optimizer is created here, so no optimizer state survives a round (sites keep nothing).
+    ``grad_accum_steps`` > 1 runs each batch as that many micro-batches and adds their gradients,
+    each weighted by its share of the batch's answer tokens, so the step is the full batch's
+    (``answer_loss`` is a mean over answer tokens) with a fraction of the activation memory.
+    ``autocast`` (``bf16``/``fp16``) runs forward and backward under ``torch.autocast``; fp16
+    adds a gradient scaler and needs CUDA.
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
     keep = {id(p) for p in params}
     frozen = [p for p in trainable if id(p) not in keep]
+    device = next(model.parameters()).device
+    if autocast == "fp16" and device.type != "cuda":
+        raise ValueError(f"model.autocast = 'fp16' needs CUDA (this site trains on {device}); use bf16 or none")
     for p in frozen:
         p.requires_grad_(False)
     opt: torch.optim.Optimizer
@@ -134,23 +163,58 @@ def local_train(
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     else:
         opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    scaler = torch.amp.GradScaler(device.type) if autocast == "fp16" else None
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast)
     losses = []
     was_training = model.training
     model.train()
     try:
         for batch in batches:
-            loss = answer_loss(model, batch)
-            if not torch.isfinite(loss):
-                raise ValueError(f"local training loss is not finite ({float(loss)})")
-            loss.backward()
-            opt.step()
+            parts = micro_batches(batch, grad_accum_steps)
+            total = sum(_answer_tokens(mb) for mb in parts)
+            step_loss = 0.0
+            for mb in parts:
+                n = _answer_tokens(mb)
+                if len(parts) > 1 and n == 0:
+                    continue  # rows whose answers were cut away contribute nothing
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss = answer_loss(model, mb)
+                if not torch.isfinite(loss):
+                    raise ValueError(f"local training loss is not finite ({float(loss)})")
+                # one micro-batch: the loss itself (bitwise the step without accumulation)
+                weighted = loss if len(parts) == 1 else loss * (n / total)
+                (scaler.scale(weighted) if scaler is not None else weighted).backward()
+                step_loss += float(loss.detach()) * (n / total if len(parts) > 1 else 1.0)
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
+            losses.append(step_loss)
     finally:
         model.train(was_training)
         for p in frozen:
             p.requires_grad_(True)
     return losses
+
+
+def _answer_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def micro_batches(batch: dict[str, torch.Tensor], num: int) -> list[dict[str, torch.Tensor]]:
+    """Split a right-padded batch into ``num`` row chunks (as even as possible), each trimmed to its
+    own longest row. ``num`` 1 returns the batch itself.
+    """
+    rows = batch["input_ids"].shape[0]
+    if num <= 1 or rows == 1:
+        return [batch]
+    out = []
+    for idx in torch.arange(rows).tensor_split(min(num, rows)):
+        width = int(batch["attention_mask"][idx].sum(dim=1).max())
+        out.append({k: v[idx, :width] for k, v in batch.items()})
+    return out
 
 
 def site_batches(ctx: ClientContext, seed: int, round_idx: int, steps: int, batch_size: int) -> list[dict]:
@@ -201,7 +265,7 @@ class WeightsServer:
         return {
             "round": round_idx,
             "K": k.local_steps,
-            "lr": float(k.lr),
+            "lr": round_lr(self.cfg, round_idx),
             "opt": k.optimizer,
             "mom": float(k.momentum),
             "wd": float(k.weight_decay),
@@ -209,7 +273,7 @@ class WeightsServer:
             "up": k.up_codec,
             "train": "all",
             "seed": self.cfg.run.seed,
-            "bs": self.cfg.data.batch_size,
+            "bs": round_batch_size(self.cfg, round_idx),
             "run": self.ctx.run_id.hex(),
         }
 
@@ -407,20 +471,26 @@ class WeightsClient:
             optimizer=plan["opt"],
             momentum=plan["mom"],
             weight_decay=plan["wd"],
+            # how a site fits the step into its memory is its own business: not in the plan
+            grad_accum_steps=self.cfg.kavg.grad_accum_steps,
+            autocast=self.cfg.model.autocast,
         )
 
     def step(self, phase: str, msg: Payload, state: Payload) -> tuple[Payload, Payload]:
         if phase != "train":
             raise ValueError(f"{type(self).__name__} has no phase {phase!r}")
         plan, start = self.load_global(msg)
+        return self.train_and_reply(plan, start), state
+
+    def train_and_reply(self, plan: dict[str, Any], start: list[torch.Tensor]) -> Payload:
+        """The plan's local steps on the tensors it selects, from ``start``; the reply with their deltas."""
         idx = select(self.manifest, plan["train"])
         work = trainable_tensors(self.ctx.model, self.manifest)
         params = dict(self.ctx.model.named_parameters())
         chosen = [params[self.manifest.entries[i].name] for i in idx]
         losses = self.train_plan(plan, chosen)
         deltas = [work[i].detach().to("cpu", torch.float32) - start[i] for i in idx]
-        reply = {"delta": encode_tensors(deltas, plan["up"]), "loss": sum(losses) / len(losses)}
-        return reply, state
+        return {"delta": encode_tensors(deltas, plan["up"]), "loss": sum(losses) / len(losses)}
 
 
 class KavgServer(WeightsServer):

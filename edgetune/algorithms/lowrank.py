@@ -35,7 +35,16 @@ Each site trains the factors its plan's ``train`` selector names for K steps fro
                server merges as ``exact``. Round 1 is one because B = 0 there makes A's gradient
                s B^T G vanish (an A-group would learn nothing); it plays AB-training's warm-up.
                After each re-factorisation the learning rate rebounds:
-                 lr(R + j) = rebound_lr + (lr - rebound_lr) (j - 1) / rebound_rounds,  j = 1..rebound_rounds.
+                 lr(R + j) = rebound_lr + (lr - rebound_lr) (j - 1) / rebound_rounds,  j = 1..rebound_rounds,
+               capped by the round's scheduled lr (``kavg.lr_schedule``).
+    full-rank  (ab-groups with ``full_rank_steps`` D > 0) AB-training's full-rank phase, in the
+               re-factorisation rounds: each site freezes its factors and trains a dense dW_i on every
+               adapted layer's weight for D local steps (W0 + s B A + dW_i; ``full_rank_lr``), and
+               sends dW_i (O x I per layer). The server truncates the merged weight back to rank R:
+                 M = s B A + sum_i w_i dW_i / W,   (B, A) <- resplit(top-R SVD of M)   (svd_cutoff applies)
+               A slot the truncation zeroed is dead under factor training (B[:, j] = 0 and A[j] = 0
+               make both gradients vanish); dW is not confined to the factors' span, so it regrows.
+               Round 1 is a full-rank round too: AB-training's full-rank warm-up, then factorise.
 
 Screening (design notes, security.md section 2.2) happens in dW space, not on factor norms. For a site's deltas
 (dB, dA) on a layer, with (B, A) the global factors::
@@ -66,8 +75,18 @@ from torch import nn
 
 from edgetune.algorithms import screening
 from edgetune.algorithms.base import ClientContext, ReplyRejected, RoundResult, ServerContext
-from edgetune.algorithms.kavg import WeightsClient, WeightsServer, aggregate_tensors, select
+from edgetune.algorithms.kavg import (
+    WeightsClient,
+    WeightsServer,
+    aggregate_tensors,
+    local_train,
+    round_lr,
+    select,
+    site_batches,
+)
+from edgetune.comm import wire
 from edgetune.comm.codecs import CodecError
+from edgetune.comm.tensors import TENSOR_CODECS, decode_tensors, encode_tensors
 from edgetune.comm.wire import Payload, WireError
 from edgetune.config import RunConfig
 from edgetune.models.params import Manifest
@@ -224,6 +243,45 @@ def rebound_lr(round_idx: int, *, lr: float, refactor_every: int, rebound_rounds
     return start + (lr - start) * (j - 1) / rebound_rounds
 
 
+def full_rank_merge(
+    b: torch.Tensor,
+    a: torch.Tensor,
+    dense: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    scale: float,
+    cutoff: float,
+    aggregator: str = "mean",
+    trim_frac: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """One layer of the full-rank phase: rank-R factors of M = s B A + the mean of the sites' dW_i.
+
+    Parameters
+    ----------
+    b, a
+        The global factors B (O x R) and A (R x I) the sites started from (and kept frozen).
+    dense
+        Each site's dense delta dW_i (O x I) of the layer's weight.
+    weights
+        w_i (examples the server assigned).
+    scale
+        LoRA scaling s.
+    cutoff, aggregator, trim_frac
+        ``lowrank.svd_cutoff``; ``kavg.aggregator`` and ``kavg.trim_frac`` across sites.
+
+    Returns
+    -------
+    tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]
+        B', A' (float64, shapes of B and A) with s B' A' the best rank-R approximation of M
+        (Eckart-Young), the number of nonzero components kept, and M's singular values.
+    """
+    (mean,) = aggregate_tensors([[d] for d in dense], weights, aggregator, trim_frac)
+    target = scale * b.double() @ a.double() + mean.double()
+    u, sv, vh = torch.linalg.svd(target, full_matrices=False)
+    nb, na, kept = resplit(u, sv, vh, rank=a.shape[0], cutoff=cutoff, scale=scale)
+    return nb, na, kept, sv
+
+
 def ab_group(round_idx: int, position: int) -> str:
     """ab-groups selector of the site at ``position`` in the sorted ids: alternates, swapping every round."""
     return "lora_A" if (position + round_idx) % 2 == 1 else "lora_B"
@@ -245,6 +303,8 @@ class LowrankServer(WeightsServer):
         # screens in dW space (``aggregate``) and switches the factor screens of the base off.
         self.kcfg = dataclasses.replace(cfg.kavg, outlier_mult=0.0, clip_norm=0.0, clip_mult=0.0)
         self._screened: dict[str, list[torch.Tensor]] = {}
+        self.dense_shapes = dense_shapes(self.manifest, self.pairs)
+        """(O, I) of every adapted layer's weight: the shapes of a full-rank round's deltas."""
 
     # ---- plans -------------------------------------------------------------------------------------
 
@@ -253,17 +313,26 @@ class LowrankServer(WeightsServer):
         mode = self.lcfg.mode
         return mode == "exact" or (mode == "ab-groups" and is_refactor_round(round_idx, self.lcfg.refactor_every))
 
+    def full_rank_round(self, round_idx: int) -> bool:
+        """True when this re-factorisation round runs AB-training's full-rank phase (``full_rank_steps`` > 0)."""
+        return self.lcfg.full_rank_steps > 0 and self.refactor_round(round_idx)
+
     def round_lr(self, round_idx: int) -> float:
-        """``kavg.lr``, with the LR rebound after re-factorisations in ``ab-groups``."""
+        """The round's scheduled ``kavg.lr``, with the LR rebound after re-factorisations in ``ab-groups``.
+
+        The scheduled rate caps the rebound, as AB-training's scheduler does.
+        """
+        scheduled = round_lr(self.cfg, round_idx)
         if self.lcfg.mode != "ab-groups":
-            return float(self.kcfg.lr)
-        return rebound_lr(
+            return scheduled
+        rebound = rebound_lr(
             round_idx,
-            lr=float(self.kcfg.lr),
+            lr=scheduled,
             refactor_every=self.lcfg.refactor_every,
             rebound_rounds=self.lcfg.rebound_rounds,
             start=self.lcfg.rebound_lr,
         )
+        return min(rebound, scheduled)
 
     def site_plan(self, round_idx: int, site: str, sites: list[str]) -> dict[str, Any]:
         plan = super().site_plan(round_idx, site, sites)
@@ -272,32 +341,64 @@ class LowrankServer(WeightsServer):
         elif self.lcfg.mode == "ab-groups" and not self.refactor_round(round_idx):
             plan["train"] = ab_group(round_idx, sorted(sites).index(site))
         plan["lr"] = self.round_lr(round_idx)
+        if self.full_rank_round(round_idx):
+            plan["train"] = FULL_RANK
+            plan["K"] = self.lcfg.full_rank_steps
+            plan["lr"] = float(self.lcfg.full_rank_lr or plan["lr"])
         return plan
+
+    def max_reply_bytes(self, phase: str) -> int:
+        limit = super().max_reply_bytes(phase)
+        if self.lcfg.full_rank_steps:
+            dense = sum(TENSOR_CODECS[self.kcfg.up_codec].nbytes(shape) for shape in self.dense_shapes)
+            limit = max(limit, dense + 4096)
+        return limit
 
     # ---- screening ---------------------------------------------------------------------------------
 
-    def delta_w_terms(self, full: Sequence[torch.Tensor]) -> list[tuple[float, float]]:
-        """Per LoRA layer, (||s (dB A + B dA)||, ||s dB dA||) of one site's full delta list."""
+    def delta_w_terms(
+        self, full: Sequence[torch.Tensor], plan: dict[str, Any] | None = None
+    ) -> list[tuple[float, float]]:
+        """Per LoRA layer, (||s (dB A + B dA)||, ||s dB dA||) of one site's full delta list.
+
+        A full-rank round's dense deltas give (||dW||, 0).
+        """
+        if plan is not None and plan["train"] == FULL_RANK:
+            return [(float(d.double().norm()), 0.0) for d in full]
         out = []
         for (ia, ib), scale in zip(self.pairs, self.scales):
             a, b, da, db = self.params[ia], self.params[ib], full[ia], full[ib]
             out.append((scale * norm_of_sum([db, b], [a, da]), scale * norm_of_sum([db], [da])))
         return out
 
+    def _decode(self, site: str, payload: Payload, plan: dict[str, Any]) -> list[torch.Tensor]:
+        """A reply's deltas: the trained factors, or one dense dW per adapted layer in a full-rank round."""
+        if plan["train"] == FULL_RANK:
+            wire.require(payload, {"delta": bytes, "loss": float}, where=f"{site} reply")
+            return decode_tensors(payload["delta"], self.dense_shapes, plan["up"], where=f"{site} full-rank update")
+        return super()._validate(site, payload, plan)
+
     def _validate(self, site: str, payload: Payload, plan: dict[str, Any]) -> list[torch.Tensor]:
         if site in self._screened:  # decoded (and clipped) once, in ``aggregate``
             return self._screened.pop(site)
-        return super()._validate(site, payload, plan)
+        return self._decode(site, payload, plan)
+
+    def _expand(self, deltas: list[torch.Tensor], plan: dict[str, Any]) -> list[torch.Tensor]:
+        if plan["train"] == FULL_RANK:
+            return deltas  # one dense delta per adapted layer, not per trainable tensor
+        return super()._expand(deltas, plan)
 
     def aggregate(self, round_idx: int, phase: str, replies: dict[str, Payload], *, min_sites: int) -> RoundResult:
         self._screened = {}
         for site in sorted(replies):
             if site in self._plans:
                 try:
-                    self._screened[site] = super()._validate(site, replies[site], self._plans[site])
+                    self._screened[site] = self._decode(site, replies[site], self._plans[site])
                 except (WireError, CodecError, ReplyRejected):
                     pass  # the base class rejects it again, with the same reason
-        terms = {s: self.delta_w_terms(self._expand(d, self._plans[s])) for s, d in self._screened.items()}
+        terms = {
+            s: self.delta_w_terms(self._expand(d, self._plans[s]), self._plans[s]) for s, d in self._screened.items()
+        }
         norms = {s: _scaled_norm(t, 1.0) for s, t in terms.items()}
         rejected: dict[str, str] = {}
         if self.screen.outlier_mult and len(norms) >= 3:
@@ -346,9 +447,39 @@ class LowrankServer(WeightsServer):
     def combine(
         self, round_idx: int, updates: dict[str, list[torch.Tensor]], plans: dict[str, dict]
     ) -> dict[str, float]:
+        if self.full_rank_round(round_idx):
+            return self._merge_full_rank(updates, plans)
         if self.refactor_round(round_idx):
             return self._merge_products(updates, plans)
         return self._average_learned(updates, plans)
+
+    def _merge_full_rank(self, updates: dict[str, list[torch.Tensor]], plans: dict[str, dict]) -> dict[str, float]:
+        """Per layer: s B A + the mean dense delta, truncated back to rank R (``full_rank_merge``)."""
+        sites = sorted(updates)
+        weights = self._weights(sites, plans)
+        kept, energy, tail = [], 0.0, 0.0
+        for layer, ((ia, ib), scale) in enumerate(zip(self.pairs, self.scales)):
+            b, a, k, sv = full_rank_merge(
+                self.params[ib],
+                self.params[ia],
+                [updates[s][layer] for s in sites],
+                weights,
+                scale=scale,
+                cutoff=self.lcfg.svd_cutoff,
+                aggregator=self.kcfg.aggregator,
+                trim_frac=self.kcfg.trim_frac,
+            )
+            self.params[ia].copy_(a)
+            self.params[ib].copy_(b)
+            kept.append(k)
+            energy += float(sv.pow(2).sum())
+            tail += float(sv[k:].pow(2).sum())
+        return {
+            "refactor": 1.0,
+            "full_rank": 1.0,
+            "svd_rank": sum(kept) / len(kept),
+            "svd_tail": math.sqrt(tail / energy) if energy > 0 else 0.0,
+        }
 
     def _weights(self, sites: Sequence[str], plans: dict[str, dict]) -> list[float]:
         return [float(plans[s]["K"] * plans[s]["bs"]) for s in sites]
@@ -422,6 +553,15 @@ class LowrankServer(WeightsServer):
         }
 
 
+FULL_RANK = "full-rank"
+"""The plan's ``train`` selector of a full-rank round: dense deltas of the adapted layers' weights."""
+
+
+def dense_shapes(manifest: Manifest, pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(O, I) of each LoRA layer's weight: B is O x R, A is R x I."""
+    return [(manifest.entries[ib].shape[0], manifest.entries[ia].shape[1]) for ia, ib in pairs]
+
+
 def _scaled_norm(terms: Sequence[tuple[float, float]], c: float) -> float:
     """sqrt(sum_layers (c lin + c^2 quad)^2): the dW-space norm of a site's deltas scaled by c."""
     return math.sqrt(sum((c * lin + c * c * quad) ** 2 for lin, quad in terms))
@@ -443,8 +583,55 @@ def _shrink_factor(terms: Sequence[tuple[float, float]], bound: float) -> float:
 
 
 class LowrankClient(WeightsClient):
-    """A site: K local steps on the LoRA factors its plan selects (both, ``lora_A`` or ``lora_B``)."""
+    """A site: K local steps on the factors its plan selects (both, ``lora_A`` or ``lora_B``).
+
+    In a full-rank round: D steps on the adapted layers' dense weights instead.
+    """
 
     def __init__(self, cfg: RunConfig, ctx: ClientContext) -> None:
         super().__init__(cfg, ctx)
-        lora_pairs(self.manifest)  # fail at start, not in round 1, when the model has no LoRA factors
+        self.pairs = lora_pairs(self.manifest)  # fail at start, not in round 1, when the model has no LoRA factors
+        self.dense_shapes = dense_shapes(self.manifest, self.pairs)
+
+    def base_weights(self) -> list[torch.Tensor]:
+        """The frozen weight W0 of every adapted layer (the module under each LoRA pair), in pair order."""
+        out = []
+        for (ia, _), shape in zip(self.pairs, self.dense_shapes):
+            name = self.manifest.entries[ia].name
+            layer: Any = self.ctx.model.get_submodule(name.split(".lora_A.", 1)[0])
+            weight = layer.get_base_layer().weight
+            if tuple(weight.shape) != shape:
+                raise ValueError(
+                    f"full-rank phase: {name.split('.lora_A.', 1)[0]} has a weight of shape {tuple(weight.shape)}, "
+                    f"expected (out, in) = {shape} (a Linear layer)"
+                )
+            out.append(weight)
+        return out
+
+    def train_and_reply(self, plan: dict[str, Any], start: list[torch.Tensor]) -> Payload:
+        if plan["train"] != FULL_RANK:
+            return super().train_and_reply(plan, start)
+        # AB-training's full-rank phase: train W0 + s B A + dW with the factors frozen, send dW, restore W0.
+        weights = self.base_weights()
+        saved = [w.detach().clone() for w in weights]
+        flags = [w.requires_grad for w in weights]
+        try:
+            for w in weights:
+                w.requires_grad_(True)
+            batches = site_batches(self.ctx, plan["seed"], plan["round"], plan["K"], plan["bs"])
+            losses = local_train(
+                self.ctx.model,
+                weights,
+                batches,
+                lr=plan["lr"],
+                optimizer=plan["opt"],
+                momentum=plan["mom"],
+                weight_decay=plan["wd"],
+            )
+            deltas = [w.detach().to("cpu", torch.float32) - s.to("cpu", torch.float32) for w, s in zip(weights, saved)]
+        finally:
+            with torch.no_grad():
+                for w, s, flag in zip(weights, saved, flags):
+                    w.copy_(s)
+                    w.requires_grad_(flag)
+        return {"delta": encode_tensors(deltas, plan["up"]), "loss": sum(losses) / len(losses)}

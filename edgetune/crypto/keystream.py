@@ -13,6 +13,8 @@ not, so updates are portable too.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
@@ -22,7 +24,10 @@ CHUNK_ELEMS = 1 << 20
 """Elements per generated chunk (a multiple of 512, the 64-byte ChaCha20 block in bits)."""
 
 _LUTS: dict[tuple[str, torch.dtype], torch.Tensor] = {}
-_SCRATCH: dict[tuple[str, torch.dtype, int], tuple[torch.Tensor, torch.Tensor]] = {}
+_SCRATCH = threading.local()
+"""Per thread: {(device, dtype, chunk): (index buffer, z buffer)}. Per thread, because an spsa site
+with several devices (``local.Lane``) perturbs its replicas from several threads at once; shared
+buffers on one device (``cpu,cpu``) would be overwritten mid-use."""
 
 
 def _lut(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -67,12 +72,13 @@ def _expand_chunk(packed: torch.Tensor, count: int, dtype: torch.dtype) -> torch
     """Like ``expand`` but into reused scratch buffers (no allocation per chunk)."""
     n8 = packed.numel()
     key = (str(packed.device), dtype, CHUNK_ELEMS)
-    if key not in _SCRATCH:
-        _SCRATCH[key] = (
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    if key not in buffers:
+        buffers[key] = (
             torch.empty(CHUNK_ELEMS // 8, dtype=torch.int32, device=packed.device),
             torch.empty(CHUNK_ELEMS // 8, 8, dtype=dtype, device=packed.device),
         )
-    idx_buf, z_buf = _SCRATCH[key]
+    idx_buf, z_buf = buffers[key]
     idx = idx_buf[:n8]
     idx.copy_(packed)
     z = z_buf[:n8]

@@ -20,7 +20,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-LABELS = frozenset({"pert", "quant", "pool", "imv", "data", "partition", "init", "secret", "deft", "dppf", "test"})
+LABELS = frozenset(
+    {"pert", "quant", "pool", "imv", "data", "partition", "init", "secret", "deft", "dppf", "sites", "test"}
+)
 """Stream labels in use. A new stream gets a new label here, never a reused one."""
 
 _VERSION = b"edgetune-ks-v1"

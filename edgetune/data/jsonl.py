@@ -1,9 +1,10 @@
 """Site data as JSON Lines: validated loading and atomic writing.
 
-A row is a JSON object with either ``instruction`` and ``response`` strings, or a ``text``
-string (read as instruction ``""`` and response ``text``). Other string fields, such as
-``site``, are kept; fields of other types (ids, scores) are dropped. A bad file fails on
-load with the file and line number, not later inside a training step on a remote site.
+A row is a JSON object in one of the forms ``data/rows.py`` reads: ``instruction`` and
+``response`` strings, a ``text`` string, or chat ``messages``; ``columns`` maps those fields to the
+file's own key names. Other string fields, such as ``site``, are kept; fields of other types (ids,
+scores) are dropped. A bad file fails on load with the file and line number, not later inside a
+training step on a remote site.
 """
 
 from __future__ import annotations
@@ -15,25 +16,29 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-KNOWN_FIELDS = ("instruction", "response", "text", "site")
-"""Fields that must be strings when present."""
+from edgetune.data.rows import to_example
 
 
-def load_jsonl(path: str | os.PathLike[str], *, max_bytes: int = 2_000_000_000) -> list[dict[str, str]]:
+def load_jsonl(
+    path: str | os.PathLike[str], *, columns: Mapping[str, str] | None = None, max_bytes: int = 2_000_000_000
+) -> list[dict[str, Any]]:
     """Load and validate a JSONL file of examples.
 
     Parameters
     ----------
     path
         JSONL file, UTF-8, one JSON object per line; blank lines are skipped.
+    columns
+        ``data.columns`` as a dict: which keys hold instruction, response, text, messages, system.
     max_bytes
         Largest file accepted, checked before reading.
 
     Returns
     -------
-    list[dict[str, str]]
-        One dict per row with ``instruction`` and ``response`` plus the row's other string
-        fields (``text`` rows become ``{"instruction": "", "response": text, ...}``).
+    list[dict]
+        One example per row (``rows.to_example``): ``instruction`` and ``response`` plus the row's
+        other string fields (``text`` rows become ``{"instruction": "", "response": text, ...}``), or
+        ``messages`` for chat rows.
 
     Raises
     ------
@@ -63,7 +68,7 @@ def load_jsonl(path: str | os.PathLike[str], *, max_bytes: int = 2_000_000_000) 
                 raise ValueError(f"{where}: invalid JSON ({err.msg}, column {err.colno})") from None
             except RecursionError:
                 raise ValueError(f"{where}: JSON nested too deeply to be an example") from None
-            rows.append(_example(obj, where))
+            rows.append(to_example(obj, where, columns))
     if not rows:
         raise ValueError(f"{path}: no examples (the file is empty)")
     return rows
@@ -96,41 +101,6 @@ def write_jsonl(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]])
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
-
-
-def _example(obj: object, where: str) -> dict[str, str]:
-    if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    for name in KNOWN_FIELDS:
-        if name in obj and not isinstance(obj[name], str):
-            raise ValueError(f"{where}: field {name!r} must be a string, got {type(obj[name]).__name__}")
-    has_pair = "instruction" in obj or "response" in obj
-    if has_pair and "text" in obj:
-        raise ValueError(f"{where}: has both 'text' and 'instruction'/'response'; use one form")
-    if has_pair:
-        if "instruction" not in obj or "response" not in obj:
-            missing = "response" if "instruction" in obj else "instruction"
-            raise ValueError(f"{where}: has no {missing!r} field")
-        instruction, response = obj["instruction"], obj["response"]
-    elif "text" in obj:
-        instruction, response = "", obj["text"]
-    else:
-        raise ValueError(f"{where}: needs 'instruction' and 'response', or 'text'")
-    # An empty answer trains only the end-of-turn token: almost surely a broken export.
-    if not response.strip():
-        raise ValueError(f"{where}: empty {'text' if 'text' in obj else 'response'}")
-    extra = {k: v for k, v in obj.items() if isinstance(v, str) and k not in ("instruction", "response", "text")}
-    out = {"instruction": instruction, "response": response, **extra}
-    for key, value in out.items():
-        for text in (key, value):
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as err:
-                # a lone surrogate escape ("\ud800") parses, but no tokenizer can encode it: fail here,
-                # with the line, not later in a training step on a remote site
-                bad = ord(text[err.start])
-                raise ValueError(f"{where}: field {key!r} holds a lone surrogate U+{bad:04X}, not text") from None
-    return out
 
 
 def _fsync_dir(folder: Path) -> None:

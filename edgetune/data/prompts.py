@@ -1,10 +1,20 @@
 """Prompt format and tokenisation: one place decides what the model sees and what it is scored on.
 
-Training, held-out loss and greedy evaluation all build prompts with ``format_prompt`` and
-tokenise them the same way (``add_special_tokens=False``: chat templates carry their own
-special tokens), so the model is evaluated on exactly the prompt it was trained on. The loss
-covers the answer only: the response followed by the end-of-turn token, which is also
-where greedy decoding stops.
+Training, held-out loss and greedy evaluation all build prompts here and tokenise them the same
+way (``add_special_tokens=False``: chat templates carry their own special tokens), so the model is
+evaluated on exactly the prompt it was trained on. The loss covers answers only.
+
+An example is a dict in one of two shapes:
+
+* ``{"instruction", "response"}`` (optionally ``"system"``, ``"template"`` and ``"answer_prefix"``,
+  text such as ``Category:`` that ends the prompt and starts the answer line): the prompt is the
+  model's chat template with a system and a user message (or ``template``, the recipe's
+  ``data.prompt_template``, or the built-in ``### Question:`` layout when the tokenizer has no chat
+  template); the loss covers the response and the end-of-turn token.
+* ``{"messages": [{"role", "content"}, ...]}`` (optionally ``"system"``, used when the conversation has
+  no system message): rendered with the model's own chat template; the loss covers every assistant
+  turn (its content and end-of-turn token) and nothing else. Such examples also carry
+  ``instruction``/``response`` (the last user and assistant turns) for display and exact match.
 """
 
 from __future__ import annotations
@@ -17,8 +27,11 @@ import torch
 from edgetune.crypto import schedule
 
 SYSTEM_PROMPT = "You are a factory maintenance assistant. Answer with the procedure only."
-"""Default system prompt (the fact-recall demo's). An example dict may carry its own in ``"system"``
-(data sources set it from ``data.system_prompt`` or their own default)."""
+"""The fact-recall demo's system prompt, and what ``format_prompt`` uses when given ``system=None``.
+Data sources set every example's ``"system"`` explicitly (``""``: no system message)."""
+
+PLAIN_TEMPLATE = "{system}\n### Question:\n{instruction}\n### Answer:\n"
+"""Prompt layout for tokenizers without a chat template (the ``{system}`` line is dropped when empty)."""
 
 IGNORE_INDEX = -100
 """Label of positions without loss (prompt and padding); PyTorch's cross-entropy default."""
@@ -26,22 +39,29 @@ IGNORE_INDEX = -100
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 """End-of-turn markers of common chat templates, tried before the plain eos token."""
 
+CHAT_ROLES = ("system", "user", "assistant")
+"""Roles a ``messages`` row may use."""
 
-def format_prompt(tokenizer: Any, instruction: str, system: str | None = None, answer_prefix: str = "") -> str:
+
+def format_prompt(
+    tokenizer: Any, instruction: str, system: str | None = None, answer_prefix: str = "", *, template: str | None = None
+) -> str:
     """The prompt text for ``instruction``, up to where the answer starts.
 
     Parameters
     ----------
     tokenizer
         A Hugging Face tokenizer. With a chat template: system + user messages and the
-        generation prompt. Without: ``SYSTEM_PROMPT``, ``### Question:``, ``### Answer:``.
+        generation prompt. Without: ``PLAIN_TEMPLATE``.
     instruction
         The question.
     system
-        System prompt; ``None`` uses ``SYSTEM_PROMPT``.
+        System prompt; ``None`` uses ``SYSTEM_PROMPT``, ``""`` none (no system message).
     answer_prefix
         Text the answer starts with that is part of the prompt, not of the answer (the triage
-        data's ``Category:``): the model is scored on what follows it.
+        data's ``Category:``): the model is scored on what follows it. It follows the template too.
+    template
+        A recipe's ``data.prompt_template`` (``{instruction}``, ``{system}``); used when given.
 
     Returns
     -------
@@ -49,13 +69,14 @@ def format_prompt(tokenizer: Any, instruction: str, system: str | None = None, a
         Prompt text; the answer follows it directly.
     """
     system = SYSTEM_PROMPT if system is None else system
+    if template:
+        return template.format(instruction=instruction, system=system) + answer_prefix
     if getattr(tokenizer, "chat_template", None):
-        messages = [
-            {"role": "system", "content": system},
-            {"role": "user", "content": instruction},
-        ]
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": instruction})
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + answer_prefix
-    return f"{system}\n### Question:\n{instruction}\n### Answer:\n{answer_prefix}"
+    plain = PLAIN_TEMPLATE if system else PLAIN_TEMPLATE.removeprefix("{system}\n")
+    return plain.format(instruction=instruction, system=system) + answer_prefix
 
 
 def end_token_id(tokenizer: Any) -> int:
@@ -93,9 +114,11 @@ def pad_token_id(tokenizer: Any) -> int:
     raise ValueError(f"{type(tokenizer).__name__} has neither a pad nor an eos token")
 
 
-def encode_prompt(tokenizer: Any, instruction: str, system: str | None = None, answer_prefix: str = "") -> list[int]:
-    """Token ids of ``format_prompt(tokenizer, instruction, system, answer_prefix)``."""
-    text = format_prompt(tokenizer, instruction, system, answer_prefix)
+def encode_prompt(
+    tokenizer: Any, instruction: str, system: str | None = None, answer_prefix: str = "", *, template: str | None = None
+) -> list[int]:
+    """Token ids of ``format_prompt(tokenizer, instruction, system, answer_prefix, template=template)``."""
+    text = format_prompt(tokenizer, instruction, system, answer_prefix, template=template)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -115,8 +138,107 @@ def encode_answer(tokenizer: Any, response: str, answer_prefix: str = "") -> lis
     return list(tokenizer(f" {response}", add_special_tokens=False)["input_ids"])
 
 
-def encode_example(tokenizer: Any, example: Mapping[str, str], max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids and labels of one example; the loss covers the answer only.
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+def chat_messages(example: Mapping[str, Any]) -> list[dict[str, str]]:
+    """The conversation of a ``messages`` example, the example's ``system`` first when it has none,
+    cut after its last assistant turn (later turns train nothing).
+    """
+    messages = [{"role": m["role"], "content": m["content"]} for m in example["messages"]]
+    system = example.get("system")
+    if system and (not messages or messages[0]["role"] != "system"):
+        messages.insert(0, {"role": "system", "content": system})
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    if last < 0:
+        raise ValueError("a messages example needs at least one assistant turn")
+    return messages[: last + 1]
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ValueError(
+            f"chat messages need a tokenizer with a chat template; {name} has none: give instruction/response "
+            "rows instead (or a model whose tokenizer_config.json has a chat_template)"
+        )
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+    except Exception as err:  # jinja raises its own errors (e.g. "roles must alternate")
+        raise ValueError(f"the model's chat template rejected this conversation: {type(err).__name__}: {err}") from err
+
+
+def chat_segments(tokenizer: Any, example: Mapping[str, Any]) -> list[tuple[str, bool]]:
+    """The rendered conversation as (text, is_assistant) pieces, in order.
+
+    Each assistant turn is the text the template adds between the prompt for that turn (all
+    earlier messages with the generation prompt) and the conversation up to and including it.
+    That needs a template whose rendering of earlier turns does not change when later turns
+    follow; ``ValueError`` says so when a template breaks it (some drop past reasoning).
+    """
+    messages = chat_messages(example)
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = _render(tokenizer, messages[:i], generation_prompt=True)
+        full = _render(tokenizer, messages[: i + 1], generation_prompt=False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise ValueError(
+                "the model's chat template renders earlier turns differently once later turns follow, so "
+                "assistant tokens cannot be told apart; give one conversation per assistant turn"
+            )
+        pieces.append((prompt[len(done) :], False))
+        pieces.append((full[len(prompt) :], True))
+        done = full
+    return [(text, flag) for text, flag in pieces if text]
+
+
+def prompt_ids(tokenizer: Any, example: Mapping[str, Any]) -> list[int]:
+    """Token ids of the prompt the model answers for ``example`` (generation, choice scoring)."""
+    if "messages" in example:
+        messages = chat_messages(example)
+        return _ids(tokenizer, _render(tokenizer, messages[:-1], generation_prompt=True))
+    return encode_prompt(
+        tokenizer,
+        example["instruction"],
+        example.get("system"),
+        example.get("answer_prefix") or "",
+        template=example.get("template"),
+    )
+
+
+def _encode_chat(tokenizer: Any, example: Mapping[str, Any], max_length: int) -> tuple[list[int], list[int]]:
+    end = end_token_id(tokenizer)
+    ids: list[int] = []
+    labels: list[int] = []
+    last_span = (0, 0)
+    for text, assistant in chat_segments(tokenizer, example):
+        piece = _ids(tokenizer, text)
+        if assistant:
+            # the turn's content and its end-of-turn token; what the template puts after it
+            # (a newline) belongs to the next prompt
+            cut = piece.index(end) + 1 if end in piece else len(piece)
+            last_span = (len(ids), len(ids) + cut)
+            labels.extend(piece[:cut] + [IGNORE_INDEX] * (len(piece) - cut))
+        else:
+            labels.extend([IGNORE_INDEX] * len(piece))
+        ids.extend(piece)
+    if len(ids) > max_length:
+        start, stop = last_span
+        if stop - start >= max_length:
+            ids, labels = ids[start : start + max_length], labels[start : start + max_length]
+        else:
+            # keep the end (the last answer and the turns right before it), drop the oldest turns
+            keep = max(stop, max_length)
+            ids, labels = ids[keep - max_length : keep], labels[keep - max_length : keep]
+    return ids, labels
+
+
+def encode_example(tokenizer: Any, example: Mapping[str, Any], max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one example; the loss covers the answer(s) only.
 
     Parameters
     ----------
@@ -124,11 +246,12 @@ def encode_example(tokenizer: Any, example: Mapping[str, str], max_length: int) 
         A Hugging Face tokenizer.
     example
         ``{"instruction": str, "response": str, ...}``, optionally ``"system"`` (its system prompt)
-        and ``"answer_prefix"`` (see ``format_prompt``).
+        and ``"template"`` (see ``format_prompt``) and ``"answer_prefix"``; or ``{"messages": [...], ...}``
+        (see the module docstring).
     max_length
-        Most tokens kept. A longer example loses the left of its prompt, never its answer;
-        an answer longer than ``max_length`` on its own keeps its first ``max_length``
-        tokens and no prompt.
+        Most tokens kept. A longer example loses the left of its prompt (for conversations: its
+        oldest turns), never its last answer; an answer longer than ``max_length`` on its own keeps
+        its first ``max_length`` tokens and no prompt.
 
     Returns
     -------
@@ -138,9 +261,10 @@ def encode_example(tokenizer: Any, example: Mapping[str, str], max_length: int) 
     """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
-    prefix = example.get("answer_prefix") or ""
-    prompt = encode_prompt(tokenizer, example["instruction"], example.get("system"), prefix)
-    answer = encode_answer(tokenizer, example["response"], prefix)
+    if "messages" in example:
+        return _encode_chat(tokenizer, example, max_length)
+    prompt = prompt_ids(tokenizer, example)
+    answer = encode_answer(tokenizer, example["response"], example.get("answer_prefix") or "")
     answer.append(end_token_id(tokenizer))
     if len(answer) >= max_length:
         answer, prompt = answer[:max_length], []
@@ -164,11 +288,17 @@ class TokenizedSet:
         Token limit per example, as in ``encode_example``.
     """
 
-    def __init__(self, tokenizer: Any, examples: Sequence[Mapping[str, str]], max_length: int) -> None:
+    def __init__(self, tokenizer: Any, examples: Sequence[Mapping[str, Any]], max_length: int) -> None:
         if not examples:
             raise ValueError("TokenizedSet needs at least one example")
         self.pad_id = pad_token_id(tokenizer)
-        encoded = [encode_example(tokenizer, ex, max_length) for ex in examples]
+        encoded = []
+        for i, ex in enumerate(examples):
+            try:
+                encoded.append(encode_example(tokenizer, ex, max_length))
+            except ValueError as err:
+                where = ex.get("where") or f"example {i}"
+                raise ValueError(f"{where}: {err}") from None
         self.input_ids = [ids for ids, _ in encoded]
         self.labels = [labels for _, labels in encoded]
 
@@ -240,7 +370,7 @@ def generation_batch(
     systems: Sequence[str | None] | None = None,
     answer_prefixes: Sequence[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Left-padded prompts for batched greedy decoding.
+    """Left-padded prompts for batched greedy decoding (instruction examples).
 
     Left padding puts every prompt's last token in the last column, so all rows start
     generating at the same position.
@@ -263,10 +393,17 @@ def generation_batch(
         )
         for i, q in enumerate(instructions)
     ]
+    return left_padded(tokenizer, prompts)
+
+
+def left_padded(tokenizer: Any, prompts: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+    """Left-pad token id lists into ``input_ids`` and ``attention_mask`` (int64, batch x longest)."""
+    if len(prompts) == 0:
+        raise ValueError("left_padded needs at least one prompt")
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_token_id(tokenizer), dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, p in enumerate(prompts):
-        input_ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        input_ids[row, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
         attention_mask[row, width - len(p) :] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask}

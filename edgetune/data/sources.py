@@ -1,9 +1,14 @@
 """Which examples each site trains on and which the server evaluates on.
 
-Simulation: site ``i`` of ``N`` gets demo site ``i`` (``data.source = "demo"`` or ``"triage"``) or partition
+Simulation: site ``i`` of ``N`` gets demo site ``i`` (``data.source = "demo"``, ``"triage"`` or ``"docs"``) or partition
 ``i`` of ``data.path`` (``natural``/``iid``/``dirichlet``). Deployment: a site's node config
-``data-path`` names its own JSONL file. The server evaluates on the demo held-out questions, on
-``data.eval_path``, or on a keyed 10% split of ``data.path`` that the sites then exclude.
+``data-path`` names its own data file (any format ``data/files.py`` reads). The server evaluates on
+the demo held-out questions, on ``data.eval_path``, or on a keyed 10% split of ``data.path`` that the
+sites then exclude.
+
+Every example leaves here with its system prompt decided (``"system"``: the row's own, else
+``data.system_prompt``, else the source's default; ``""`` means none) and, when the recipe sets
+``data.prompt_template``, that template (``"template"``).
 """
 
 from __future__ import annotations
@@ -12,17 +17,22 @@ from edgetune.config import RunConfig
 from edgetune.crypto import schedule
 from edgetune.data import realtext
 from edgetune.data.demo import demo_heldout, demo_sites
-from edgetune.data.jsonl import load_jsonl
+from edgetune.data.files import load_examples
+from edgetune.data.prompts import SYSTEM_PROMPT as DEMO_SYSTEM_PROMPT
 from edgetune.data.triage import SYSTEM_PROMPT as TRIAGE_SYSTEM_PROMPT
 from edgetune.data.triage import triage_heldout, triage_sites
 
 EVAL_FRACTION = 0.1
 
 
+def _load(cfg: RunConfig, path: str) -> list[dict]:
+    return load_examples(path, columns=cfg.data.column_map)
+
+
 def _split_path(cfg: RunConfig) -> tuple[list[dict], list[dict]]:
-    rows = load_jsonl(cfg.data.path)
+    rows = _load(cfg, cfg.data.path)
     if cfg.data.eval_path:
-        return rows, load_jsonl(cfg.data.eval_path)
+        return rows, _load(cfg, cfg.data.eval_path)
     order = schedule.permutation(schedule.derive(schedule.run_key(cfg.run.seed), "partition", "eval-split"), len(rows))
     n_eval = max(1, int(len(rows) * EVAL_FRACTION))
     held = {int(i) for i in order[:n_eval]}
@@ -42,7 +52,7 @@ def site_examples(cfg: RunConfig, site_index: int, num_sites: int, data_path: st
     num_sites
         Number of sites the data is split over.
     data_path
-        A site's own JSONL file (deployment); overrides ``data.source``.
+        A site's own data file or folder (deployment); overrides ``data.source``.
 
     Returns
     -------
@@ -50,7 +60,7 @@ def site_examples(cfg: RunConfig, site_index: int, num_sites: int, data_path: st
         Examples with ``instruction`` and ``response``.
     """
     if data_path:
-        return _with_system(cfg, load_jsonl(data_path))
+        return _with_system(cfg, _load(cfg, data_path))
     if not 0 <= site_index < num_sites:
         raise ValueError(f"site index {site_index} out of range for {num_sites} sites")
     if cfg.data.source == "demo":
@@ -89,13 +99,18 @@ def heldout_examples(cfg: RunConfig, num_sites: int) -> list[dict]:
     return _with_system(cfg, list(rows[: cfg.eval.num_examples]))
 
 
-def system_prompt(cfg: RunConfig) -> str | None:
-    """The system prompt every example of this run carries (None: ``prompts.SYSTEM_PROMPT``)."""
+def system_prompt(cfg: RunConfig) -> str:
+    """The system prompt of examples without their own: ``data.system_prompt``, else the source's
+    (demo: the factory assistant, triage: the report router, docs: the technical writer, your own
+    data: ``""``, none).
+    """
     if cfg.data.system_prompt:
         return cfg.data.system_prompt
-    return {"triage": TRIAGE_SYSTEM_PROMPT, "docs": realtext.SYSTEM_PROMPT}.get(cfg.data.source)
+    defaults = {"demo": DEMO_SYSTEM_PROMPT, "triage": TRIAGE_SYSTEM_PROMPT, "docs": realtext.SYSTEM_PROMPT}
+    return defaults.get(cfg.data.source, "")
 
 
 def _with_system(cfg: RunConfig, rows: list[dict]) -> list[dict]:
-    system = system_prompt(cfg)
-    return rows if system is None else [{**row, "system": system} for row in rows]
+    default = system_prompt(cfg)
+    extra = {"template": cfg.data.prompt_template} if cfg.data.prompt_template else {}
+    return [{**row, "system": row.get("system") or default, **extra} for row in rows]

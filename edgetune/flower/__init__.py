@@ -1,1 +1,1 @@
-"""The only package that imports Flower (with ``clients/`` and ``server/``)."""
+"""The only package that imports Flower: the Flower glue and the ServerApp/ClientApp modules."""

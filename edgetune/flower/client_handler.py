@@ -83,10 +83,41 @@ def hello(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"hello": ConfigRecord(answer)}), reply_to=msg)
 
 
-def _run_config(context: Context) -> dict[str, Any]:
+def require_local_kit(me: dict[str, Any]) -> None:
+    """A simulated site reads its key kit from the server's run folder: refuse clearly when that
+    folder is not on this machine (a simulation spread over a Ray cluster, docs/many-machines.md).
+    """
+    if me["kit"] and not Path(me["kit"]).is_dir():
+        raise ValueError(
+            f"simulated site {me['site']}: its key kit {me['kit']} (in the server's run folder) is not on this "
+            "machine. Simulation across several machines (a Ray cluster) is not supported: every simulated site "
+            "must see the server's disk. Deploy sites with `edgetune site` instead (docs/many-machines.md)."
+        )
+
+
+NODE_OVERRIDES = {"device": "model.device", "model-path": "model.path", "quantize": "model.quantize"}
+"""Node config keys a site sets for itself (``edgetune site --device/--model/--quantize``) -> run config keys.
+A site's own model copy is still checked against the run's ``model.sha256``."""
+
+
+def _run_config(context: Context, cuda_visible: bool | None = None) -> dict[str, Any]:
+    """The run config as this node applies it: its own device(s), model copy and quantisation in
+    deployment (``NODE_OVERRIDES``); in simulation the GPU Flower's backend assigned to it
+    (``run.gpus_per_site``), or the CPU when none was.
+    """
     flat = dict(context.run_config)
-    if "device" in context.node_config:  # a site's own accelerator (edgetune site --device)
-        flat["model.device"] = str(context.node_config["device"])
+    for node_key, run_key in NODE_OVERRIDES.items():
+        if node_key in context.node_config:
+            flat[run_key] = str(context.node_config[node_key])
+    if "device" not in context.node_config and "site-id" not in context.node_config:  # a simulated site
+        from edgetune.models.load import simulated_site_device
+
+        if cuda_visible is None:
+            import torch
+
+            cuda_visible = torch.cuda.is_available()
+        gpus = float(flat.get("run.gpus_per_site", 0.0))
+        flat["model.device"] = simulated_site_device(str(flat.get("model.device", "auto")), gpus, cuda_visible)
     return flat
 
 
@@ -100,6 +131,8 @@ def _client(context: Context) -> ClientHalf:
     me = identity(context, kit_root)
     key = (context.run_id, me["site"])
     if key not in _CLIENTS:
+        if "site-id" not in context.node_config:
+            require_local_kit(me)
         cfg = cfgmod.from_run_config(_run_config(context))
         if not _WORKDIR:
             _WORKDIR.append(process_workdir(cfg))

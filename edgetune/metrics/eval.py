@@ -15,7 +15,7 @@ trained on. None changes the model: no gradients, and its train/eval mode is put
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -26,9 +26,9 @@ from edgetune.data.prompts import (
     IGNORE_INDEX,
     TokenizedSet,
     encode_answer,
-    encode_prompt,
-    generation_batch,
+    left_padded,
     pad_token_id,
+    prompt_ids,
     stop_token_ids,
 )
 from edgetune.models.loss import answer_loss, last_position_logits, sequence_logprobs
@@ -44,6 +44,7 @@ def heldout_loss(
     *,
     batch_size: int,
     max_length: int,
+    on_batch: Callable[[int], None] | None = None,
 ) -> float:
     """Mean negative log-likelihood per answer token over ``examples``.
 
@@ -59,6 +60,8 @@ def heldout_loss(
         Examples per forward pass; the result does not depend on it.
     max_length
         Token limit per example, as in training (``encode_example``).
+    on_batch
+        Called with the number of examples of each scored batch (progress bars).
 
     Returns
     -------
@@ -78,6 +81,8 @@ def heldout_loss(
             if n_tokens:
                 total += answer_loss(model, batch).double().cpu() * n_tokens
             count += n_tokens
+            if on_batch is not None:
+                on_batch(len(batch["input_ids"]))
     if count == 0:
         raise ValueError("heldout_loss: no answer tokens to score (max_length too small?)")
     return float(total / count)
@@ -129,8 +134,11 @@ def greedy_answers(
     *,
     batch_size: int,
     max_new_tokens: int,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[str]:
-    """The model's greedy answer to each example's prompt (decoded, special tokens removed)."""
+    """The model's greedy answer to each example's prompt (decoded, special tokens removed);
+    ``on_batch`` is called with the size of each decoded batch.
+    """
     _check(examples, batch_size)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -148,11 +156,13 @@ def greedy_answers(
     with _eval_mode(model), torch.no_grad():
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
-            batch = generation_batch(tokenizer, [ex["instruction"] for ex in chunk], [ex.get("system") for ex in chunk])
+            batch = left_padded(tokenizer, [prompt_ids(tokenizer, ex) for ex in chunk])
             out = model.generate(**{k: v.to(device) for k, v in batch.items()}, generation_config=config)
             new_tokens = out[:, batch["input_ids"].shape[1] :].tolist()
             for tokens in new_tokens:
                 answers.append(tokenizer.decode(_until_stop(tokens, stops), skip_special_tokens=True))
+            if on_batch is not None:
+                on_batch(len(chunk))
     return answers
 
 
@@ -227,6 +237,7 @@ def choice_accuracy(
     batch_size: int,
     max_length: int,
     field: str = "choices",
+    on_batch: Callable[[int], None] | None = None,
 ) -> float:
     """Fraction of examples whose response is the best-scored of its ``choices`` (or ``field``).
 
@@ -261,15 +272,7 @@ def choice_accuracy(
     with _eval_mode(model), torch.no_grad():
         for start in range(0, len(fast), batch_size):
             idx = fast[start : start + batch_size]
-            prompts = [
-                encode_prompt(
-                    tokenizer,
-                    examples[i]["instruction"],
-                    examples[i].get("system"),
-                    examples[i].get("answer_prefix") or "",
-                )[-max_length:]
-                for i in idx
-            ]
+            prompts = [prompt_ids(tokenizer, examples[i])[-max_length:] for i in idx]
             width = max(len(p) for p in prompts)
             input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
             attention_mask = torch.zeros((len(idx), width), dtype=torch.long)
@@ -281,6 +284,8 @@ def choice_accuracy(
                 scores = logits[row, first_token[i]]
                 choices = choices_of(examples[i], field)
                 correct += choices[int(torch.argmax(scores))] == examples[i]["response"]
+            if on_batch is not None:
+                on_batch(len(idx))
         for i in slow:
             ex = examples[i]
             choices = choices_of(ex, field)
@@ -288,6 +293,8 @@ def choice_accuracy(
             data = TokenizedSet(tokenizer, rows, max_length)
             scores = sequence_logprobs(model, data.batch(list(range(len(rows)))))
             correct += choices[int(torch.argmax(scores))] == ex["response"]
+            if on_batch is not None:
+                on_batch(1)
     return correct / len(examples)
 
 
@@ -300,8 +307,12 @@ def evaluate(
     max_length: int,
     max_new_tokens: int,
     accuracy: bool,
+    on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Held-out loss, and accuracy when ``accuracy`` (slower: ranking or greedy decoding).
+
+    ``on_batch`` is called with the examples of every batch scored: ``len(examples)`` for the
+    loss, as many again for the accuracy, and again for ``mc_accuracy``.
 
     Returns
     -------
@@ -311,20 +322,32 @@ def evaluate(
         the graded scores ``procedure_accuracy`` and ``action_f1`` next to it, and ``mc_accuracy``
         (likelihood-ranked multiple choice) when every example has ``mc_choices``.
     """
-    metrics = {"heldout_loss": heldout_loss(model, tokenizer, examples, batch_size=batch_size, max_length=max_length)}
+    metrics = {
+        "heldout_loss": heldout_loss(
+            model, tokenizer, examples, batch_size=batch_size, max_length=max_length, on_batch=on_batch
+        )
+    }
     if accuracy:
         if all(ex.get("choices") for ex in examples):
             metrics["accuracy"] = choice_accuracy(
-                model, tokenizer, examples, batch_size=batch_size, max_length=max_length
+                model, tokenizer, examples, batch_size=batch_size, max_length=max_length, on_batch=on_batch
             )
         else:
-            answers = greedy_answers(model, tokenizer, examples, batch_size=batch_size, max_new_tokens=max_new_tokens)
+            answers = greedy_answers(
+                model, tokenizer, examples, batch_size=batch_size, max_new_tokens=max_new_tokens, on_batch=on_batch
+            )
             graded = graded_scores(answers, examples)
             metrics["accuracy"] = graded.pop("exact_match")
             metrics.update(graded)
             if all(ex.get("mc_choices") for ex in examples):
                 metrics["mc_accuracy"] = choice_accuracy(
-                    model, tokenizer, examples, batch_size=batch_size, max_length=max_length, field="mc_choices"
+                    model,
+                    tokenizer,
+                    examples,
+                    batch_size=batch_size,
+                    max_length=max_length,
+                    field="mc_choices",
+                    on_batch=on_batch,
                 )
     return metrics
 

@@ -1,10 +1,15 @@
 """Checkpoint flatness: a forward-only valley probe, and its Inverse Mean Valley (IMV).
 
 For one model (any algorithm, including spsa, where every copy coincides and no worker spread
-exists) the valley is probed along R random unit directions d_1..d_R of the trainable parameters::
+exists) the valley is probed along R random directions d_1..d_R of the trainable parameters::
 
     z_r = Rademacher(derive(key, "imv", r))       ChaCha20 bits over the manifest (crypto/keystream.py)
-    d_r = z_r / sqrt(D)                            ||d_r|| = 1, D = number of probed parameters
+    filter (default; Li et al. 2018, "Visualizing the Loss Landscape of Neural Nets"):
+      every row i of a tensor with 2+ dims (a filter: one output unit; the rest of the dims flattened)
+      d_r[i] = z_r[i] * ||theta[i]|| / sqrt(n_i)   so ||d_r[i]|| = ||theta[i]||  (n_i: the row's length)
+      tensors with 1 dim (norm weights, biases): d_r = 0 (Li et al.'s default, "ignore biasbn")
+    global:
+      d_r = z_r / sqrt(D)                          ||d_r|| = 1, D = number of probed parameters
     rise_r(rho) = L(theta + rho d_r) - L(theta)    L: held-out answer-token loss
     radius_r = the smallest rho found with rise_r(rho) >= delta:
                double rho from rho_0 = max_radius / 2^10 until rise >= delta or rho = max_radius,
@@ -13,15 +18,22 @@ exists) the valley is probed along R random unit directions d_1..d_R of the trai
                max_radius when the loss never rises by delta along d_r
     mean_radius = mean_r radius_r,   IMV = 1 / mean_radius     (large IMV: a sharp valley)
 
-A non-finite loss counts as a rise above delta. Directions never depend on the model, so with
-the same ``key`` every checkpoint of a run is probed along the same directions (differences between
-checkpoints come from the model, not from the draw).
+A non-finite loss counts as a rise above delta. The random signs never depend on the model, so with
+the same ``key`` every checkpoint of a run is probed along the same sign pattern (differences between
+checkpoints come from the model, not from the draw). With ``filter`` the radius is relative: rho = 0.05
+moves every row by 5% of its own norm, whatever the layer's scale, and a rescaling of a row (which
+RMSNorm after it, or a LoRA pair (c B, A / c), makes invisible to the loss) rescales d with it, so
+the radius does not change. With ``global`` the radius is in parameter-space L2 units: it depends on
+the parameters' scale and on D, so only runs with the same trainable tensors and similar weight
+norms compare.
 
 This is edgetune's definition, not a verified copy of the DPPF paper's (Dimlioglu & Choromanska 2025,
-arXiv 2507.20424): the paper's Inv. MV is 1 / (mean distance of the workers from their average);
-how it scores a single trained model in its correlation study could not be read
-(notes/seed_algorithms.md section 1). The probe here is a line search to a loss threshold, one of
-the candidates named there; see docs/flatness.md.
+arXiv 2507.20424): the paper's Inv. MV, as far as its abstract and summaries tell, is 1 / (mean
+distance of the workers from their average), a distance between trained copies that uses no random
+directions and hence no normalisation; how it scores a single trained model in its correlation
+study could not be read (notes/seed_algorithms.md section 1). The probe here is a line search to a
+loss threshold, one of the candidates named there, with the flatness literature's per-filter
+normalisation by default; see docs/flatness.md.
 
 The probe never changes the model: the probed tensors are copied (fp32, or their own dtype when
 wider) and written back exactly, in a ``finally``; no gradients, dropout off, module modes restored;
@@ -47,6 +59,7 @@ from edgetune.models.params import manifest_of, select_trainable
 
 RADIUS_START_FRACTION = 2.0**-10
 """rho_0 = max_radius x this: doubling reaches max_radius in at most 10 steps."""
+NORMALIZATIONS = ("filter", "global")
 
 
 @dataclass(frozen=True)
@@ -66,7 +79,10 @@ class ImvResult:
     num_capped: int
     """Directions that reached max_radius without the loss rising by delta."""
     numel: int
-    """D: parameters probed (the trainable manifest, or every parameter when nothing requires grad)."""
+    """D: parameters the probe moves (``global``: the whole trainable manifest, or every parameter when
+    nothing requires grad; ``filter``: those in rows of nonzero norm of tensors with 2+ dims)."""
+    normalize: str = "filter"
+    """The direction normalisation used."""
 
 
 @contextmanager
@@ -90,6 +106,23 @@ def probed_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [(n, p) for n, p in model.named_parameters() if p.is_floating_point()]
 
 
+def filter_scales(saved: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-row scale of the filter-normalised direction: ||theta[i]|| / sqrt(n_i), shaped to broadcast.
+
+    A tensor with 2+ dims gets one scale per row (its first index; the other dims flattened), a 1-D
+    or 0-D tensor a zero scale (not moved). z * scale then has, row by row, the norm of theta's row.
+    """
+    out = []
+    for s in saved:
+        if s.dim() < 2 or s.numel() == 0:
+            out.append(torch.zeros((), dtype=s.dtype, device=s.device))
+            continue
+        rows = s.reshape(s.shape[0], -1)
+        scale = rows.norm(dim=1) / math.sqrt(rows.shape[1])
+        out.append(scale.view(-1, *([1] * (s.dim() - 1))))
+    return out
+
+
 def valley_imv(
     model: nn.Module,
     loss_fn: Callable[[nn.Module], float],
@@ -99,6 +132,7 @@ def valley_imv(
     delta: float,
     max_radius: float,
     bisect_steps: int,
+    normalize: str = "filter",
 ) -> ImvResult:
     """Probe the loss valley around ``model``'s weights along keyed random unit directions.
 
@@ -116,9 +150,12 @@ def valley_imv(
     delta
         Loss rise that marks the valley's edge (> 0).
     max_radius
-        Largest radius searched (> 0), in parameter-space L2 units.
+        Largest radius searched (> 0): relative to the rows' norms (``filter``) or in
+        parameter-space L2 units (``global``).
     bisect_steps
         Bisection steps after bracketing (>= 0).
+    normalize
+        ``filter`` (per-row, Li et al. 2018) or ``global`` (one unit vector); module docstring.
 
     Returns
     -------
@@ -129,6 +166,8 @@ def valley_imv(
         raise ValueError(f"valley_imv: num_directions >= 1 and bisect_steps >= 0, got {num_directions}, {bisect_steps}")
     if not (delta > 0 and math.isfinite(delta)) or not (max_radius > 0 and math.isfinite(max_radius)):
         raise ValueError(f"valley_imv: delta and max_radius must be positive and finite, got {delta}, {max_radius}")
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"valley_imv: normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
     params = [p for _, p in probed_parameters(model)]
     numel = sum(p.numel() for p in params)
     if numel == 0:
@@ -138,6 +177,15 @@ def valley_imv(
     with _frozen_eval(model):
         # fp32 (or wider) copies: the source of every perturbed point and of the exact restore
         saved = [p.detach().to(torch.promote_types(p.dtype, torch.float32)).clone() for p in params]
+        rows: list[torch.Tensor] = []
+        if normalize == "filter":
+            rows = filter_scales(saved)
+            numel = sum(int((r > 0).sum()) * (s.numel() // max(r.numel(), 1)) for r, s in zip(rows, saved))
+            if numel == 0:
+                raise ValueError(
+                    "valley_imv: filter normalisation moves nothing here (every probed tensor is 1-D or its "
+                    "rows are all zero, e.g. LoRA's B at initialisation); use imv.normalize = 'global'"
+                )
         try:
             base = float(loss_fn(model))
             evals += 1
@@ -150,9 +198,12 @@ def valley_imv(
 
                 def rises(rho: float, packed: list[torch.Tensor] = packed) -> bool:
                     nonlocal evals
-                    for p, s, bits in zip(params, saved, packed):
+                    for i, (p, s, bits) in enumerate(zip(params, saved, packed)):
                         z = keystream.expand(bits, p.numel(), s.dtype).view_as(s)
-                        p.copy_(torch.add(s, z, alpha=rho * scale))
+                        if rows:
+                            p.copy_(torch.add(s, z * rows[i], alpha=rho))
+                        else:
+                            p.copy_(torch.add(s, z, alpha=rho * scale))
                     loss = float(loss_fn(model))
                     evals += 1
                     return not math.isfinite(loss) or loss - base >= delta
@@ -172,6 +223,7 @@ def valley_imv(
         num_loss_evals=evals,
         num_capped=num_capped,
         numel=numel,
+        normalize=normalize,
     )
 
 
@@ -217,23 +269,40 @@ def imv_examples(cfg: RunConfig, num_sites: int) -> list[dict]:
     return heldout_examples(wide, num_sites)
 
 
-def model_imv(model: nn.Module, tokenizer: Any, examples: Sequence[Mapping[str, str]], cfg: RunConfig) -> ImvResult:
+def model_imv(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Mapping[str, str]],
+    cfg: RunConfig,
+    on_loss_eval: Callable[[], None] | None = None,
+) -> ImvResult:
     """The probe of ``cfg.imv`` on ``model``, loss over the first ``imv.num_examples`` of ``examples``.
 
     Directions come from ``derive(run_key(run.seed), "imv", r)``: the same for every round of a run.
+    ``on_loss_eval`` is called after every loss evaluation (progress bars; at most
+    ``1 + num_directions * (11 + bisect_steps)``).
     """
     icfg = cfg.imv
     loss_fn = heldout_loss_fn(
         tokenizer, list(examples[: icfg.num_examples]), batch_size=cfg.eval.batch_size, max_length=cfg.data.max_length
     )
+    if on_loss_eval is not None:
+        scored = loss_fn
+
+        def loss_fn(m: nn.Module) -> float:
+            value = scored(m)
+            on_loss_eval()
+            return value
+
     return valley_imv(
         model,
         loss_fn,
         key=schedule.run_key(cfg.run.seed),
         num_directions=icfg.num_directions,
         delta=icfg.delta,
-        max_radius=icfg.max_radius,
+        max_radius=icfg.radius_limit,
         bisect_steps=icfg.bisect_steps,
+        normalize=icfg.normalize,
     )
 
 
@@ -253,6 +322,7 @@ def checkpoint_imv(
     recipe: Path | None = None,
     num_sites: int = 0,
     overrides: Mapping[str, Any] | None = None,
+    show_progress: bool = False,
 ) -> dict[str, Any]:
     """Valley probe of a saved checkpoint (``edgetune imv CHECKPOINT``), as a JSON-ready dict.
 
@@ -266,6 +336,8 @@ def checkpoint_imv(
         Sites of the run, for the demo held-out set (0: ``run.num_sites`` or 4), as ``edgetune eval``.
     overrides
         Dotted config keys replacing the run's (``{"imv.num_directions": 8, "imv.delta": 0.05}``).
+    show_progress
+        Show a progress bar over the probe's loss evaluations (``edgetune/progress.py``).
 
     Returns
     -------
@@ -290,7 +362,14 @@ def checkpoint_imv(
     # adapter, all-frozen), so the probe moves what training moved.
     select_trainable(model, cfg.model.trainable_patterns)
     examples = imv_examples(cfg, num_sites or cfg.run.num_sites or 4)
-    result = model_imv(model, tokenizer, examples, cfg)
+    if show_progress:
+        from edgetune import progress
+
+        bound = 1 + cfg.imv.num_directions * (11 + cfg.imv.bisect_steps)
+        with progress.task("valley probe (loss evaluations, at most)", total=bound) as bar:
+            result = model_imv(model, tokenizer, examples, cfg, on_loss_eval=bar.advance)
+    else:
+        result = model_imv(model, tokenizer, examples, cfg)
     out: dict[str, Any] = {"checkpoint": str(checkpoint)}
     info = checkpoint / "edgetune.json"
     if info.is_file():
@@ -303,7 +382,8 @@ def checkpoint_imv(
             "base_loss": result.base_loss,
             "num_directions": cfg.imv.num_directions,
             "delta": cfg.imv.delta,
-            "max_radius": cfg.imv.max_radius,
+            "max_radius": cfg.imv.radius_limit,
+            "normalize": cfg.imv.normalize,
             "bisect_steps": cfg.imv.bisect_steps,
             "num_examples": len(examples),
             "num_loss_evals": result.num_loss_evals,

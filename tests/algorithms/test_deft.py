@@ -34,6 +34,7 @@ def _cfg(**overrides):
             "kavg.lr": 0.1,
             "kavg.local_steps": 1,
             "deft.density": 0.05,
+            "deft.allocation": "applied",  # the two-phase protocol; site-norms has its own tests below
             "data.max_length": 64,
             **overrides,
         }
@@ -97,7 +98,7 @@ class Spy:
 
     def step(self, phase, msg, state):
         reply, state = self.honest.step(phase, msg, state)
-        if phase == "indices":
+        if phase == "norms" or (phase == "indices" and "plan" in msg):  # where the site trained
             plan = wire.decode(msg["plan"], max_bytes=4096)
             acc = self.honest.vectors(plan["run"]).load("acc", plan["round"]).clone()
             self.acc.setdefault(plan["round"], []).append(acc)
@@ -294,12 +295,13 @@ def test_error_feedback_carries_unsent_mass_to_next_round(fed8, error_feedback):
         assert torch.allclose(a2, delta2, atol=1e-6)
 
 
-def test_retried_round_does_not_count_a_residual_twice(fed8):
-    """When the values phase misses quorum the whole round is retried: phase 1 runs again from the
-    residual of the previous round (the one the failed attempt wrote is dropped), so every site's a
-    is the same in both attempts, and the retry commits."""
+@pytest.mark.parametrize("allocation", ["applied", "site-norms"])
+def test_retried_round_does_not_count_a_residual_twice(fed8, allocation):
+    """When the values phase misses quorum the whole round is retried: the training phase runs again
+    from the residual of the previous round (the one the failed attempt wrote is dropped), so every
+    site's a is the same in both attempts, and the retry commits."""
     # Prepare
-    cfg, server = _server(fed8, "retry", **{"run.min_sites": 2})
+    cfg, server = _server(fed8, f"retry-{allocation}", **{"run.min_sites": 2, "deft.allocation": allocation})
     failed = []
 
     def fail_once(phase, msg, reply):
@@ -310,7 +312,7 @@ def test_retried_round_does_not_count_a_residual_twice(fed8):
 
     spies = {}
     transport = _transport(fed8, 2, wrap=lambda s, c: spies.setdefault(s, Spy(c, fail_once if s == "site-1" else None)))
-    recorder = RunRecorder(cfg, Path(server.ctx.workdir).parent / "rec-retry")
+    recorder = RunRecorder(cfg, Path(server.ctx.workdir).parent / f"rec-retry-{allocation}")
 
     # Execute
     metrics, _, attempts = run_round(cfg, server, transport, recorder, 1)
@@ -430,6 +432,124 @@ def test_uplink_bytes_are_indices_plus_values_and_far_below_dense(fed8):
     dense = len(wire.encode({"delta": bytes(4 * server.dim), "loss": 1.0}))
     assert max(uplink["deft"].values()) < dense / 10
     assert max(uplink["deft"].values()) < min(uplink["topk"].values())
+
+
+# ---- the paper's allocation: k_p from the sites' reported norms ----------------------------------
+
+
+class Toy(torch.nn.Module):
+    """Three trainable tensors (default 10, 20 and 30 values: with 2 sites none is split, n * 2 <= 60)."""
+
+    def __init__(self, sizes=(10, 20, 30)):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.zeros(sizes[0]))
+        self.b = torch.nn.Parameter(torch.zeros(sizes[1] // 5, 5))
+        self.c = torch.nn.Parameter(torch.zeros(sizes[2]))
+
+
+def _toy_server(tmp_path, allocation, sizes=(10, 20, 30)):
+    cfg = _cfg(**{"deft.density": 0.2, "deft.allocation": allocation})
+    ctx = deft.ServerContext(run_id=b"\x01" * 16, model=Toy(sizes), tokenizer=None, workdir=tmp_path)
+    return deft.DeftServer(cfg, ctx)
+
+
+def _norms_reply(values):
+    return {"norms": deft.encode_tensors([torch.tensor(values)], deft.NORMS_CODEC), "loss": 1.0}
+
+
+def test_site_norms_allocation_follows_the_papers_rule_by_hand(tmp_path):
+    """Partitions of 10, 20, 30 values, k = 0.2 * 60 = 12. Sites report ||a_p|| = (3, 1, 0) and
+    (1, 1, 4); equal weights give nu = (2, 1, 2). Visit p0, p2 (ties: lower id), p1 with
+    N_rem = 5, 3, 1: k_p0 = floor(12*2/5) = 4, k_p2 = floor(8*2/3) = 5, k_p1 = floor(3*1/1) = 3.
+    ``applied`` in round 1 allocates by size instead: p2, p1, p0 get floor(12*30/60) = 6,
+    floor(6*20/30) = 4, floor(2*10/10) = 2."""
+    # Prepare
+    server = _toy_server(tmp_path, "site-norms")
+    applied = _toy_server(tmp_path, "applied")
+
+    # Execute
+    msgs = server.configure(1, "norms", ["s0", "s1"])
+    result = server.aggregate(1, "norms", {"s0": _norms_reply([3, 1, 0]), "s1": _norms_reply([1, 1, 4])}, min_sites=2)
+    down = server.configure(1, "indices", ["s0", "s1"])
+    applied.configure(1, "indices", ["s0", "s1"])
+
+    # Assert
+    assert server.phases == ("norms", "indices", "values") and applied.phases == ("indices", "values")
+    assert set(msgs["s0"]) == {"plan", "params", "nsplit"} and msgs["s0"]["nsplit"] == 2
+    assert result.committed and server.parts.sizes.tolist() == [10, 20, 30]
+    assert server.round.kp.tolist() == [4, 3, 5]
+    assert applied.round.kp.tolist() == [2, 4, 6]
+    assert "params" not in down["s0"] and sum(d["k"] for d in down.values()) == 12
+
+
+def test_bad_norms_are_rejected_and_the_rest_allocate(tmp_path):
+    """A negative, non-finite or wrong-length norm vector is rejected naming the problem; the others
+    decide k_p (three partitions of 20, k = 12, nu = (2, 1, 2): 4, 3, 5 as in the test above), and
+    only they are asked for indices."""
+    # Prepare: bf16 bits written by hand for the NaN case (encode_tensors refuses non-finite values)
+    nan_bits = np.array([0x4040, 0x7FC0, 0x0000], "<u2").tobytes()
+    cases = {
+        "negative": _norms_reply([3.0, -1.0, 0.0]),
+        "non-finite": {"norms": nan_bits, "loss": 1.0},
+        "expected": _norms_reply([3.0, 1.0]),
+    }
+
+    for reason, forged in cases.items():
+        server = _toy_server(tmp_path, "site-norms", sizes=(20, 20, 20))
+        server.configure(1, "norms", ["s0", "s1", "s2"])
+        replies = {"s0": _norms_reply([3, 1, 0]), "s1": _norms_reply([1, 1, 4]), "s2": forged}
+
+        # Execute
+        result = server.aggregate(1, "norms", replies, min_sites=2)
+        asked = server.configure(1, "indices", ["s0", "s1", "s2"])
+
+        # Assert
+        assert result.committed and set(result.rejected) == {"s2"}, reason
+        assert reason in result.rejected["s2"], (reason, result.rejected)
+        assert server.round.kp.tolist() == [4, 3, 5] and set(asked) == {"s0", "s1"}
+
+
+def test_site_norms_round_reports_the_update_norms_and_counts_their_bytes(fed8):
+    """Through the protocol (4 tiny sites): each site's reported norms are the per-partition norms of
+    the a it saved (to bf16's 2^-8), the server's k_p is DEFT's rule on their mean, the ledger counts
+    2 bytes per partition plus framing for them, and the indices message carries no parameters."""
+    # Prepare
+    cfg, server = _server(fed8, "site-norms-bytes", **{"deft.allocation": "site-norms"})
+    spies = {}
+    transport = _transport(fed8, 4, wrap=lambda s, c: spies.setdefault(s, Spy(c)))
+    recorder = RunRecorder(cfg, Path(server.ctx.workdir).parent / "rec-site-norms")
+    reported = {}
+    real_aggregate = server.aggregate
+
+    def capture(round_idx, phase, replies, *, min_sites):
+        if phase == "norms":
+            reported.update(
+                {
+                    s: deft.decode_tensors(r["norms"], [(len(server.parts),)], "bf16", where=s)[0]
+                    for s, r in replies.items()
+                }
+            )
+        return real_aggregate(round_idx, phase, replies, min_sites=min_sites)
+
+    server.aggregate = capture
+
+    # Execute
+    metrics, rejected, _ = run_round(cfg, server, transport, recorder, 1)
+
+    # Assert
+    parts = server.parts
+    assert not rejected and metrics["num_accepted"] == 4 and metrics["norms.num_accepted"] == 4
+    for s, spy in spies.items():
+        a = spy.acc[1][-1].double().numpy()
+        expected = np.array([np.linalg.norm(a[st : st + n]) for st, n in zip(parts.starts, parts.sizes)])
+        assert np.allclose(reported[s].double().numpy(), expected, rtol=2**-8, atol=1e-12)
+        rows = {(r.phase, r.direction): r.num_bytes for r in recorder.ledger.rows if r.site_id == s}
+        norms_bytes = len(wire.encode({"norms": bytes(2 * len(parts)), "loss": 1.0}))
+        assert rows[("norms", "up")] == spy.sent["norms"] == norms_bytes
+        assert rows[("indices", "down")] < rows[("norms", "down")] / 20  # bins only, no parameters
+    nu = torch.stack([reported[s] for s in sorted(reported)]).double().mean(dim=0).numpy()
+    assert server.round.kp.tolist() == deft.allocate_k(nu, parts.sizes, server.k).tolist()
+    assert metrics["union_size"] <= metrics["k_sum"] and metrics["kp_size_gap"] >= 0
 
 
 def test_tiny_recipe_lowers_heldout_loss(tmp_path):

@@ -123,8 +123,8 @@ def test_pull_push_moves_the_offset_to_one_minus_alpha_times_r_plus_lam():
         dppf.pull_push(x_i, x_bar, 1.5, 0.1)
 
 
-def test_linear_schedule_ramps_both_strengths_from_zero_keeping_their_ratio():
-    """linear: f(r) = min(1, (r - 1) / W), alpha_r = f alpha and lam_r = f lam (ratio fixed); constant: f = 1."""
+def test_linear_schedule_ramps_the_push_only_by_default():
+    """linear, ramp = push: f(r) = min(1, (r - 1) / W), lam_r = f lam by hand, alpha_r = alpha in every round."""
     # Prepare
     lin = cfgmod.DppfSection(alpha=0.5, lam=0.2, schedule="linear", warmup_rounds=4)
     const = cfgmod.DppfSection(alpha=0.5, lam=0.2)
@@ -132,10 +132,25 @@ def test_linear_schedule_ramps_both_strengths_from_zero_keeping_their_ratio():
     # Execute
     ramped = [dppf.strengths(lin, r) for r in range(1, 8)]
 
+    # Assert: W = 4 gives f = 0, 1/4, 2/4, 3/4, 1, 1, 1
+    assert [lam for _, lam in ramped] == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2, 0.2, 0.2])
+    assert [a for a, _ in ramped] == [0.5] * 7
+    assert [dppf.strengths(const, r) for r in (1, 9)] == [(0.5, 0.2), (0.5, 0.2)]
+
+
+def test_pull_push_ramp_keeps_the_old_behaviour_reachable():
+    """ramp = pull-push: alpha_r = f alpha and lam_r = f lam (ratio lam / alpha fixed), edgetune's earlier default."""
+    # Prepare
+    both = cfgmod.DppfSection(alpha=0.5, lam=0.2, schedule="linear", warmup_rounds=4, ramp="pull-push")
+
+    # Execute
+    ramped = [dppf.strengths(both, r) for r in range(1, 8)]
+
     # Assert
     assert [a for a, _ in ramped] == pytest.approx([0.0, 0.125, 0.25, 0.375, 0.5, 0.5, 0.5])
     assert all(lam == pytest.approx(0.4 * a) for a, lam in ramped)
-    assert [dppf.strengths(const, r) for r in (1, 9)] == [(0.5, 0.2), (0.5, 0.2)]
+    with pytest.raises(ValueError, match="dppf.ramp"):
+        cfgmod.DppfSection(ramp="pull")
 
 
 @pytest.mark.parametrize(("alpha", "lam", "start_spread"), [(0.5, 0.1, 0.0), (0.2, 0.05, 0.0), (0.8, 0.4, 3.0)])

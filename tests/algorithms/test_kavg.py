@@ -135,3 +135,92 @@ def test_kavg_lowers_heldout_loss_and_counts_dense_bytes(tmp_path):
     assert all(4 * numel < b < 4 * numel + 64 for b in ups.values())
     payload = wire.decode(wire.encode({"delta": bytes(8), "loss": 1.0}), max_bytes=100)
     assert set(payload) == {"delta", "loss"}
+
+
+# ---- K-AVG Theorem 2: round-indexed lr and batch size ---------------------------------------------
+
+
+def test_theorem2_schedule_plans_lr_and_batch_by_hand(tmp_path):
+    """kavg.lr = 0.1, lr_schedule inverse:0.5 (lr_r = 0.1 / sqrt(r)), batch_schedule grow-linear:3 from
+    batch 2 (2, 4, 6, 6), warm-up 1 round (round 1 x 1/2): the plans of rounds 1..4 carry exactly those
+    values, and the constant default keeps kavg.lr and data.batch_size."""
+    # Prepare
+    cfg = _cfg(
+        **{
+            "num_rounds": 4,
+            "kavg.lr": 0.1,
+            "kavg.lr_schedule": "inverse:0.5",
+            "kavg.batch_schedule": "grow-linear:3",
+            "kavg.warmup_rounds": 1,
+            "data.batch_size": 2,
+        }
+    )
+    server, *_ = _federation(tmp_path, cfg, 2)
+    plain, *_ = _federation(tmp_path, _cfg(**{"kavg.lr": 0.1}), 2, name="plain")
+
+    # Execute
+    plans = [
+        wire.decode(server.configure(r, "train", ["site-0"])["site-0"]["plan"], max_bytes=4096) for r in (1, 2, 3, 4)
+    ]
+    default = wire.decode(plain.configure(3, "train", ["site-0"])["site-0"]["plan"], max_bytes=4096)
+
+    # Assert
+    assert [p["lr"] for p in plans] == pytest.approx([0.1 / 2, 0.1 / math.sqrt(2), 0.1 / math.sqrt(3), 0.05])
+    assert [p["bs"] for p in plans] == [2, 4, 6, 6]
+    assert default["lr"] == 0.1 and default["bs"] == 4
+
+
+def test_sites_train_with_the_planned_lr_and_batch(tmp_path):
+    """Round 2 of a K=1 SGD run with lr_r = 0.1 / r and batch 2 r equals one SGD step of lr 0.05 on the
+    mean loss of the sites' round-2 batches of 4 examples (the sites obey the plan, not their config)."""
+    # Prepare
+    cfg = _cfg(
+        **{
+            "kavg.optimizer": "sgd",
+            "kavg.lr": 0.1,
+            "kavg.lr_schedule": "inverse:1",
+            "kavg.batch_schedule": "grow-linear",
+            "data.batch_size": 2,
+        }
+    )
+    server, transport, recorder, *_ = _federation(tmp_path, cfg, 2)
+    run_round(cfg, server, transport, recorder, 1)
+    start = [p.clone() for p in server.params]
+
+    # Execute
+    metrics, _, _ = run_round(cfg, server, transport, recorder, 2)
+
+    # Assert
+    model, _ = load_model(cfg.model, seed=cfg.run.seed)
+    manifest = manifest_of(model)
+    with torch.no_grad():
+        for w, p in zip(trainable_tensors(model, manifest), start):
+            w.copy_(p)
+    model.train()
+    losses = []
+    for client in transport.clients.values():
+        (batch,) = site_batches(client.ctx, cfg.run.seed, 2, 1, 4)
+        assert batch["input_ids"].shape[0] == 4
+        losses.append(model(**batch).loss)
+    torch.stack(losses).mean().backward()
+    with torch.no_grad():
+        expected = [w - 0.05 * w.grad for w in (dict(model.named_parameters())[e.name] for e in manifest)]
+    for got, want in zip(server.params, expected):
+        assert torch.allclose(got, want, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"kavg.lr_schedule": "cosine"}, "gives lr 0 in round 3"),
+        ({"kavg.lr_schedule": "linear"}, "gives lr 0 in round 3"),
+        ({"kavg.lr_schedule": "inverse:3"}, "kavg.lr_schedule"),
+        ({"kavg.batch_schedule": "grow"}, "kavg.batch_schedule"),
+        ({"kavg.warmup_rounds": -1}, "kavg.warmup_rounds"),
+    ],
+)
+def test_schedules_that_cannot_train_are_refused_naming_the_key(overrides, message):
+    """A schedule that reaches lr = 0 inside the run, or that does not parse, is a config error."""
+    with pytest.raises(ValueError, match=message):
+        _cfg(**overrides)
+    cfgmod.from_run_config(tiny_flat(**{"algorithm": "kavg", "kavg.lr_schedule": "cosine:0.1"}))

@@ -14,8 +14,10 @@ from edgetune import inproc
 from edgetune.algorithms.base import ServerContext
 from edgetune.algorithms.kavg import select
 from edgetune.algorithms.lowrank import (
+    FULL_RANK,
     LowrankServer,
     ab_group,
+    full_rank_merge,
     is_refactor_round,
     rebound_lr,
     resplit,
@@ -280,6 +282,26 @@ def test_refactor_rounds_rebound_and_group_rotation(tmp_path):
     assert ab_group(2, 0) != ab_group(2, 1) and ab_group(2, 0) != ab_group(3, 0)
 
 
+def test_rebound_climbs_back_to_the_scheduled_lr(tmp_path):
+    """With kavg.lr_schedule step:4:0.5 (1e-3 in rounds 1-4, 5e-4 in 5-8, 2.5e-4 in 9) the rebound after
+    each re-factorisation (rounds 1, 5, 9) starts at 1e-5 and climbs to that round's scheduled rate."""
+    cfg = _cfg(
+        "ab-groups",
+        **{
+            "num_rounds": 9,
+            "kavg.lr": 1e-3,
+            "kavg.lr_schedule": "step:4:0.5",
+            "lowrank.refactor_every": 4,
+            "lowrank.rebound_rounds": 2,
+            "lowrank.rebound_lr": 1e-5,
+        },
+    )
+    server = _server(tmp_path, cfg)
+    got = [server.site_plan(r, "site-0", ["site-0", "site-1"])["lr"] for r in range(1, 10)]
+    half = 1e-5 + (5e-4 - 1e-5) / 2
+    assert got == pytest.approx([1e-3, 1e-5, 5.05e-4, 1e-3, 5e-4, 1e-5, half, 5e-4, 2.5e-4])
+
+
 # ---- whole rounds ------------------------------------------------------------------------------------
 
 
@@ -324,6 +346,95 @@ def test_each_mode_lowers_heldout_loss_and_checkpoints_a_peft_adapter(tmp_path, 
     loaded = dict(PeftModel.from_pretrained(base, summary["checkpoint"]).named_parameters())
     for entry, param in zip(server.manifest, server.params):
         assert torch.equal(loaded[entry.name].detach(), param), entry.name
+
+
+# ---- AB-training's full-rank phase -------------------------------------------------------------------
+
+
+def test_full_rank_merge_truncates_the_mean_dense_weight_by_hand():
+    """Rank 1, s = 2: B A = 0 and site deltas diag(3, 0), diag(1, 2) with equal weights give
+    M = diag(2, 1), truncated to s B' A' = diag(2, 0) (singular values 2 and 1, the tail 1 dropped)."""
+    # Prepare
+    b, a = torch.zeros(2, 1), torch.zeros(1, 2)
+    dense = [torch.diag(torch.tensor([3.0, 0.0])), torch.diag(torch.tensor([1.0, 2.0]))]
+
+    # Execute
+    nb, na, kept, sv = full_rank_merge(b, a, dense, [1.0, 1.0], scale=2.0, cutoff=0.0)
+
+    # Assert
+    assert kept == 1 and sv.tolist() == pytest.approx([2.0, 1.0])
+    assert torch.allclose(2.0 * nb @ na, torch.diag(torch.tensor([2.0, 0.0], dtype=torch.float64)))
+    assert nb.shape == (2, 1) and na.shape == (1, 2)
+
+
+def test_full_rank_phase_regrows_a_slot_that_factor_training_cannot():
+    """Rank 2, s = 1, B = [[1, 0], [0, 0]], A = I: slot 2 is dead (its B column and A row are 0, so
+    both its gradients vanish, and an exact product merge of such factors keeps it at 0). A dense
+    delta diag(0, 0.5) makes M = diag(1, 0.5): both slots live again."""
+    # Prepare
+    b = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    a = torch.eye(2)
+    u, sv, vh = svd_of_sum([b], [a])  # the exact merge of a site that kept these factors
+    _, _, exact_kept = resplit(u, sv, vh, rank=2, cutoff=0.0, scale=1.0)
+
+    # Execute
+    nb, na, kept, _ = full_rank_merge(b, a, [torch.diag(torch.tensor([0.0, 0.5]))], [1.0], scale=1.0, cutoff=0.0)
+
+    # Assert
+    assert exact_kept == 1 and kept == 2
+    assert torch.allclose(nb @ na, torch.diag(torch.tensor([1.0, 0.5], dtype=torch.float64)))
+    assert (nb.abs().sum(dim=0) > 0).all() and (na.abs().sum(dim=1) > 0).all()
+
+
+def test_full_rank_round_sends_dense_deltas_and_merges_them(tmp_path):
+    """ab-groups with full_rank_steps D = 3: round 1 (a re-factorisation round) plans D dense steps at
+    full_rank_lr; every site sends one dense dW per adapted layer (bytes counted: 4 O I each, fp32);
+    the server's new s B A is the rank-r truncation of s B0 A0 + the mean dW; the base weights are
+    unchanged; round 2 is an ordinary AB round on the factors."""
+    # Prepare
+    cfg = _cfg("ab-groups", **{"lowrank.full_rank_steps": 3, "lowrank.full_rank_lr": 1e-3})
+    server, transport, recorder, *_ = _federation(tmp_path, cfg, 3)
+    base = {n: p.detach().clone() for n, p in server.model.named_parameters() if "base_layer" in n}
+    before = [p.clone() for p in server.params]
+    replies = {}
+
+    class Spy:
+        def __init__(self, honest):
+            self.honest, self.ctx = honest, honest.ctx
+
+        def step(self, phase, msg, state):
+            reply, state = self.honest.step(phase, msg, state)
+            replies[self.ctx.site_id] = (wire.decode(msg["plan"], max_bytes=4096), reply)
+            return reply, state
+
+    transport.clients = {s: Spy(c) for s, c in transport.clients.items()}
+
+    # Execute
+    metrics, rejected, _ = run_round(cfg, server, transport, recorder, 1)
+    round1, after1 = dict(replies), [p.clone() for p in server.params]
+    run_round(cfg, server, transport, recorder, 2)
+
+    # Assert
+    assert not rejected and metrics["full_rank"] == 1.0 and metrics["refactor"] == 1.0
+    shapes = server.dense_shapes
+    assert all(p["train"] == FULL_RANK and p["K"] == 3 and p["lr"] == 1e-3 for p, _ in round1.values())
+    dense = {s: decode_tensors(r["delta"], shapes, "fp32", where=s) for s, (_, r) in round1.items()}
+    assert all(d.abs().max() > 0 for ds in dense.values() for d in ds)
+    up = recorder.ledger.per_site(round_idx=1, direction="up")
+    expected_bytes = len(wire.encode({"delta": bytes(4 * sum(o * i for o, i in shapes)), "loss": 1.0}))
+    assert set(up.values()) == {expected_bytes}
+    for layer, ((ia, ib), scale) in enumerate(zip(server.pairs, server.scales)):
+        target = scale * before[ib].double() @ before[ia].double()
+        target += sum(dense[s][layer].double() for s in dense) / len(dense)
+        u, sv, vh = torch.linalg.svd(target)
+        best = u[:, :RANK] @ torch.diag(sv[:RANK]) @ vh[:RANK]
+        got = scale * after1[ib].double() @ after1[ia].double()
+        assert torch.allclose(got, best, atol=1e-5), layer
+    assert base and all("lora" not in n for n in base)
+    for n, p in server.model.named_parameters():
+        if n in base:
+            assert torch.equal(p.detach(), base[n]), n
+    assert {p["train"] for p, _ in replies.values()} == {"lora_A", "lora_B"}
 
 
 # ---- bad replies -------------------------------------------------------------------------------------

@@ -40,6 +40,13 @@ VARIANTS = {
         "spsa.difference": "forward",
         "spsa.num_probes": 2,
     },
+    "run-pool-momentum-cosine-lr": {
+        "spsa.seed_pool": 7,
+        "spsa.pool_scope": "run",
+        "spsa.optimizer": "momentum",
+        "spsa.lr_schedule": "cosine:0.1",
+        "spsa.num_probes": 2,
+    },
     "run-pool-adam-lora-b-shared-median": {
         "spsa.seed_pool": 6,
         "spsa.pool_scope": "run",
@@ -253,6 +260,33 @@ def test_config_refuses_inconsistent_spsa_levers():
         _cfg(**{"spsa.sparse_frac": 1.0})
     with pytest.raises(ValueError, match="spsa.normalizer"):
         _cfg(**{"spsa.normalizer": "sum"})
+
+
+def test_lr_schedule_sets_each_rounds_plan_and_a_late_site_replays_the_changing_lr(tmp_path):
+    """spsa.lr_schedule: round r's plan and log entry carry the schedule's lr for r, a site that
+    missed rounds replays them with their own lrs to the server's hash, and a schedule that reaches
+    lr 0 (or is not one) is refused at config time."""
+    # Prepare
+    cfg = _cfg(**{"spsa.lr": 0.01, "spsa.lr_schedule": "cosine:0.1", "spsa.num_probes": 2, "num_rounds": 5})
+    server, transport, recorder, *_ = _federation(tmp_path, cfg, 3, "lr-schedule")
+    transport.offline = {"site-2"}
+    # Execute
+    for r in range(1, 5):
+        run_round(cfg, server, transport, recorder, r)
+    transport.offline = set()
+    before = server.state_hash()
+    metrics, rejected, _ = run_round(cfg, server, transport, recorder, 5)
+    # Assert
+    want = [0.01 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (r - 1) / 4))) for r in range(1, 5)]
+    assert [server.log[r].lr for r in range(1, 5)] == pytest.approx(want, rel=1e-12)
+    assert want[0] > want[1] > want[3] > server.log[5].lr == pytest.approx(0.001)
+    assert not rejected and metrics["num_accepted"] == 3
+    rep = _site_replica(server, transport.clients["site-2"])
+    assert (rep.applied, rep.hash) == (4, before)
+    with pytest.raises(ValueError, match="spsa.lr_schedule"):
+        _cfg(**{"spsa.lr_schedule": "cosine", "num_rounds": 4})
+    with pytest.raises(ValueError, match="spsa.lr_schedule"):
+        _cfg(**{"spsa.lr_schedule": "warp"})
 
 
 def test_sqrt_normalizer_divides_by_the_root_of_the_scalar_count():

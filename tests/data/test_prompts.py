@@ -169,3 +169,117 @@ def test_generation_batch_is_left_padded(tok):
     pad = width - len(prompts[1])
     assert batch["input_ids"][1].tolist() == [tok.pad_token_id] * pad + prompts[1]
     assert batch["attention_mask"][1].tolist() == [0] * pad + [1] * len(prompts[1])
+
+
+# ---- chat messages, system prompts and templates ----------------------------------------------------
+
+CHAT = {
+    "messages": [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Alarm E-1?"},
+        {"role": "assistant", "content": "PR-100."},
+        {"role": "user", "content": "And E-2?"},
+        {"role": "assistant", "content": "PR-101."},
+    ]
+}
+
+
+def _scored_spans(tok, ids, labels):
+    """The decoded runs of consecutive labelled tokens."""
+    spans, run = [], []
+    for i, label in zip(ids, labels):
+        if label == IGNORE_INDEX:
+            if run:
+                spans.append(tok.decode(run))
+            run = []
+        else:
+            assert label == i
+            run.append(i)
+    if run:
+        spans.append(tok.decode(run))
+    return spans
+
+
+def test_chat_loss_covers_exactly_the_assistant_turns(tok):
+    """Rendered with the model's chat template, a conversation is scored on each assistant turn's
+    content and end-of-turn token, never on system or user text or the template's newlines."""
+    ids, labels = encode_example(tok, CHAT, max_length=1000)
+    assert tok.decode(ids) == tok.apply_chat_template(CHAT["messages"], tokenize=False)
+    assert _scored_spans(tok, ids, labels) == ["PR-100.<|im_end|>", "PR-101.<|im_end|>"]
+
+
+def test_single_turn_chat_equals_the_instruction_example(tok):
+    """[system, user, assistant] gives the same tokens and labels as instruction/response with that system."""
+    chat = {"messages": CHAT["messages"][:3]}
+    pair = {"instruction": "Alarm E-1?", "response": "PR-100.", "system": "You are terse."}
+    chat_ids, chat_labels = encode_example(tok, chat, 1000)
+    pair_ids, pair_labels = encode_example(tok, pair, 1000)
+    # the chat render ends with the template's newline after <|im_end|>, unscored
+    assert chat_ids[: len(pair_ids)] == pair_ids and chat_labels[: len(pair_labels)] == pair_labels
+    assert chat_labels[len(pair_labels) :] == [IGNORE_INDEX] * (len(chat_ids) - len(pair_ids))
+
+
+def test_system_prompt_fills_only_conversations_without_one(tok):
+    """An example's ``system`` is inserted when the conversation has no system message, never over its own."""
+    no_system = {"messages": CHAT["messages"][1:3], "system": "Recipe prompt."}
+    own_system = {"messages": CHAT["messages"][:3], "system": "Recipe prompt."}
+    assert "Recipe prompt." in tok.decode(encode_example(tok, no_system, 1000)[0])
+    text = tok.decode(encode_example(tok, own_system, 1000)[0])
+    assert "You are terse." in text and "Recipe prompt." not in text
+
+
+def test_long_conversation_drops_its_oldest_turns_and_keeps_the_last_answer(tok):
+    """Cut to max_length, a conversation keeps its end: the last answer whole, older turns cut from the left."""
+    full_ids, _ = encode_example(tok, CHAT, 1000)
+    ids, labels = encode_example(tok, CHAT, max_length=30)
+    assert len(ids) == 30 and _scored_spans(tok, ids, labels)[-1] == "PR-101.<|im_end|>"
+    assert ids == full_ids[len(full_ids) - 31 : -1]  # the trailing newline after the last turn goes first
+
+
+def test_empty_system_and_recipe_template(tok):
+    """system "" means no system message; a recipe template replaces the chat template for instruction rows."""
+    assert format_prompt(tok, "Why?", system="") == "<|im_start|>user\nWhy?<|im_end|>\n<|im_start|>assistant\n"
+    template = "Q: {instruction}\nA: "
+    ids, labels = encode_example(tok, {"instruction": "Why?", "response": "Because.", "template": template}, 1000)
+    assert tok.decode(ids) == "Q: Why?\nA: Because.<|im_end|>"
+    plain = tiny_tokenizer()
+    plain.chat_template = None
+    assert format_prompt(plain, "Why?", system="") == "### Question:\nWhy?\n### Answer:\n"
+
+
+def test_chat_rows_need_a_template_that_keeps_earlier_turns_stable(tok):
+    """A tokenizer without a chat template, or one that re-renders earlier turns once later ones follow,
+    cannot mark assistant tokens: the error says so (and TokenizedSet names the row)."""
+    plain = tiny_tokenizer()
+    plain.chat_template = None
+    with pytest.raises(ValueError, match="need a tokenizer with a chat template"):
+        encode_example(plain, CHAT, 1000)
+    unstable = tiny_tokenizer()
+    unstable.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}[old]"
+        "{% else %}{{ m['role'] }}: {{ m['content'] }}\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    with pytest.raises(ValueError, match=r"c.jsonl:4: the model's chat template renders earlier turns differently"):
+        TokenizedSet(unstable, [{**CHAT, "where": "c.jsonl:4"}], 1000)
+
+
+@pytest.mark.parametrize("template", ["", "Q: {instruction}\nA:"])
+def test_answer_prefix_follows_any_prompt_and_is_not_scored(tok, template):
+    """An answer prefix (triage's ``Category:``) ends the prompt whether it comes from the chat template or
+    a recipe template; only the answer after it and the end-of-turn token carry loss, and generation and
+    training see the same prompt tokens."""
+    from edgetune.data.prompts import encode_answer, prompt_ids
+
+    ex = {"instruction": "Pump 3 leaks oil", "response": "mechanical", "answer_prefix": "Category:"}
+    if template:
+        ex["template"] = template
+    ids, labels = encode_example(tok, ex, 1000)
+    prompt = prompt_ids(tok, ex)
+    text = format_prompt(tok, ex["instruction"], None, "Category:", template=template or None)
+    assert text.endswith("Category:") and (not template or text == "Q: Pump 3 leaks oil\nA:Category:")
+    assert ids[: len(prompt)] == prompt == encode_prompt(tok, ex["instruction"], None, "Category:", template=template)
+    answer = encode_answer(tok, "mechanical", "Category:") + [end_token_id(tok)]
+    assert ids[len(prompt) :] == answer
+    assert labels == [IGNORE_INDEX] * len(prompt) + answer
+    assert tok.decode(ids).endswith("Category: mechanical<|im_end|>")

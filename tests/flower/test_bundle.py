@@ -1,8 +1,9 @@
-"""The app bundle carries the Flower app modules and nothing else, and a site whose edgetune differs from
-the server's refuses the run with both versions named."""
+"""The app bundle carries no code (the apps are modules of the installed edgetune), and a site whose
+edgetune differs from the server's refuses the run with both versions named."""
 
 from __future__ import annotations
 
+import importlib
 import io
 import subprocess
 import tomllib
@@ -17,18 +18,43 @@ from edgetune import bundle
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_fab_holds_the_app_components_and_stays_small():
-    """Every module [tool.flwr.app.components] names is in the FAB; nothing of edgetune/, tests/, docs/ is."""
+def _fab_names(files: dict[str, Path]) -> tuple[bytes, list[str]]:
+    fab, _ = build_fab_from_files(files)
+    return fab, zipfile.ZipFile(io.BytesIO(fab)).namelist()
+
+
+def _assert_components_come_from_the_package(pyproject: Path) -> None:
+    components = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["components"]
+    assert set(components) == {"serverapp", "clientapp"}
+    for ref in components.values():
+        module, _, attr = ref.partition(":")
+        assert module.startswith("edgetune."), f"{ref} is not a module of the installed edgetune"
+        assert hasattr(importlib.import_module(module), attr), f"{ref} does not resolve in the installed package"
+
+
+def test_fab_of_the_checkout_carries_no_code_and_stays_small():
+    """The apps are modules of the installed edgetune ([tool.flwr.app.components] names them), so the
+    checkout's FAB is its pyproject.toml alone: nothing of edgetune/, tests/, docs/ travels per run."""
     # the checkout's files as git knows them (walking .venv as `flwr build` does takes minutes on a busy CI)
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     files = {p: ROOT / p for p in tracked.split() if (ROOT / p).is_file()}
-    fab, _ = build_fab_from_files(files)
-    names = zipfile.ZipFile(io.BytesIO(fab)).namelist()
-    components = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]
-    for ref in components.values():
-        module = ref.split(":")[0].replace(".", "/") + ".py"
-        assert module in names, f"{module} ({ref}) is not in the app bundle: fix fab-include in pyproject.toml"
+    fab, names = _fab_names(files)
+    _assert_components_come_from_the_package(ROOT / "pyproject.toml")
+    assert not [n for n in names if n.endswith(".py")], names
     assert not [n for n in names if n.split("/")[0] in {"edgetune", "tests", "docs", "benchmarks", "recipes"}]
+    assert len(fab) < 20_000, f"app bundle is {len(fab):,} B"
+
+
+def test_fab_of_a_generated_app_folder_names_the_same_components(tmp_path):
+    """`edgetune simulate`/`server` submit a generated folder: its FAB is one pyproject.toml naming the
+    checkout's components, with the run's config table."""
+    from edgetune import project
+
+    folder = project.write_app_folder(tmp_path / "app")
+    fab, names = _fab_names({p.name: p for p in folder.iterdir()})
+    _assert_components_come_from_the_package(folder / "pyproject.toml")
+    assert project.components_of(folder / "pyproject.toml") == project.components_of(ROOT / "pyproject.toml")
+    assert [n for n in names if not n.startswith(".info/")] == ["pyproject.toml"]
     assert len(fab) < 20_000, f"app bundle is {len(fab):,} B"
 
 

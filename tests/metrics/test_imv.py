@@ -47,7 +47,15 @@ class Quadratic(nn.Module):
 
 
 def _probe(model, loss_fn, **kw):
-    args = {"key": KEY, "num_directions": 3, "delta": 0.1, "max_radius": 64.0, "bisect_steps": 12}
+    """The probe with unit directions (``global``) unless a test asks for ``filter``."""
+    args = {
+        "key": KEY,
+        "num_directions": 3,
+        "delta": 0.1,
+        "max_radius": 64.0,
+        "bisect_steps": 12,
+        "normalize": "global",
+    }
     args.update(kw)
     return valley_imv(model, loss_fn, **args)
 
@@ -116,13 +124,97 @@ def test_flat_directions_cap_at_max_radius():
     assert result.num_loss_evals == 1 + 2 * 11
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_probe_restores_the_model_exactly_and_leaves_global_rng_alone(dtype):
+# ---- per-filter normalisation (Li et al. 2018) ---------------------------------------------------------
+
+
+class RowQuadratic(nn.Module):
+    """L = c/2 ||W - W0||^2 + c/2 ||b - b0||^2 at W = W0 = [[3, 0, 4], [0, 0, 0]], b = b0 = (1, 2)."""
+
+    def __init__(self, c: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor([[3.0, 0.0, 4.0], [0.0, 0.0, 0.0]]))
+        self.bias = nn.Parameter(torch.tensor([1.0, 2.0]))
+        self.register_buffer("w0", self.weight.detach().clone())
+        self.register_buffer("b0", self.bias.detach().clone())
+        self.c = c
+
+    def loss(self) -> float:
+        dw, db = self.weight.detach() - self.w0, self.bias.detach() - self.b0
+        return float(0.5 * self.c * (dw.pow(2).sum() + db.pow(2).sum()))
+
+
+def test_filter_direction_has_each_rows_norm_by_hand():
+    """Row 0 has norm 5 over 3 entries, so d[0] = 5 z[0] / sqrt(3) (norm 5); row 1 is zero and the bias is
+    1-D, so neither moves. rise(rho) = c/2 rho^2 25, hence radius = sqrt(2 delta / (25 c)) = 0.0632... for
+    c = 2, delta = 0.1 (to the bisection tolerance), and the probe moves D = 3 parameters."""
+    # Prepare
+    model = RowQuadratic(2.0)
+    edge = math.sqrt(2 * 0.1 / (25 * 2.0))
+
+    # Execute
+    result = _probe(model, lambda m: m.loss(), normalize="filter", max_radius=1.0, bisect_steps=14)
+
+    # Assert
+    assert result.normalize == "filter" and result.numel == 3
+    for radius in result.radii:
+        assert edge <= radius <= edge + 2.0**-14
+    assert len(set(result.radii)) == 1  # every direction has the same norm per row here
+
+
+class Normalised(nn.Module):
+    """A loss that sees each row of W only through its direction (as a layer followed by RMSNorm does)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.clone())
+        self.register_buffer("target", weight / weight.norm(dim=1, keepdim=True))
+
+    def loss(self) -> float:
+        w = self.weight.detach()
+        return float((w / w.norm(dim=1, keepdim=True) - self.target).pow(2).sum())
+
+
+def test_filter_radius_ignores_row_rescaling_that_global_radius_does_not():
+    """Two models with the same loss landscape up to a rescaling of W's rows (x10 and x0.1): the filter
+    probe finds the same radii, the global probe radii that differ by more than 5x. So filter radii compare
+    across models whose weight scales differ; global radii do not."""
+    # Prepare
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(2, 6, generator=gen)
+    scaled = w * torch.tensor([[10.0], [0.1]])
+    a, b = Normalised(w), Normalised(scaled)
+    kw = {"delta": 0.05, "bisect_steps": 14, "num_directions": 4}
+
+    # Execute
+    fa = _probe(a, lambda m: m.loss(), normalize="filter", max_radius=4.0, **kw)
+    fb = _probe(b, lambda m: m.loss(), normalize="filter", max_radius=4.0, **kw)
+    ga = _probe(a, lambda m: m.loss(), max_radius=256.0, **kw)
+    gb = _probe(b, lambda m: m.loss(), max_radius=256.0, **kw)
+
+    # Assert
+    assert fa.num_capped == fb.num_capped == 0
+    assert fa.radii == pytest.approx(fb.radii, rel=1e-3)
+    assert max(gb.mean_radius / ga.mean_radius, ga.mean_radius / gb.mean_radius) > 5
+
+
+def test_filter_probe_refuses_a_model_it_cannot_move():
+    """Only 1-D tensors (or all-zero rows, as LoRA's B at initialisation) give a zero direction: a clear
+    error that names the way out, not a meaningless capped radius."""
+    with pytest.raises(ValueError, match="imv.normalize = 'global'"):
+        _probe(Quadratic(torch.ones(4)), lambda m: m.loss(), normalize="filter")
+    with pytest.raises(ValueError, match="normalize"):
+        _probe(Quadratic(torch.ones(4)), lambda m: m.loss(), normalize="layer")
+    assert cfgmod.ImvSection().radius_limit == 1.0 and cfgmod.ImvSection(normalize="global").radius_limit == 64.0
+    assert cfgmod.ImvSection(max_radius=3.0).radius_limit == 3.0
+
+
+@pytest.mark.parametrize(("dtype", "normalize"), [("float32", "global"), ("bfloat16", "global"), ("float32", "filter")])
+def test_probe_restores_the_model_exactly_and_leaves_global_rng_alone(dtype, normalize):
     """After a probe of the tiny model (which moves its weights by up to max_radius) the full-model
     sha256, every module's train/eval mode, requires_grad and torch's global RNG state are as before;
     the same key gives the same radii again."""
     # Prepare
-    cfg = cfgmod.from_run_config(tiny_flat(**{"model.dtype": dtype}))
+    cfg = cfgmod.from_run_config(tiny_flat(**{"model.dtype": dtype, "algorithm": "kavg"}))  # spsa needs fp32
     model, tok = load_model(cfg.model, seed=0)
     model.train()
     from edgetune.data.sources import heldout_examples
@@ -134,8 +226,9 @@ def test_probe_restores_the_model_exactly_and_leaves_global_rng_alone(dtype):
     rng = torch.random.get_rng_state()
 
     # Execute
-    first = _probe(model, loss_fn, num_directions=2, delta=0.05, max_radius=64.0, bisect_steps=3)
-    second = _probe(model, loss_fn, num_directions=2, delta=0.05, max_radius=64.0, bisect_steps=3)
+    limit = 64.0 if normalize == "global" else 1.0
+    first = _probe(model, loss_fn, num_directions=2, delta=0.05, max_radius=limit, bisect_steps=3, normalize=normalize)
+    second = _probe(model, loss_fn, num_directions=2, delta=0.05, max_radius=limit, bisect_steps=3, normalize=normalize)
 
     # Assert
     assert model_sha256(model) == before
@@ -143,8 +236,10 @@ def test_probe_restores_the_model_exactly_and_leaves_global_rng_alone(dtype):
     assert [p.requires_grad for p in model.parameters()] == grads
     assert torch.equal(torch.random.get_rng_state(), rng)
     assert first.radii == second.radii and first.base_loss == second.base_loss
-    assert first.numel == sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert 0 < first.mean_radius < 64.0
+    matrices = sum(p.numel() for p in model.parameters() if p.requires_grad and p.dim() >= 2)
+    everything = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert first.numel == (everything if normalize == "global" else matrices)
+    assert 0 < first.mean_radius <= limit  # an untrained model may not rise by delta within 1x its rows
 
 
 def test_probe_restores_after_a_failing_loss():
@@ -223,7 +318,8 @@ def test_checkpoint_imv_reads_the_run_and_returns_a_json_ready_report(tmp_path):
     assert report["weights_sha256"] == model_sha256(model)
     assert report["round"] == 1 and report["num_directions"] == 2 and report["num_examples"] == 3
     assert len(report["radii"]) == 2 and report["imv"] == pytest.approx(1 / report["mean_radius"])
-    assert report["numel"] == sum(p.numel() for p in server.model.parameters())
+    assert report["normalize"] == "filter"  # the default, with the run's max_radius override
+    assert report["numel"] == sum(p.numel() for p in server.model.parameters() if p.dim() >= 2)
     json.dumps(report)
     assert set(imv_metrics(_probe(Quadratic(torch.ones(2)), lambda m: m.loss()))) == {
         "imv",

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import time
 
 import numpy as np
 import torch
+from torch import nn
 
 from edgetune.algorithms.base import ClientContext, ReplyRejected
 from edgetune.algorithms.spsa import pool as poolmod
-from edgetune.algorithms.spsa.local import DIFFERENCES, local_steps
+from edgetune.algorithms.spsa.local import DIFFERENCES, Lane, local_steps
 from edgetune.algorithms.spsa.log import decode_log, probe_key
 from edgetune.algorithms.spsa.replica import Replica, SpaceSpec, replica_for
 from edgetune.comm import wire
@@ -21,6 +23,8 @@ from edgetune.config import RunConfig
 from edgetune.crypto import envelope, guardfile, schedule
 from edgetune.crypto.envelope import EnvelopeError, ReplayGuard
 from edgetune.data.prompts import batch_indices
+from edgetune.models.load import resolve_devices
+from edgetune.models.params import trainable_tensors
 from edgetune.models.suffix import SuffixRunner
 
 PLAN_SCHEMA: dict[str, type] = {
@@ -185,6 +189,7 @@ class SpsaClient:
             ]
         )
         with replica.local() as work, torch.no_grad():
+            lanes = probe_lanes(replica, self.cfg.model.device, batches)
             codes, _raw, loss = local_steps(
                 replica.model,
                 work,
@@ -198,5 +203,44 @@ class SpsaClient:
                 difference=plan["diff"],
                 masks=replica.masks,
                 runner=SuffixRunner.for_model(replica.model, replica.manifest.names),
+                extra_lanes=lanes,
             )
         return codes, loss
+
+
+_LANE_MODELS: dict[tuple[int, int, str], nn.Module] = {}
+
+
+def probe_lanes(replica: Replica, device_spec: str, batches: list[dict[str, torch.Tensor]]) -> list[Lane]:
+    """Replicas of the site's model on the further devices of ``model.device`` (none for one device).
+
+    The model is copied to each further device once per process; at every round its trainable
+    tensors are set from the primary's (a copy: bitwise equal), so every lane starts the round
+    from the same weights. The primary is the replica's own model, on the first device.
+    """
+    devices = resolve_devices(device_spec)
+    primary = replica.work[0].device
+    if len(devices) < 2:
+        return []
+    if devices[0].type != primary.type:
+        raise ValueError(f"model.device = {device_spec!r}: the model is on {primary}, not on the first device")
+    lanes = []
+    for slot, dev in enumerate(devices[1:], start=1):
+        key = (id(replica.model), slot, str(dev))
+        model = _LANE_MODELS.get(key)
+        if model is None:
+            model = copy.deepcopy(replica.model).to(dev)
+            _LANE_MODELS[key] = model
+        work = trainable_tensors(model, replica.manifest)
+        for w, src in zip(work, replica.work, strict=True):
+            w.copy_(src)
+        lanes.append(
+            Lane(
+                model=model,
+                work=work,
+                batches=[{k: v.to(dev) for k, v in b.items()} for b in batches],
+                masks=None if replica.masks is None else [m.to(dev) for m in replica.masks],
+                runner=SuffixRunner.for_model(model, replica.manifest.names),
+            )
+        )
+    return lanes

@@ -19,7 +19,11 @@ round-start masters afterwards (``Replica.local``).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,6 +53,20 @@ def _apply_all(
         keystream.add_(w, b"", i, alpha, packed=bits, mask=None if masks is None else masks[i])
 
 
+@dataclass
+class Lane:
+    """One device's replica of the site's model for probing: its model, its trainable tensors in
+    manifest order (bitwise equal to the primary's at the start of the round), its sparse masks,
+    its suffix runner and its copy of the step batches.
+    """
+
+    model: nn.Module
+    work: Sequence[torch.Tensor]
+    batches: Sequence[dict[str, torch.Tensor]]
+    masks: Sequence[torch.Tensor] | None = None
+    runner: SuffixRunner | None = None
+
+
 def local_steps(
     model: nn.Module,
     work: Sequence[torch.Tensor],
@@ -63,6 +81,7 @@ def local_steps(
     difference: str = "central",
     masks: Sequence[torch.Tensor] | None = None,
     runner: SuffixRunner | None = None,
+    extra_lanes: Sequence[Lane] = (),
 ) -> tuple[bytes, np.ndarray, float]:
     """K SPSA steps of P probes on ``work`` (perturbed in place; the caller resets it).
 
@@ -87,6 +106,15 @@ def local_steps(
     runner
         When every perturbed tensor sits in the upper decoder blocks: probes rerun only those
         (``models/suffix.py``; bitwise the same losses, fewer FLOPs). None: full forwards.
+    extra_lanes
+        Replicas on further devices of this site (``model.device = cuda:0,cuda:1``). Each step's
+        P probes are shared round-robin (probe p on lane p mod G). Every lane performs the same
+        sequence of in-place perturbations as one device would, and runs forward passes only
+        for its own probes, so its weights stay bitwise equal to the one-device trajectory (the
+        +-eps round trips are not exact, so skipping another lane's perturbations would drift);
+        the losses are merged in probe order and every scalar, code and local step is computed
+        from them as with one device: the same bytes, given devices that compute the same
+        forward (same kind of device and kernels).
 
     Returns
     -------
@@ -96,52 +124,104 @@ def local_steps(
     """
     if difference not in DIFFERENCES:
         raise ValueError(f"difference must be one of {DIFFERENCES}, got {difference!r}")
+    lanes = [Lane(model, work, batches, masks, runner), *extra_lanes]
+    n_lanes = len(lanes)
     n_probes = len(keys[0])
-    device = work[0].device
-    numels = [w.numel() for w in work]
     cod = SCALAR_CODECS[codec]
+    # what brings the last probe's perturbation back to w: it rides in the step's update pass
+    pending = eps if difference == "central" else -eps
     codes = bytearray()
     raw = []
     losses = []
-    for k, batch in enumerate(batches):
-        last_step = k == len(batches) - 1
-        packs = [[keystream.tensor_bits(key, i, n, device) for i, n in enumerate(numels)] for key in keys[k]]
-        g_hat = []
-        base = 0.0
-        if runner is not None:
-            base = runner.capture(batch)
-        elif difference == "forward":
-            base = batch_loss(model, batch)
-        if difference == "forward":
-            losses.append(base)
-        pending = 0.0  # what brings the last probe's perturbation back to w
-        for p, packed in enumerate(packs):
-            _apply_all(work, packed, eps, masks)
-            loss_plus = runner.loss() if runner is not None else batch_loss(model, batch)
-            if difference == "central":
-                _apply_all(work, packed, -2.0 * eps, masks)
-                loss_minus = runner.loss() if runner is not None else batch_loss(model, batch)
-                g = (loss_plus - loss_minus) / (2.0 * eps)
-                losses.append(0.5 * (loss_plus + loss_minus))
-                pending = eps
-            else:
-                loss_minus = base
-                g = (loss_plus - base) / eps
-                pending = -eps
-            if not math.isfinite(g):
-                raise ValueError(f"step {k} probe {p}: loss is not finite ({loss_plus}, {loss_minus})")
-            u = uniforms[k * n_probes + p : k * n_probes + p + 1]
-            code = cod.encode(np.array([g]), u, scale)
-            codes += code
-            g_hat.append(float(cod.decode(code, 1, scale)[0]))
-            raw.append(g)
-            if p < n_probes - 1:  # the next probe starts from w
-                _apply_all(work, packed, pending, masks)
-        # The site's own step, with the values the server will apply (so its trajectory is the
-        # one its scalars describe); the last probe's way back to w rides in the same pass. After
-        # the last step nothing is applied: the caller resets the weights from the masters.
-        if not last_step:
-            for p, packed in enumerate(packs):
-                alpha = -lr * g_hat[p] / n_probes + (pending if p == n_probes - 1 else 0.0)
-                _apply_all(work, packed, alpha, masks)
+    pool = ThreadPoolExecutor(max_workers=n_lanes) if n_lanes > 1 else None
+
+    def on_lanes(fn: Callable[..., Any], *per_lane: Sequence[Any]) -> list[Any]:
+        """``fn(lane, *args)`` on every lane (in threads when there are several), in lane order."""
+        if pool is None:
+            return [fn(lanes[0], *(a[0] for a in per_lane))]
+        return list(pool.map(fn, lanes, *per_lane))
+
+    try:
+        for k in range(len(batches)):
+            last_step = k == len(batches) - 1
+            step = partial(_probe_lane, n_lanes=n_lanes, keys=keys[k], k=k, eps=eps, difference=difference)
+            results = on_lanes(step, range(n_lanes))
+            base = results[0][0]
+            seen: dict[int, tuple[float, float]] = {}
+            for _, lane_losses, _ in results:
+                seen.update(lane_losses)
+            if difference == "forward":
+                losses.append(base)
+            g_hat = []
+            for p in range(n_probes):  # canonical order: probe index, whichever lane ran it
+                loss_plus, loss_minus = seen[p]
+                if difference == "central":
+                    g = (loss_plus - loss_minus) / (2.0 * eps)
+                    losses.append(0.5 * (loss_plus + loss_minus))
+                else:
+                    g = (loss_plus - base) / eps
+                if not math.isfinite(g):
+                    raise ValueError(f"step {k} probe {p}: loss is not finite ({loss_plus}, {loss_minus})")
+                u = uniforms[k * n_probes + p : k * n_probes + p + 1]
+                code = cod.encode(np.array([g]), u, scale)
+                codes += code
+                g_hat.append(float(cod.decode(code, 1, scale)[0]))
+                raw.append(g)
+            # The site's own step, with the values the server will apply (so its trajectory is the
+            # one its scalars describe); the last probe's way back to w rides in the same pass.
+            # After the last step nothing is applied: the caller resets the weights from the masters.
+            if not last_step:
+                last = n_probes - 1  # (+ 0.0 on the others, as before: the sign of a zero alpha is kept)
+                alphas = [-lr * g / n_probes + (pending if p == last else 0.0) for p, g in enumerate(g_hat)]
+                on_lanes(_update_lane, [r[2] for r in results], [alphas] * n_lanes)
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return bytes(codes), np.array(raw), float(np.mean(losses))
+
+
+def _update_lane(lane: Lane, packs: Sequence[Sequence[torch.Tensor]], alphas: Sequence[float]) -> None:
+    """The site's own step on one lane: ``w += alpha_p z_p`` for every probe, in probe order."""
+    for packed, alpha in zip(packs, alphas, strict=True):
+        _apply_all(lane.work, packed, alpha, lane.masks)
+
+
+def _probe_lane(
+    lane: Lane, index: int, *, n_lanes: int, keys: Sequence[bytes], k: int, eps: float, difference: str
+) -> tuple[float, dict[int, tuple[float, float]], list[Any]]:
+    """One step's probes on one lane: every perturbation, the forwards of its own probes only.
+
+    Returns the base loss (forward differences; 0.0 otherwise), {probe: (loss_plus, loss_minus)}
+    of its own probes, and the packed directions (reused by the step's update pass).
+    """
+    batch = lane.batches[k]
+    device = lane.work[0].device
+    numels = [w.numel() for w in lane.work]
+    packs = [[keystream.tensor_bits(key, i, n, device) for i, n in enumerate(numels)] for key in keys]
+    n_probes = len(keys)
+    base = 0.0
+    if lane.runner is not None:
+        base = lane.runner.capture(batch)  # every lane: its suffix runs start from this capture
+    elif difference == "forward" and index == 0:
+        base = batch_loss(lane.model, batch)
+
+    def loss() -> float:
+        return lane.runner.loss() if lane.runner is not None else batch_loss(lane.model, batch)
+
+    out: dict[int, tuple[float, float]] = {}
+    for p, packed in enumerate(packs):
+        mine = p % n_lanes == index
+        _apply_all(lane.work, packed, eps, lane.masks)
+        loss_plus = loss() if mine else 0.0
+        if difference == "central":
+            _apply_all(lane.work, packed, -2.0 * eps, lane.masks)
+            loss_minus = loss() if mine else 0.0
+            pending = eps
+        else:
+            loss_minus = base
+            pending = -eps
+        if mine:
+            out[p] = (loss_plus, loss_minus)
+        if p < n_probes - 1:  # the next probe starts from w
+            _apply_all(lane.work, packed, pending, lane.masks)
+    return base, out, packs

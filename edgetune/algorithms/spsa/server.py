@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgetune import schedules
 from edgetune.algorithms import scalar_clip, screening
 from edgetune.algorithms.base import ReplyRejected, RoundResult, ServerContext
 from edgetune.algorithms.spsa import pool as poolmod
@@ -167,7 +168,7 @@ class SpsaServer:
             self._plans[round_idx] = {
                 "K": self.scfg.num_steps,
                 "P": self.scfg.num_probes,
-                "lr": float(self.scfg.lr),
+                "lr": float(schedules.parse(self.scfg.lr_schedule).value(self.scfg.lr, round_idx, self.cfg.num_rounds)),
                 "eps": float(self.scfg.eps),
                 "scale": self.scale,
                 "codec": self.scfg.scalar_codec,
@@ -190,6 +191,13 @@ class SpsaServer:
         plan = self._plan(round_idx)
         secret = self.secrets[round_idx]
         out: dict[str, Payload] = {}
+        # Earlier rounds are never resent (a retry resends the current round): drop their messages,
+        # or the server would hold every site's downlink of every round of the run.
+        for key in [k for k in self._sent if k[0] < round_idx]:
+            del self._sent[key]
+        # Sites that last synced at the same round get the same log: encode it once per round, not
+        # once per site (each entry holds every site's scalars, so per-site encoding is O(sites^2)).
+        logs: dict[int, tuple[list[LogEntry], bytes]] = {}
         for site in site_ids:
             cached = self._sent.get((round_idx, site))
             if cached is not None:  # a retried round resends byte-identical envelopes
@@ -199,8 +207,10 @@ class SpsaServer:
                 raise ValueError(f"site {site!r} has no registered key")
             first = self.synced.get(site, 0) + 1
             snap, snap_round = b"", -1
-            entries = [self.log[t] for t in range(first, round_idx) if t in self.log]
-            log_blob = encode_log(entries)
+            if first not in logs:
+                listed = [self.log[t] for t in range(first, round_idx) if t in self.log]
+                logs[first] = (listed, encode_log(listed))
+            entries, log_blob = logs[first]
             too_far = round_idx - first > self.scfg.snapshot_after or len(entries) != round_idx - first
             # A run-scope pool's snapshot is its coefficients (kilobytes): send it whenever it is
             # smaller than the log of the missed rounds.

@@ -1,4 +1,4 @@
-"""edgetune ServerApp: read the run config and hand over to the round loop (wiring only)."""
+"""edgetune ServerApp: read the run config, hand over to the round loop (wiring; edgetune/project.py names it)."""
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp

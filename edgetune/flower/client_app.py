@@ -1,4 +1,4 @@
-"""edgetune ClientApp: one handler per message type a site answers (wiring only)."""
+"""edgetune ClientApp: one handler per message type a site answers (wiring only; edgetune/project.py names it)."""
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -20,13 +20,19 @@ def train(msg: Message, context: Context) -> Message:
     return client_handler.handle(msg, context, "train")
 
 
+@app.train("norms")
+def train_norms(msg: Message, context: Context) -> Message:
+    """DEFT (deft.allocation = site-norms): train locally, upload the norm of the update per partition."""
+    return client_handler.handle(msg, context, "norms")
+
+
 @app.train("indices")
 def train_indices(msg: Message, context: Context) -> Message:
-    """DEFT phase 1: train locally, upload top-k indices of the assigned partitions."""
+    """DEFT: upload top-k indices of the assigned partitions (training first when there is no norms phase)."""
     return client_handler.handle(msg, context, "indices")
 
 
 @app.train("values")
 def train_values(msg: Message, context: Context) -> Message:
-    """DEFT phase 2: upload values at the union of indices."""
+    """DEFT, last phase: upload values at the union of indices."""
     return client_handler.handle(msg, context, "values")

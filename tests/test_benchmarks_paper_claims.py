@@ -1,0 +1,228 @@
+"""benchmarks/paper_claims.py: equal-bytes interpolation, the settled test, verdicts (including "not
+measurable here" for a run that did not finish) and the sharing of identical configurations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import paper_claims as pc
+
+
+def _run(name, losses, up_per_round=100, ok=True, **curves):
+    """A run row with held-out losses per round (round 0 first) and optional per-round curve values."""
+    curve = []
+    for r, loss in enumerate(losses):
+        point = {"round": r, "cum_uplink_bytes": up_per_round * r, "samples": 10 * r, "heldout_loss": loss}
+        point.update({k: v[r] for k, v in curves.items() if r < len(v) and v[r] is not None})
+        curve.append(point)
+    return {
+        "run": name,
+        "seed": 0,
+        "ok": ok,
+        "timed_out": not ok,
+        "exit_code": 0 if ok else -1,
+        "rounds_completed": len(losses) - 1 if ok else 1,
+        "heldout_loss_first": losses[0],
+        "heldout_loss_last": losses[-1],
+        "uplink_bytes_total": up_per_round * (len(losses) - 1),
+        "samples_total": 10 * (len(losses) - 1),
+        "settled": pc.settled(losses),
+        "imv_last": curves.get("imv", [None])[-1],
+        "imv_capped_last": 0,
+        "curve": curve,
+    }
+
+
+def test_loss_at_bytes_interpolates_linearly_and_stops_at_the_end():
+    """Losses 4, 3, 2 at 0, 100, 200 bytes: 150 B gives 2.5, 200 B the last point, 250 B nothing."""
+    run = _run("x", [4.0, 3.0, 2.0])
+    assert pc.loss_at_bytes(run, 150) == pytest.approx(2.5)
+    assert pc.loss_at_bytes(run, 200) == pytest.approx(2.0)
+    assert pc.loss_at_bytes(run, 250) is None
+
+
+def test_settled_means_the_last_quarter_gave_under_a_tenth_of_the_drop():
+    """Drop 4 -> 1 (3): a last quarter from 1.2 to 1.0 (0.2 < 0.3) is settled, from 1.5 (0.5) is not."""
+    assert pc.settled([4.0, 2.0, 1.5, 1.3, 1.2, 1.1, 1.05, 1.02, 1.0]) is True
+    assert pc.settled([4.0, 3.0, 2.5, 2.2, 2.0, 1.8, 1.6, 1.5, 1.0]) is False
+    assert pc.settled([4.0, 3.0]) is None
+
+
+def _all_runs(**replace):
+    rows = {
+        "kavg-K1": _run("kavg-K1", [5.0, 4.0, 3.5, 3.2, 3.1, 3.05]),
+        "kavg-K4": _run("kavg-K4", [5.0, 3.6, 3.2, 3.0, 2.95, 2.9]),
+        "kavg-K16": _run("kavg-K16", [5.0, 3.4, 3.1, 3.0, 2.9, 2.85]),
+        "kavg-const": _run("kavg-const", [5.0, 3.6, 3.2, 3.0, 2.95, 2.9]),
+        "kavg-thm2": _run("kavg-thm2", [5.0, 3.9, 3.3, 3.0, 2.9, 2.8]),
+        "lowrank-fedavg": _run(
+            "lowrank-fedavg", [5.0, 4.5, 4.2, 4.1, 4.05, 4.0], product_gap=[None, 0.1, 0.2, 0.2, 0.2, 0.2]
+        ),
+        "lowrank-exact": _run("lowrank-exact", [5.0, 4.4, 4.1, 4.0, 3.95, 3.9]),
+        "lowrank-ab": _run(
+            "lowrank-ab", [5.0, 4.6, 4.3, 4.1, 4.0, 3.95], up_per_round=55, svd_rank=[None, 4, 3, 3, 3, 2]
+        ),
+        "lowrank-ab-fullrank": _run(
+            "lowrank-ab-fullrank", [5.0, 4.5, 4.2, 4.0, 3.95, 3.9], up_per_round=90, svd_rank=[None, 4, 4, 4, 4, 4]
+        ),
+        "kavg": _run("kavg", [5.0, 3.6, 3.2, 3.0, 2.95, 2.9], imv=[None] * 5 + [2.0]),
+        "dppf": _run(
+            "dppf",
+            [5.0, 3.5, 3.1, 2.9, 2.85, 2.8],
+            imv=[None] * 5 + [1.5],
+            worker_mv=[None, 0.05, 0.15, 0.22, 0.23, 0.23],
+            dppf_alpha=[None, 0.5, 0.5, 0.5, 0.5, 0.5],
+            dppf_lam=[None, 0.0, 0.05, 0.1, 0.1, 0.1],
+        ),
+        "dppf-pull-push": _run(
+            "dppf-pull-push", [5.0, 3.5, 3.2, 3.0, 2.9, 2.85], worker_mv=[None, 0.05, 0.3, 0.3, 0.25, 0.24]
+        ),
+        "dppf-2lam": _run(
+            "dppf-2lam",
+            [5.0, 3.5, 3.1, 2.9, 2.85, 2.8],
+            worker_mv=[None, 0.05, 0.3, 0.42, 0.43, 0.43],
+            dppf_alpha=[None, 0.5, 0.5, 0.5, 0.5, 0.5],
+            dppf_lam=[None, 0.0, 0.1, 0.2, 0.2, 0.2],
+        ),
+        "deft": _run(
+            "deft",
+            [5.0, 3.7, 3.25, 3.05, 2.98, 2.95],
+            union_over_k=[None, 1.0, 1.0, 1.0, 1.0, 1.0],
+            kp_size_gap=[None, 0.1] + [0.1] * 4,
+        ),
+        "deft-applied": _run(
+            "deft-applied",
+            [5.0, 3.7, 3.3, 3.1, 3.05, 3.0],
+            union_over_k=[None] + [1.0] * 5,
+            kp_size_gap=[None, 0.0, 0.2, 0.3, 0.4, 0.5],
+        ),
+        "topk": _run(
+            "topk", [5.0, 3.6, 3.2, 3.0, 2.96, 2.92], up_per_round=300, union_over_k=[None, 1.8, 2.4, 2.9, 3.1, 3.2]
+        ),
+    }
+    rows.update(replace)
+    return list(rows.values())
+
+
+def test_verdicts_follow_the_numbers():
+    """With synthetic curves built to hold or fail each rule, every verdict is the one the rule gives."""
+    claims = {c["id"]: c for c in pc.evaluate_claims(_all_runs())}
+
+    assert claims["kavg-k"]["verdict"] == "held"  # K=16 ends at 2.85 < K=1's 3.05
+    assert claims["kavg-theorem2"]["verdict"] == "held"  # 2.80 < 2.90 - 0.05
+    assert claims["lowrank-exact"]["verdict"] == "held"
+    assert claims["lowrank-ab-traffic"]["verdict"] == "held"  # 45% less uplink, 3.95 within 10% of 1.1
+    assert claims["lowrank-full-rank"]["verdict"] == "held"  # mean rank 4 vs 2.75 after round 1
+    assert claims["dppf-loss"]["verdict"] == "held"  # 2.80 < 2.90 - 0.05
+    assert claims["dppf-flat"]["verdict"] == "held"  # IMV 1.5 < 0.95 x 2.0
+    assert claims["dppf-width"]["verdict"] == "held"  # 0.23 in [0.2, 0.25], 0.43 in [0.4, 0.45]
+    assert claims["deft-union"]["verdict"] == "held"
+    assert claims["deft-dense"]["verdict"] == "held"  # 2.05 of 2.10 = 98%
+    assert claims["deft-allocation"]["verdict"] == "held"
+    evidence = claims["deft-allocation"]["evidence"]  # last quarter (the last of 5 rounds) of the gaps
+    assert "site norms 0.100, applied 0.500 (applied in round 2: 0.200)" in evidence
+
+
+def test_a_claim_on_a_run_that_did_not_finish_is_not_measurable():
+    """A timed-out run makes every claim that reads it "not measurable here", naming the run; the others stand."""
+    broken = _run("dppf", [5.0, 4.0], ok=False)
+    claims = {c["id"]: c for c in pc.evaluate_claims(_all_runs(dppf=broken))}
+
+    for cid in ("dppf-loss", "dppf-flat", "dppf-width", "dppf-ramp"):
+        assert claims[cid]["verdict"] == "not measurable here"
+        assert "run dppf" in claims[cid]["evidence"] and "timed out" in claims[cid]["evidence"]
+    assert claims["kavg-k"]["verdict"] == "held"
+
+
+def test_claims_that_do_not_hold_say_so():
+    """dppf worse than kavg, and a top-k union that does not grow, are "not held"."""
+    worse = _run(
+        "dppf",
+        [5.0, 3.8, 3.5, 3.3, 3.2, 3.1],
+        imv=[None] * 5 + [2.5],
+        worker_mv=[None] + [0.23] * 5,
+        dppf_alpha=[None] + [0.5] * 5,
+        dppf_lam=[None] + [0.1] * 5,
+    )
+    flat_topk = _run("topk", [5.0, 3.6, 3.2, 3.0, 2.96, 2.92], union_over_k=[None] + [1.0] * 5)
+    claims = {c["id"]: c for c in pc.evaluate_claims(_all_runs(dppf=worse, topk=flat_topk))}
+
+    assert claims["dppf-loss"]["verdict"] == "not held"
+    assert claims["dppf-flat"]["verdict"] == "not held"
+    assert claims["deft-union"]["verdict"] == "not held"
+
+
+def test_identical_configurations_run_once():
+    """On SmolLM2 the recipe's kavg (K = 4, batch 8, 16 rounds) is also kavg-K4 and the constant side of
+    the Theorem 2 pair: one fingerprint; on tiny (K = 2, batch 4, 40 rounds) they are three runs."""
+    smol = {j.spec.name: j.key for j in pc.jobs_for("smollm2", [0], ["kavg", "dppf"])}
+    tiny = {j.spec.name: j.key for j in pc.jobs_for("tiny", [0], ["kavg", "dppf"])}
+
+    assert smol["kavg"] == smol["kavg-K4"] == smol["kavg-const"]
+    assert len({tiny["kavg"], tiny["kavg-K4"], tiny["kavg-const"]}) == 3
+    assert len(set(smol.values())) == len(smol) - 2
+
+
+def test_a_run_trained_to_the_end_but_stopped_before_its_probe_is_probed_not_restarted(tmp_path, monkeypatch):
+    """An invocation stopped between a run's last round and its IMV probe leaves a finished journal and no
+    ``bench-run.json``; restarting edgetune.inproc there fails (the journal refuses a finished run), so the
+    next invocation must only probe the checkpoint and record the row as finished."""
+    job = next(j for j in pc.jobs_for("tiny", [0], ["kavg"]) if j.spec.name == "kavg-K16")
+    name = f"pc-{job.spec.name}-{job.model}-s{job.seed}-{job.key}"
+    run_dir = tmp_path / name
+    run_dir.mkdir()
+    rows = [{"round": 0, "heldout_loss": 5.0, "uplink_bytes": 0, "downlink_bytes": 0, "cum_uplink_bytes": 0}]
+    for r in range(1, job.rounds + 1):
+        rows.append(
+            {
+                "round": r,
+                "heldout_loss": 5.0 - r / job.rounds,
+                "uplink_bytes": 10,
+                "downlink_bytes": 20,
+                "cum_uplink_bytes": 10 * r,
+            }
+        )
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run_dir / "summary.json").write_text(json.dumps({"wall_s": 123.0, "checkpoint": str(run_dir / "ckpt")}))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was started again")
+
+    probes = []
+    monkeypatch.setattr(pc.subprocess, "run", no_training)
+    monkeypatch.setattr(pc, "cleanup", lambda *a, **k: None)
+    monkeypatch.setattr(pc, "probe_checkpoint", lambda d, *a, **k: probes.append(d) or {"imv_last": 2.5})
+    row = pc.run_job(job, tmp_path, timeout_s=60, threads=1, keep=True)
+
+    assert probes == [run_dir]
+    assert row["ok"] and row["rounds_completed"] == job.rounds and row["exit_code"] == 0
+    assert row["imv_last"] == 2.5 and row["uplink_bytes_total"] == 10 * job.rounds
+    assert row["wall_s"] >= 123.0
+    assert json.loads((run_dir / "bench-run.json").read_text())["probe"] == {"imv_last": 2.5}
+
+    # One round short: that run is resumed (the subprocess runs), not taken as finished.
+    (run_dir / "bench-run.json").unlink()
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))
+    with pytest.raises(AssertionError, match="started again"):
+        pc.run_job(job, tmp_path, timeout_s=60, threads=1, keep=True)
+
+
+def test_claims_from_any_partial_set_of_runs_never_crash():
+    """The results file is rewritten after every finished run, so claims are evaluated on every partial set:
+    a run that is missing or unfinished, even one a claim only mentions (top-k beside deft's allocation),
+    makes the claims that need it "not measurable here" and leaves the evidence of the others readable."""
+    full = _all_runs()
+    names = [row["run"] for row in full]
+    subsets = [full[:i] for i in range(1, len(full))]
+    subsets += [[row for row in full if row["run"] != n] for n in names]
+    subsets += [_all_runs(**{n: _run(n, [5.0, 4.0], ok=False)}) for n in names]
+    for rows in subsets:
+        present = {row["run"] for row in rows if row["ok"]}
+        for claim in pc.evaluate_claims(rows):
+            if not set(claim["runs"]) <= present:
+                assert claim["verdict"] == "not measurable here", claim
+    no_topk = {c["id"]: c for c in pc.evaluate_claims([row for row in full if row["run"] != "topk"])}
+    assert no_topk["deft-allocation"]["verdict"] == "held"
+    assert "top-k -" in no_topk["deft-allocation"]["evidence"]
