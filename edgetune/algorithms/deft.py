@@ -506,8 +506,8 @@ class DeftServer(WeightsServer):
         assert self.parts is not None
         wire.require(payload, {"norms": bytes, "loss": float}, where=f"{site} norms")
         (norms,) = decode_tensors(payload["norms"], [(len(self.parts),)], NORMS_CODEC, where=f"{site} norms")
-        if bool((norms < 0).any()):
-            raise ReplyRejected(f"{site} norms: a partition norm is negative")
+        if not bool(torch.isfinite(norms).all()) or bool((norms < 0).any()):
+            raise ReplyRejected(f"{site} norms: a partition norm is negative or not finite")
         return norms
 
     def _aggregate_norms(self, st: _RoundState, replies: dict[str, Payload], min_sites: int) -> RoundResult:
@@ -520,9 +520,10 @@ class DeftServer(WeightsServer):
                 rejected[site] = "reply from a site that was not asked"
                 continue
             try:
-                accepted[site] = self._site_norms(site, replies[site])
-                losses.append(float(replies[site]["loss"]))
-            except (WireError, CodecError, ReplyRejected) as err:
+                norms = self._site_norms(site, replies[site])
+                losses.append(screening.reported_loss(site, replies[site]["loss"]))
+                accepted[site] = norms
+            except (WireError, CodecError, ReplyRejected, ValueError) as err:
                 rejected[site] = str(err)
         if len(accepted) < min_sites:
             return RoundResult(False, {"num_accepted": float(len(accepted))}, rejected)
@@ -570,9 +571,9 @@ class DeftServer(WeightsServer):
                 continue
             try:
                 idx = self._site_indices(st, site, replies[site])
-                loss = screening.reported_loss(site, replies[site]["loss"])
+                loss = None if st.site_norms else screening.reported_loss(site, replies[site]["loss"])
                 accepted[site] = idx
-                if not st.site_norms:
+                if loss is not None:
                     losses.append(loss)
             except (WireError, CodecError, ReplyRejected, ValueError) as err:
                 rejected[site] = str(err)

@@ -72,9 +72,9 @@ def check_plan(plan: dict[str, Any]) -> None:
     problems = []
     if plan["K"] < 1 or plan["bs"] < 1:
         problems.append(f"K={plan['K']} and bs={plan['bs']} must be >= 1")
-    # 0 is a schedule's end (cosine with floor 0 reaches it in the last round), not an error
-    if not (plan["lr"] >= 0 and math.isfinite(plan["lr"])):
-        problems.append(f"lr={plan['lr']} must be a finite number >= 0")
+    # the config refuses a schedule that reaches 0 (config.RunConfig), so a plan never carries it
+    if not (plan["lr"] > 0 and math.isfinite(plan["lr"])):
+        problems.append(f"lr={plan['lr']} must be a finite number > 0")
     if plan["opt"] not in {"sgd", "adamw"}:
         problems.append(f"opt={plan['opt']!r} must be sgd or adamw")
     if not 0 <= plan["mom"] < 1:

@@ -483,7 +483,8 @@ def test_site_norms_allocation_follows_the_papers_rule_by_hand(tmp_path):
 
 
 def test_bad_norms_are_rejected_and_the_rest_allocate(tmp_path):
-    """A negative, non-finite or wrong-length norm vector is rejected naming the problem; the others
+    """A negative, non-finite or wrong-length norm vector, or a non-finite reported loss, is rejected naming
+    the problem; the others
     decide k_p (three partitions of 20, k = 12, nu = (2, 1, 2): 4, 3, 5 as in the test above), and
     only they are asked for indices."""
     # Prepare: bf16 bits written by hand for the NaN case (encode_tensors refuses non-finite values)
@@ -492,6 +493,7 @@ def test_bad_norms_are_rejected_and_the_rest_allocate(tmp_path):
         "negative": _norms_reply([3.0, -1.0, 0.0]),
         "non-finite": {"norms": nan_bits, "loss": 1.0},
         "expected": _norms_reply([3.0, 1.0]),
+        "loss": {**_norms_reply([3.0, 1.0, 0.0]), "loss": float("inf")},
     }
 
     for reason, forged in cases.items():
