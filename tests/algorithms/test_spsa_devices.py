@@ -24,7 +24,7 @@ def _inner_reply(client, msg, blob):
         msg["env"], client.ctx.site_keys, run_id=msg["run"], guard=ReplayGuard(), now=0.0
     )
     return envelope.open_reply(
-        opened.secret,
+        opened.reply_key,
         run_id=msg["run"],
         round_idx=opened.round_idx,
         site_id=client.ctx.site_id,
