@@ -41,7 +41,7 @@ def new_challenge() -> tuple[X25519PrivateKey, bytes]:
 
 def _proof(shared: bytes, challenge: bytes, site_id: str, node_id: int) -> bytes:
     tag = hashlib.sha256(b"edgetune-site|" + valid_site_id(site_id).encode()).digest()[:16]
-    info = _LABEL + challenge[32:] + tag + struct.pack(">q", node_id)
+    info = _LABEL + challenge[32:] + tag + struct.pack(">Q", node_id)
     key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(shared)
     return hmac.new(key, _PROOF_LABEL + challenge, hashlib.sha256).digest()
 
@@ -96,6 +96,6 @@ def verify(
         return False
     try:
         expected = _proof(secret.exchange(site_public), challenge, site_id, node_id)
-    except ValueError:
+    except (ValueError, struct.error):  # node ids are unsigned 64-bit; anything else proves nothing
         return False
     return hmac.compare_digest(expected, proof)

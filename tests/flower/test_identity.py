@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -79,6 +80,20 @@ def test_honest_nodes_are_mapped_by_their_proved_site(fed):
         "site-1": 101,
         "site-2": 102,
     }
+
+
+def test_node_ids_of_the_full_unsigned_64_bit_range_prove_their_site(fed):
+    """Flower's node ids are unsigned 64-bit (a deployment handed out 16071490535582024778): every
+    node of that range proves its site; an id outside it proves nothing instead of crashing."""
+    kit_root, registry = fed
+    ids = [16071490535582024778, (1 << 64) - 1, 1 << 63]
+    grid = HelloGrid({n: node(n, i) for i, n in enumerate(ids)})
+    assert discover_sites(grid, ids, str(kit_root), registry, 5.0) == {f"site-{i}": n for i, n in enumerate(ids)}
+    secret, challenge = identity.new_challenge()
+    other = X25519PrivateKey.generate().public_key()
+    proof = bytes(identity.PROOF_BYTES)
+    assert not identity.verify(secret, challenge, other, "site-0", 1 << 64, proof)
+    assert not identity.verify(secret, challenge, other, "site-0", -1, proof)
 
 
 def test_an_insider_claiming_another_site_is_left_out_with_a_log_line(fed, capsys):
