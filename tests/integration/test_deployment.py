@@ -185,7 +185,9 @@ def test_tls_node_auth_three_sites_kill_and_catch_up(tmp_path, link):
     assert rows[2]["num_accepted"] == 2 and "site-2" in rows[2]["rejected"]
     assert rows[-1]["num_accepted"] == 3  # site-2 caught up and was accepted again
     # its own saved replica equals the server's state at the round it last replayed
-    saved = json.loads(next((tmp_path / "cache" / "sites" / "site-2" / "spsa").glob("*/replica.json")).read_text())
+    from edgetune.io import read_state_json
+
+    saved = read_state_json(next((tmp_path / "cache" / "sites" / "site-2" / "spsa").glob("*/replica.json")))
     assert saved["hash"] == rows[saved["applied"]]["state_hash"]
     assert saved["applied"] == 7
 
