@@ -41,6 +41,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.quality_per_byte import _value  # one TOML-literal spelling for key=value overrides
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = ROOT / "recipes" / "spsa" / "smollm2-135m-4c.toml"
 DEFAULT_OUT = Path("benchmarks") / "results" / "spsa_sweep.json"
@@ -71,14 +73,6 @@ def variations(flat: dict[str, Any], factor: str) -> list[tuple[str, dict[str, A
         ]
         return out
     raise ValueError(f"unknown factor {factor!r}; one of {FACTORS}")
-
-
-def _value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    return json.dumps(str(v))
 
 
 def run_one(
