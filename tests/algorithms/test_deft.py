@@ -18,6 +18,7 @@ from conftest import tiny_flat
 from edgetune import config as cfgmod
 from edgetune import inproc
 from edgetune.algorithms import deft
+from edgetune.algorithms.base import ServerContext
 from edgetune.comm import varint, wire
 from edgetune.comm.tensors import decode_tensors, encode_tensors
 from edgetune.federation import run_round
@@ -451,7 +452,7 @@ class Toy(torch.nn.Module):
 
 def _toy_server(tmp_path, allocation, sizes=(10, 20, 30)):
     cfg = _cfg(**{"deft.density": 0.2, "deft.allocation": allocation})
-    ctx = deft.ServerContext(run_id=b"\x01" * 16, model=Toy(sizes), tokenizer=None, workdir=tmp_path)
+    ctx = ServerContext(run_id=b"\x01" * 16, model=Toy(sizes), tokenizer=None, workdir=tmp_path)
     return deft.DeftServer(cfg, ctx)
 
 

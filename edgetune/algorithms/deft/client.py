@@ -38,6 +38,9 @@ class SiteVectors:
         found = self.files.read(kind, round_idx, {"v": (self.dim,)})
         return None if found is None else found["v"]
 
+    def rounds(self, kind: str) -> list[int]:
+        return self.files.rounds(kind)
+
     def drop(self, kind: str) -> None:
         self.files.drop(kind)
 
