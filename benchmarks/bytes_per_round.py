@@ -213,6 +213,9 @@ class FlowerFramedTransport:
     def sites(self) -> list[str]:
         return self.inner.sites()
 
+    def drain_stale(self) -> dict[str, str]:
+        return self.inner.drain_stale()
+
     def exchange(
         self, round_idx: int, phase: str, blobs: dict[str, bytes], *, timeout_s: float
     ) -> dict[str, bytes | Failure]:
@@ -328,7 +331,6 @@ def measure_edgetune(c: ByteConfig, model: str, num_sites: int, batch_size: int,
         for s in transport.sites():
             base = site_state_dir(cfg, s)
             shutil.rmtree(base / run_hex, ignore_errors=True)
-            shutil.rmtree(base / "spsa" / run_hex, ignore_errors=True)
 
 
 def reference_tensors(c: ByteConfig, model: str) -> dict[str, torch.Tensor]:

@@ -176,7 +176,7 @@ class WeightsAttacker:
         self.honest, self.ctx, self.attack = honest, honest.ctx, attack
 
     def step(self, phase: str, msg: dict, state: dict) -> tuple[dict, dict]:
-        from edgetune.algorithms.kavg import select
+        from edgetune.algorithms.weights import select
         from edgetune.comm import wire
         from edgetune.comm.tensors import decode_tensors, encode_tensors
 

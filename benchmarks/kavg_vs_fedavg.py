@@ -50,7 +50,7 @@ import torch
 
 from edgetune import config as cfgmod
 from edgetune import inproc
-from edgetune.algorithms.kavg import aggregate_tensors
+from edgetune.algorithms.weights import aggregate_tensors
 from edgetune.build import run_id_for, site_state_dir
 from edgetune.federation import Failure, run_round
 from edgetune.models.params import manifest_of, trainable_tensors
@@ -85,6 +85,9 @@ class CapturingTransport:
 
     def sites(self) -> list[str]:
         return self.inner.sites()
+
+    def drain_stale(self) -> dict[str, str]:
+        return self.inner.drain_stale()
 
     def exchange(
         self, round_idx: int, phase: str, blobs: dict[str, bytes], *, timeout_s: float

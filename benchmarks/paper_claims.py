@@ -302,7 +302,7 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 def _samples(cfg: Any, rows: Sequence[dict[str, Any]]) -> list[int]:
     """Cumulative training examples per round (all sites): sum_r accepted_r x K_r x batch_r."""
-    from edgetune.algorithms.kavg import round_batch_size
+    from edgetune.algorithms.weights import round_batch_size
 
     total, out = 0, []
     for r in rows:

@@ -15,40 +15,31 @@ A round without quorum is retried with the same round id (and, for spsa, the sam
 byte-identical envelopes) up to ``MAX_ROUND_ATTEMPTS`` times; then the run stops with an error
 naming every site's failure. No round is ever skipped silently.
 
-Crash safety (``journal.py``): the server half's state goes into a new, private (0700/0600),
-checksummed folder under ``server-state/`` before the journal line that names it; the journal
-line is the single commit point, so a kill at any point, a torn journal line or a full disk
-leaves a run that resumes and ends on the uninterrupted run's state hash. ``faults.point`` marks
+Crash safety (``serverstate.py``, ``journal.py``): the server half's state (``save_state``) goes
+into a new folder before the journal line that names it; the journal line is the single commit
+point, so a kill at any point, a torn journal line or a full disk leaves a run that resumes and
+ends on the uninterrupted run's state hash. ``faults.point`` marks
 every step of a round (``FAULT_POINTS``) for the crash tests.
 """
 
 from __future__ import annotations
 
 import math
-import re
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from edgetune import faults
+from edgetune import faults, serverstate
 from edgetune.algorithms.base import RoundResult, ServerHalf
 from edgetune.comm import wire
 from edgetune.comm.wire import Payload, WireError
-from edgetune.config import RunConfig, flatten
+from edgetune.config import RunConfig
 from edgetune.crypto import schedule
-from edgetune.io import (
-    atomic_folder,
-    link_or_copy_tree,
-    private_dir,
-    read_state_json,
-    set_private_tree,
-    write_state_json,
-)
-from edgetune.journal import Journal, JournalMismatch, RunFinished
+from edgetune.journal import Journal
 from edgetune.runs import RunRecorder
+from edgetune.serverstate import committed_state_folder  # noqa: F401  (spsa/delta.py finds it here)
 
 MAX_ROUND_ATTEMPTS = 3
 
@@ -66,28 +57,6 @@ FAULT_POINTS = (
 )
 """Every step of a round at which the crash tests kill the server (``faults.point(name, round)``)."""
 
-STATE_DIR = "server-state"
-STATE_MARKER = "edgetune-state.json"
-_STATE_NAME = re.compile(r"(plan|commit)-\d{6,}-\d{6,}")
-_STATE_LEFTOVER = re.compile(r"\.(plan|commit)-\d{6,}-\d{6,}\.(tmp|old)-.*")
-
-OPERATIONAL_KEYS = frozenset(
-    {
-        "num_rounds",
-        "run.dir",
-        "run.round_timeout_s",
-        "run.quorum_grace_s",
-        "run.checkpoint_every",
-        "run.keep_checkpoints",
-        "model.device",
-        "model.cache_dir",
-        "crypto.keys_dir",
-        "crypto.envelope_ttl_s",
-    }
-)
-"""Config keys a restarted server may change (where it runs, how long it waits, how long it trains);
-any other difference means the folder holds another run's journal, which is refused."""
-
 
 @dataclass(frozen=True)
 class Failure:
@@ -104,6 +73,10 @@ class Transport(Protocol):
     def exchange(
         self, round_idx: int, phase: str, blobs: dict[str, bytes], *, timeout_s: float
     ) -> dict[str, bytes | Failure]: ...
+
+    def drain_stale(self) -> dict[str, str]:
+        """Replies that arrived after their exchange closed (reported as failures, never applied)."""
+        ...
 
 
 class RoundFailed(RuntimeError):
@@ -189,9 +162,7 @@ def run_round(
                 if isinstance(blob, bytes):
                     recorder.ledger.add(round_idx, phase, site, "up", len(blob))
             replies, failed = _decode_replies(raw, server.max_reply_bytes(phase))
-            drain = getattr(transport, "drain_stale", None)
-            if drain is not None:
-                failed.update(drain())
+            failed.update(transport.drain_stale())
             result: RoundResult = server.aggregate(round_idx, phase, replies, min_sites=cfg.run.min_sites)
             failures.update(failed)
             failures.update(result.rejected)
@@ -221,131 +192,6 @@ def _probe_imv(cfg: RunConfig, server: ServerHalf, tokenizer: Any, transport: Tr
 
     examples = imv_examples(cfg, len(transport.sites()))
     return imv_metrics(model_imv(server.global_model(), tokenizer, examples, cfg))
-
-
-def training_identity(cfg: RunConfig) -> dict[str, Any]:
-    """The configuration that defines what a run trains.
-
-    All keys but ``OPERATIONAL_KEYS`` and ``eval.*``/``imv.*`` (those change what is measured, not trained).
-    """
-    return {
-        k: v
-        for k, v in sorted(flatten(cfg).items())
-        if k not in OPERATIONAL_KEYS and not k.startswith(("eval.", "imv."))
-    }
-
-
-def _check_identity(cfg: RunConfig, recorder: RunRecorder, journal: Journal) -> None:
-    """Refuse a journal written by another run: another folder name, or another training configuration."""
-    start = journal.start_record()
-    if start is None:
-        return  # a new run, or a journal written before start lines existed
-    if start.get("run") != recorder.dir.name:
-        raise JournalMismatch(
-            f"{journal.path} belongs to run {start.get('run')!r}, not {recorder.dir.name!r} (a copied or renamed "
-            "run folder?); start a new run in an empty folder"
-        )
-    recorded = start.get("config", {})
-    now = training_identity(cfg)
-    differ = sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))
-    if differ:
-        detail = ", ".join(f"{k}: {recorded.get(k)!r} -> {now.get(k)!r}" for k in differ[:8])
-        raise JournalMismatch(
-            f"{recorder.dir} holds a run trained with another configuration ({detail}); resume it with its own "
-            "config.toml, or start a new run with another run.name"
-        )
-
-
-def committed_state_folder(run_dir: Path, journal: Journal | None = None) -> Path:
-    """The server-state folder a restart of ``run_dir`` loads: the one the journal names last.
-
-    Its marker must name this run and the journal's last committed round (``ValueError`` naming the
-    folder otherwise); a journal from before state folders were named: ``server-state/`` itself.
-    """
-    run_dir = Path(run_dir)
-    journal = journal if journal is not None else Journal(run_dir)
-    committed = journal.last_commit
-    named = journal.last_state()
-    if named is None:
-        return run_dir / STATE_DIR
-    expected = named["round"] if named["t"] == "commit" else named["round"] - 1
-    if expected != committed:
-        raise ValueError(
-            f"{journal.path}: the last state line ({named['t']} {named['round']}) does not follow "
-            f"the last commit ({committed})"
-        )
-    folder = run_dir / STATE_DIR / named["state"]
-    marker = read_state_json(folder / STATE_MARKER)
-    if marker.get("run") != run_dir.name or marker.get("committed") != committed:
-        raise ValueError(
-            f"{folder}: holds round {marker.get('committed')} of run {marker.get('run')!r}, the journal "
-            f"expects round {committed} of {run_dir.name!r}"
-        )
-    return folder
-
-
-def _resume(cfg: RunConfig, server: ServerHalf, recorder: RunRecorder, journal: Journal) -> int:
-    """Load the server state the journal names last; drop rows recorded after the last commit."""
-    if journal.finished:
-        raise RunFinished(
-            f"{recorder.dir} holds a finished run (journal says so); start a new run with another run.name"
-        )
-    _check_identity(cfg, recorder, journal)
-    committed = journal.last_commit
-    if journal.last_state() is not None:
-        folder = committed_state_folder(recorder.dir, journal)
-        restored = server.load_state(folder)  # type: ignore[attr-defined]
-        if restored != committed:
-            raise RuntimeError(f"journal says round {committed} is committed, {folder} holds round {restored}")
-    elif committed:  # a journal from before state folders were named: the state is server-state/ itself
-        if not hasattr(server, "load_state"):
-            raise RuntimeError(f"{cfg.algorithm} cannot resume a run (no load_state)")
-        restored = server.load_state(recorder.dir / STATE_DIR)
-        if restored != committed:
-            raise RuntimeError(f"journal says round {committed} is committed, the saved state is round {restored}")
-    _prune_states(recorder, journal)
-    recorder.truncate(committed)
-    return committed
-
-
-def _save_state(server: ServerHalf, recorder: RunRecorder, journal: Journal, kind: str, round_idx: int) -> str | None:
-    """Write the server half's state into a new folder (not yet committed: no journal line names it).
-
-    The folder starts as hard links to the files of the state the journal names last, so what did
-    not change (spsa's replica, kavg's weights of an unchanged round) costs no copy; ``save_state``
-    replaces files atomically and never writes into them in place.
-    """
-    if not hasattr(server, "save_state"):
-        return None
-    root = private_dir(recorder.dir / STATE_DIR)
-    committed = round_idx if kind == "commit" else round_idx - 1
-    name = f"{kind}-{round_idx:06d}-{len(journal.records):06d}"
-    prev = journal.last_state()
-
-    def fill(tmp: Path) -> None:
-        if prev is not None and (root / prev["state"]).is_dir():
-            link_or_copy_tree(root / prev["state"], tmp)
-        server.save_state(tmp, committed)  # type: ignore[attr-defined]
-        write_state_json(
-            tmp / STATE_MARKER, {"run": recorder.dir.name, "committed": committed, "kind": kind, "round": round_idx}
-        )
-        set_private_tree(tmp)
-
-    if (root / name).exists():
-        shutil.rmtree(root / name)  # left by a crash before its journal line: never named, never loaded
-    atomic_folder(root / name, fill)
-    return name
-
-
-def _prune_states(recorder: RunRecorder, journal: Journal) -> None:
-    """Delete state folders no journal line needs (older rounds, folders a crash left unnamed)."""
-    root = recorder.dir / STATE_DIR
-    if not root.is_dir():
-        return
-    keep = journal.state_names()
-    for path in root.iterdir():
-        if (_STATE_NAME.fullmatch(path.name) and path.name not in keep) or _STATE_LEFTOVER.fullmatch(path.name):
-            shutil.rmtree(path, ignore_errors=True)
 
 
 def _checkpoint_due(cfg: RunConfig, r: int) -> bool:
@@ -394,15 +240,15 @@ def run_federation(
     the last committed round with the saved server state; a finished run is refused.
     """
     journal = Journal(recorder.dir)
-    committed = _resume(cfg, server, recorder, journal)
+    committed = serverstate.resume(cfg, server, recorder, journal)
     if not journal.records:
-        journal.start(recorder.dir.name, training_identity(cfg))
+        journal.start(recorder.dir.name, serverstate.training_identity(cfg))
 
     def planned(round_idx: int) -> None:
-        state = _save_state(server, recorder, journal, "plan", round_idx)
+        state = serverstate.save_state(server, recorder, journal, "plan", round_idx)
         faults.point("plan-saved", round_idx)
         journal.plan(round_idx, state)
-        _prune_states(recorder, journal)
+        serverstate.prune_states(recorder, journal)
         faults.point("after-plan", round_idx)
 
     if not recorder.rows:
@@ -441,12 +287,12 @@ def run_federation(
         row: dict[str, Any] = {"round": r, **metrics, "attempts": attempts, "train_wall_s": round(time.time() - t0, 3)}
         if rejected:
             row["rejected"] = rejected
-        state = _save_state(server, recorder, journal, "commit", r)
+        state = serverstate.save_state(server, recorder, journal, "commit", r)
         faults.point("commit-saved", r)
         recorder.ledger.write_jsonl(recorder.dir / "ledger.jsonl")
         faults.point("after-ledger", r)
         journal.commit(r, server.state_hash(), row, state)
-        _prune_states(recorder, journal)
+        serverstate.prune_states(recorder, journal)
         faults.point("after-commit", r)
         last_ckpt = _record_round(cfg, server, transport, recorder, evaluate, tokenizer, r, row, t0) or last_ckpt
         faults.point("after-checkpoint", r)

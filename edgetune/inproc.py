@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetune import config as cfgmod
+from edgetune.algorithms import ALGORITHMS
 from edgetune.algorithms.base import ClientHalf
 from edgetune.build import build_client, build_server, keys_dir_for, process_workdir, site_name
 from edgetune.comm import wire
@@ -35,6 +36,9 @@ class InProcTransport:
 
     def sites(self) -> list[str]:
         return sorted(self.clients)
+
+    def drain_stale(self) -> dict[str, str]:
+        return {}  # every call returns before its exchange closes: nothing arrives late
 
     def exchange(
         self, round_idx: int, phase: str, blobs: dict[str, bytes], *, timeout_s: float
@@ -71,11 +75,11 @@ def build(
     """
     # A run starts from the base weights: forget models and replicas earlier runs in this process
     # trained (Flower starts fresh processes per run; in-process runs must behave the same).
-    from edgetune.algorithms import spsa
     from edgetune.models.load import clear_cache
 
     clear_cache()
-    spsa.clear_replicas()
+    for spec in ALGORITHMS.values():
+        spec.forget_process_state()
     run_dir = Path(run_dir) if run_dir else Path(cfg.run.dir) / new_run_name(cfg)
     site_ids = [site_name(i) for i in range(num_sites)]
     server, tokenizer, evaluate = build_server(cfg, run_dir, site_ids)

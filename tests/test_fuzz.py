@@ -59,7 +59,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from edgetune import config as cfgmod
 from edgetune import inproc
-from edgetune.algorithms import deft, kavg
+from edgetune.algorithms import deft, training
 from edgetune.comm import wire
 from edgetune.comm.tensors import TENSOR_CODECS
 from edgetune.crypto import envelope
@@ -411,7 +411,7 @@ class _UnboundedWork(Exception):
 @pytest.fixture
 def cheap_training(monkeypatch):
     """Real local training for the first accepted cases, then the stand-in (module docstring)."""
-    real_train, real_batches = kavg.local_train, kavg.site_batches
+    real_train, real_batches = training.local_train, training.site_batches
     calls = Counter()  # "armed": the fuzz has started; "train": local rounds since then
 
     def local_train(model, params, batches, *, lr, optimizer, momentum=0.0, weight_decay=0.0, **kwargs):
@@ -438,9 +438,9 @@ def cheap_training(monkeypatch):
             raise _UnboundedWork(f"{steps} steps of {batch_size} examples")
         return real_batches(ctx, seed, round_idx, steps, batch_size)
 
-    # every weight-carrying site trains through WeightsClient.train_plan, which looks both up in kavg
-    monkeypatch.setattr(kavg, "local_train", local_train)
-    monkeypatch.setattr(kavg, "site_batches", site_batches)
+    # every weight-carrying site trains through WeightsClient.train_plan, which looks both up in training
+    monkeypatch.setattr(training, "local_train", local_train)
+    monkeypatch.setattr(training, "site_batches", site_batches)
     return calls
 
 

@@ -9,7 +9,7 @@ from conftest import tiny_flat
 from edgetune import config as cfgmod
 from edgetune import inproc
 from edgetune.algorithms import spsa
-from edgetune.algorithms.kavg import aggregate_tensors
+from edgetune.algorithms.weights import aggregate_tensors
 from edgetune.comm import wire
 from edgetune.crypto import envelope
 from edgetune.crypto.envelope import ReplayGuard

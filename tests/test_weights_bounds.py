@@ -12,7 +12,7 @@ from conftest import tiny_flat
 from benchmarks.byzantine import WeightsAttacker
 from edgetune import config as cfgmod
 from edgetune import inproc
-from edgetune.algorithms.kavg import norm, select
+from edgetune.algorithms.weights import norm, select
 from edgetune.comm import wire
 from edgetune.comm.tensors import decode_tensors
 from edgetune.federation import run_federation

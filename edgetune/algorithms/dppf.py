@@ -52,8 +52,8 @@ Wire: the downlink is kavg's (plan, params) plus two floats, ``alpha`` and ``lam
 lam_r); the uplink is kavg's (``delta`` with ``kavg.up_codec``, ``loss``). Screening (outlier
 rejection, ``kavg.clip_norm``) sees Delta_i, offset included.
 
-The site keeps x_i' in ``ClientContext.state_dir / <run id> / dppf / x-<round>.safetensors``
-(written to a temp file, fsynced, renamed): rounds of one site may run in different processes.
+The site keeps x_i' in its per-site store (``ClientContext.store``: ``<state_dir>/<run id>/dppf/
+x-<round>.safetensors``, written atomically): rounds of one site may run in different processes.
 A retried round reads the copy from before it, never its own earlier attempt; files of later
 rounds (an earlier run with the same name) are ignored and removed.
 """
@@ -61,25 +61,21 @@ rounds (an earlier run with the same name) are ignored and removed.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save as safetensors_bytes
 
 from edgetune.algorithms.base import ServerContext
-from edgetune.algorithms.kavg import WeightsClient, WeightsServer
-from edgetune.algorithms.lowrank import lora_pairs, lora_scale, norm_of_sum
+from edgetune.algorithms.sitestore import RoundFiles
+from edgetune.algorithms.weights import WeightsClient, WeightsServer, aggregate_tensors, example_weights
 from edgetune.comm import wire
 from edgetune.comm.tensors import encode_tensors
 from edgetune.comm.wire import Payload
 from edgetune.config import DppfSection, RunConfig
-from edgetune.io import atomic_write_bytes, prune_sibling_runs
+from edgetune.models.lora import layer_scales, lora_pairs, norm_of_sum
 from edgetune.models.params import Manifest, trainable_tensors
 
-_RUN_HEX = re.compile(r"[0-9a-f]{2,64}")
 _MSG_SCHEMA: dict[str, type] = {"plan": bytes, "params": bytes, "alpha": float, "lam": float}
 
 # ---- the math, as pure functions ------------------------------------------------------------------
@@ -158,51 +154,32 @@ def spread(offsets: Sequence[Sequence[torch.Tensor]]) -> float:
 
 
 class SiteCopy:
-    """A site's x_i, one safetensors file per round it took part in (``x-<round>.safetensors``)."""
+    """A site's x_i, one file per round it took part in (``x-<round>``, in the per-site store)."""
 
-    def __init__(self, folder: Path, manifest: Manifest) -> None:
-        self.folder = Path(folder)
+    def __init__(self, folder: Path | RoundFiles, manifest: Manifest) -> None:
+        self.files = folder if isinstance(folder, RoundFiles) else RoundFiles(Path(folder))
         self.manifest = manifest
-
-    def _path(self, round_idx: int) -> Path:
-        return self.folder / f"x-{round_idx:06d}.safetensors"
 
     def rounds(self) -> list[int]:
         """Rounds with a stored copy, ascending."""
-        if not self.folder.is_dir():
-            return []
-        found = (re.fullmatch(r"x-(\d+)\.safetensors", p.name) for p in self.folder.iterdir())
-        return sorted(int(m.group(1)) for m in found if m)
+        return self.files.rounds("x")
 
     def load_before(self, round_idx: int) -> list[torch.Tensor] | None:
         """The copy of the newest round before ``round_idx`` (None: the site has none)."""
-        older = [r for r in self.rounds() if r < round_idx]
-        if not older:
+        older = self.files.newest_before("x", round_idx)
+        if older is None:
             return None
-        path = self._path(older[-1])
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("manifest") != self.manifest.digest():
-                raise ValueError(f"{path}: stored for another trainable manifest; delete it to start from x_bar")
-            out = []
-            for e in self.manifest:
-                t = f.get_tensor(e.name)
-                if tuple(t.shape) != e.shape or t.dtype != torch.float32:
-                    raise ValueError(f"{path}: {e.name} is {t.dtype} {tuple(t.shape)}, expected float32 {e.shape}")
-                out.append(t)
-        return out
+        shapes = {e.name: e.shape for e in self.manifest}
+        named = self.files.read("x", older, shapes, {"manifest": self.manifest.digest()})
+        assert named is not None
+        return [named[e.name] for e in self.manifest]
 
     def save(self, round_idx: int, tensors: Sequence[torch.Tensor]) -> None:
         """Store x_i' of ``round_idx`` atomically; keep only it and the newest older copy."""
-        named = {e.name: t.detach().to("cpu", torch.float32).contiguous() for e, t in zip(self.manifest, tensors)}
-        meta = {"manifest": self.manifest.digest(), "round": str(round_idx)}
-        atomic_write_bytes(self._path(round_idx), safetensors_bytes(named, metadata=meta))
-        older = [r for r in self.rounds() if r < round_idx]
-        keep = {round_idx, *older[-1:]}  # the older copy stays for a retry of this round
-        for r in self.rounds():
-            if r not in keep:
-                self._path(r).unlink(missing_ok=True)
-        prune_sibling_runs(self.folder.parent)  # and only this site's two most recent runs (<run>/dppf)
+        named = {e.name: t for e, t in zip(self.manifest, tensors)}
+        self.files.write("x", round_idx, named, {"manifest": self.manifest.digest(), "round": str(round_idx)})
+        older = self.files.newest_before("x", round_idx)
+        self.files.drop("x", keep=lambda r: r in (round_idx, older))  # the older copy stays for a retry
 
 
 # ---- server and site ------------------------------------------------------------------------------
@@ -219,7 +196,7 @@ class DppfServer(WeightsServer):
         if self.dcfg.distance == "delta-w":
             # raises unless every trainable tensor is a LoRA factor of a pair
             self.pairs = lora_pairs(self.manifest)
-            self.scales = [lora_scale(self.model, self.manifest.entries[a].name) for a, _ in self.pairs]
+            self.scales = layer_scales(self.model, self.manifest, self.pairs)
 
     def configure(self, round_idx: int, phase: str, site_ids: list[str]) -> dict[str, Payload]:
         alpha, lam = strengths(self.dcfg, round_idx)
@@ -230,8 +207,11 @@ class DppfServer(WeightsServer):
         self, round_idx: int, updates: dict[str, list[torch.Tensor]], plans: dict[str, dict]
     ) -> dict[str, float]:
         before = [p.clone() for p in self.params]
-        extra = super().combine(round_idx, updates, plans)
         sites = sorted(updates)
+        k = self.kcfg  # x_bar_{r+1}: kavg's weighted (or robust) mean of the sites' updates
+        mean = aggregate_tensors([updates[s] for s in sites], example_weights(plans, sites), k.aggregator, k.trim_frac)
+        for p, d in zip(self.params, mean):
+            p.add_(d)
         if self.dcfg.distance == "delta-w":
             mv = self._delta_w_spread(before, [updates[s] for s in sites], plans, sites)
         else:
@@ -239,7 +219,7 @@ class DppfServer(WeightsServer):
             applied = [p.double() - b.double() for p, b in zip(self.params, before)]
             mv = spread([[d.double() - a for d, a in zip(updates[s], applied)] for s in sites])
         alpha, lam = strengths(self.dcfg, round_idx)
-        metrics = {**extra, "worker_mv": mv, "dppf_alpha": alpha, "dppf_lam": lam}
+        metrics = {"worker_mv": mv, "dppf_alpha": alpha, "dppf_lam": lam}
         if mv > 0:
             metrics["worker_imv"] = 1.0 / mv
         return metrics
@@ -252,7 +232,7 @@ class DppfServer(WeightsServer):
         sites: list[str],
     ) -> float:
         """mean_i sqrt(sum_layers ||s B_i A_i - sum_j w_j s B_j A_j / W||_F^2), products never formed."""
-        weights = [float(plans[s]["K"] * plans[s]["bs"]) for s in sites]
+        weights = example_weights(plans, sites)
         total = sum(weights)
         sq = [0.0] * len(sites)
         for (ia, ib), scale in zip(self.pairs, self.scales):
@@ -268,11 +248,8 @@ class DppfClient(WeightsClient):
     """A site: pull-push its own copy toward the global average, K local steps, store the copy, send the delta."""
 
     def copy_store(self, run: str) -> SiteCopy:
-        """The site's x_i store for run ``run`` (hex id), under ``state_dir``."""
-        if not isinstance(run, str) or not _RUN_HEX.fullmatch(run):
-            raise ValueError(f"run id {run!r} is not a hex string")
-        root = self.ctx.state_dir if self.ctx.state_dir is not None else self.ctx.workdir / "sites" / self.ctx.site_id
-        return SiteCopy(Path(root) / run / "dppf", self.manifest)
+        """The site's x_i store for run ``run`` (hex id), in the per-site store."""
+        return SiteCopy(self.ctx.store.round_files(run, "dppf"), self.manifest)
 
     def step(self, phase: str, msg: Payload, state: Payload) -> tuple[Payload, Payload]:
         if phase != "train":
@@ -292,9 +269,7 @@ class DppfClient(WeightsClient):
             with torch.no_grad():
                 for w, p in zip(work, start):
                     w.copy_(p.to(w.device, w.dtype))
-        named = dict(self.ctx.model.named_parameters())
-        chosen = [named[e.name] for e in self.manifest]
-        losses = self.train_plan(plan, chosen)
+        losses = self.train_plan(plan, self.chosen(plan))
         trained = [w.detach().to("cpu", torch.float32) for w in work]
         store.save(plan["round"], trained)
         deltas = [t - b for t, b in zip(trained, x_bar)]

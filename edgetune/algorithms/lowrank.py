@@ -65,148 +65,34 @@ mean in ``exact`` then moves by at most twice the clip after truncation, since |
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
-from edgetune.algorithms import screening
-from edgetune.algorithms.base import ClientContext, ReplyRejected, RoundResult, ServerContext
-from edgetune.algorithms.kavg import (
+from edgetune.algorithms import screening, training
+from edgetune.algorithms.base import ClientContext, ServerContext
+from edgetune.algorithms.weights import (
+    Screened,
     WeightsClient,
     WeightsServer,
     aggregate_tensors,
-    local_train,
+    example_weights,
+    norm,
     round_lr,
     select,
-    site_batches,
 )
 from edgetune.comm import wire
-from edgetune.comm.codecs import CodecError
 from edgetune.comm.tensors import TENSOR_CODECS, decode_tensors, encode_tensors
-from edgetune.comm.wire import Payload, WireError
+from edgetune.comm.wire import Payload
 from edgetune.config import RunConfig
-from edgetune.models.params import Manifest
+from edgetune.models import lora
 
-# ---- the math, as pure functions ------------------------------------------------------------------
+FULL_RANK = "full-rank"
+"""The plan's ``train`` selector of a full-rank round: dense deltas of the adapted layers' weights."""
 
-
-def lora_pairs(manifest: Manifest) -> list[tuple[int, int]]:
-    """Manifest indices (A, B) of each LoRA layer, paired by name (``...lora_A...`` / ``...lora_B...``).
-
-    Raises ``ValueError`` unless every trainable tensor belongs to exactly one pair of shapes
-    (R, I) and (O, R): lowrank needs ``model.trainable = "lora"``.
-    """
-    index = {e.name: e.index for e in manifest}
-    pairs = []
-    for e in manifest:
-        if ".lora_A." not in e.name:
-            continue
-        b = index.get(e.name.replace(".lora_A.", ".lora_B."))
-        if b is None:
-            raise ValueError(f"LoRA factor {e.name} has no lora_B partner among the trainable tensors")
-        a_shape, b_shape = e.shape, manifest.entries[b].shape
-        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
-            raise ValueError(f"LoRA pair {e.name}: shapes {a_shape} and {b_shape} are not (R, I) and (O, R)")
-        pairs.append((e.index, b))
-    paired = {i for pair in pairs for i in pair}
-    others = [e.name for e in manifest if e.index not in paired]
-    if not pairs or others:
-        raise ValueError(
-            "lowrank trains LoRA factor pairs only (set model.trainable = 'lora'); "
-            f"found {len(pairs)} pairs and other trainable tensors {others[:3]}"
-        )
-    return pairs
-
-
-def lora_scale(model: nn.Module, a_name: str) -> float:
-    """LoRA scaling s (peft's ``scaling[adapter]``, lora_alpha / r) of the layer whose A factor is ``a_name``."""
-    module_path, rest = a_name.split(".lora_A.", 1)
-    adapter = rest.split(".")[0]
-    layer: Any = model.get_submodule(module_path)
-    return float(layer.scaling[adapter])
-
-
-def norm_of_sum(lefts: Sequence[torch.Tensor], rights: Sequence[torch.Tensor]) -> float:
-    """Frobenius norm of sum_j L_j R_j without forming it: ||P Q|| = ||Rp Q|| for P = Qp Rp.
-
-    Parameters
-    ----------
-    lefts
-        Matrices L_j (O x k_j).
-    rights
-        Matrices R_j (k_j x I).
-
-    Returns
-    -------
-    float
-        ||sum_j L_j R_j||_F, computed in float64.
-    """
-    p = torch.cat([t.double() for t in lefts], dim=1)
-    q = torch.cat([t.double() for t in rights], dim=0)
-    r = torch.linalg.qr(p, mode="r").R
-    return float(torch.linalg.matrix_norm(r @ q))
-
-
-def svd_of_sum(
-    lefts: Sequence[torch.Tensor], rights: Sequence[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD of M = sum_j L_j R_j through QR of the stacked factors (cost O((O + I) k^2), k = sum k_j).
-
-    Parameters
-    ----------
-    lefts
-        Matrices L_j (O x k_j), e.g. w_i s B_i / W.
-    rights
-        Matrices R_j (k_j x I), e.g. A_i.
-
-    Returns
-    -------
-    tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-        float64 U (O x m), S (m, descending), Vh (m x I) with M = U diag(S) Vh, m = min(O, I, k).
-    """
-    p = torch.cat([t.double() for t in lefts], dim=1)
-    q = torch.cat([t.double() for t in rights], dim=0)
-    qp, rp = torch.linalg.qr(p)
-    qq, rq = torch.linalg.qr(q.T)
-    uc, s, vch = torch.linalg.svd(rp @ rq.T, full_matrices=False)
-    return qp @ uc, s, vch @ qq.T
-
-
-def resplit(
-    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, *, rank: int, cutoff: float, scale: float
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Balanced rank-``rank`` factors of U diag(S) Vh in LoRA's convention (s B A = the truncation).
-
-    Parameters
-    ----------
-    u, s, vh
-        Thin SVD of the target product (already including LoRA's scale).
-    rank
-        R: the factors keep this shape whatever is kept.
-    cutoff
-        Zero the components with s_j <= cutoff * s_1 (0: keep the top R).
-    scale
-        LoRA scaling s = lora_alpha / r.
-
-    Returns
-    -------
-    tuple[torch.Tensor, torch.Tensor, int]
-        B (O x R), A (R x I) in float64, and the number of nonzero components kept.
-    """
-    k = min(rank, s.numel())
-    top = s[:k].clone()
-    if cutoff > 0 and k:
-        top = torch.where(top > cutoff * s[0], top, torch.zeros_like(top))
-    root = (top / scale).sqrt()
-    b = u.new_zeros(u.shape[0], rank)
-    a = vh.new_zeros(rank, vh.shape[1])
-    b[:, :k] = u[:, :k] * root
-    a[:k] = root[:, None] * vh[:k]
-    return b, a, int((top > 0).sum())
+# ---- the math, as pure functions (LoRA's own in models/lora.py) ------------------------------------
 
 
 def is_refactor_round(round_idx: int, refactor_every: int) -> bool:
@@ -278,7 +164,7 @@ def full_rank_merge(
     (mean,) = aggregate_tensors([[d] for d in dense], weights, aggregator, trim_frac)
     target = scale * b.double() @ a.double() + mean.double()
     u, sv, vh = torch.linalg.svd(target, full_matrices=False)
-    nb, na, kept = resplit(u, sv, vh, rank=a.shape[0], cutoff=cutoff, scale=scale)
+    nb, na, kept = lora.resplit(u, sv, vh, rank=a.shape[0], cutoff=cutoff, scale=scale)
     return nb, na, kept, sv
 
 
@@ -296,14 +182,9 @@ class LowrankServer(WeightsServer):
     def __init__(self, cfg: RunConfig, ctx: ServerContext) -> None:
         super().__init__(cfg, ctx)
         self.lcfg = cfg.lowrank
-        self.pairs = lora_pairs(self.manifest)
-        self.scales = [lora_scale(self.model, self.manifest.entries[a].name) for a, _ in self.pairs]
-        self.screen = cfg.kavg
-        # kavg screens factor-delta norms, which a rescaling (cB, A/c) moves at will; lowrank
-        # screens in dW space (``aggregate``) and switches the factor screens of the base off.
-        self.kcfg = dataclasses.replace(cfg.kavg, outlier_mult=0.0, clip_norm=0.0, clip_mult=0.0)
-        self._screened: dict[str, list[torch.Tensor]] = {}
-        self.dense_shapes = dense_shapes(self.manifest, self.pairs)
+        self.pairs = lora.lora_pairs(self.manifest)
+        self.scales = lora.layer_scales(self.model, self.manifest, self.pairs)
+        self.dense_shapes = lora.dense_shapes(self.manifest, self.pairs)
         """(O, I) of every adapted layer's weight: the shapes of a full-rank round's deltas."""
 
     # ---- plans -------------------------------------------------------------------------------------
@@ -356,91 +237,63 @@ class LowrankServer(WeightsServer):
 
     # ---- screening ---------------------------------------------------------------------------------
 
-    def delta_w_terms(
-        self, full: Sequence[torch.Tensor], plan: dict[str, Any] | None = None
-    ) -> list[tuple[float, float]]:
+    def delta_w_terms(self, full: Sequence[torch.Tensor], plan: dict[str, Any]) -> list[tuple[float, float]]:
         """Per LoRA layer, (||s (dB A + B dA)||, ||s dB dA||) of one site's full delta list.
 
         A full-rank round's dense deltas give (||dW||, 0).
         """
-        if plan is not None and plan["train"] == FULL_RANK:
+        if plan["train"] == FULL_RANK:
             return [(float(d.double().norm()), 0.0) for d in full]
-        out = []
-        for (ia, ib), scale in zip(self.pairs, self.scales):
-            a, b, da, db = self.params[ia], self.params[ib], full[ia], full[ib]
-            out.append((scale * norm_of_sum([db, b], [a, da]), scale * norm_of_sum([db], [da])))
-        return out
+        return lora.delta_w_terms(self.params, full, self.pairs, self.scales)
 
-    def _decode(self, site: str, payload: Payload, plan: dict[str, Any]) -> list[torch.Tensor]:
+    def decode(self, site: str, payload: Payload, plan: dict[str, Any]) -> list[torch.Tensor]:
         """A reply's deltas: the trained factors, or one dense dW per adapted layer in a full-rank round."""
         if plan["train"] == FULL_RANK:
             wire.require(payload, {"delta": bytes, "loss": float}, where=f"{site} reply")
             return decode_tensors(payload["delta"], self.dense_shapes, plan["up"], where=f"{site} full-rank update")
-        return super()._validate(site, payload, plan)
+        return super().decode(site, payload, plan)
 
-    def _validate(self, site: str, payload: Payload, plan: dict[str, Any]) -> list[torch.Tensor]:
-        if site in self._screened:  # decoded (and clipped) once, in ``aggregate``
-            return self._screened.pop(site)
-        return self._decode(site, payload, plan)
-
-    def _expand(self, deltas: list[torch.Tensor], plan: dict[str, Any]) -> list[torch.Tensor]:
+    def expand(self, deltas: list[torch.Tensor], plan: dict[str, Any]) -> list[torch.Tensor]:
         if plan["train"] == FULL_RANK:
             return deltas  # one dense delta per adapted layer, not per trainable tensor
-        return super()._expand(deltas, plan)
+        return super().expand(deltas, plan)
 
-    def aggregate(self, round_idx: int, phase: str, replies: dict[str, Payload], *, min_sites: int) -> RoundResult:
-        self._screened = {}
-        for site in sorted(replies):
-            if site in self._plans:
-                try:
-                    self._screened[site] = self._decode(site, replies[site], self._plans[site])
-                except (WireError, CodecError, ReplyRejected):
-                    pass  # the base class rejects it again, with the same reason
-        terms = {
-            s: self.delta_w_terms(self._expand(d, self._plans[s]), self._plans[s]) for s, d in self._screened.items()
-        }
-        norms = {s: _scaled_norm(t, 1.0) for s, t in terms.items()}
-        rejected: dict[str, str] = {}
-        if self.screen.outlier_mult and len(norms) >= 3:
-            med = sorted(norms.values())[len(norms) // 2]
-            for s, n in norms.items():
-                if med > 0 and n > self.screen.outlier_mult * med:
-                    rejected[s] = (
-                        f"update norm in dW = s*B*A space {n:.4g} is {n / med:.0f}x the median site's {med:.4g}"
-                    )
-        # fixed or adaptive clip in dW space (screening.py), in every federation size
-        bound = screening.clip_bound(
-            {s: n for s, n in norms.items() if s not in rejected},
-            clip_norm=self.screen.clip_norm,
-            clip_mult=self.screen.clip_mult,
+    def screen(self, round_idx: int, updates: dict[str, list[torch.Tensor]]) -> Screened:
+        """Outliers and the clip in dW = s B A space (module docstring), not on the factors' norms."""
+        terms = {s: self.delta_w_terms(self.expand(d, self._plans[s]), self._plans[s]) for s, d in updates.items()}
+        norms = {s: lora.scaled_norm(t, 1.0) for s, t in terms.items()}
+        k = self.kcfg
+        rejected, bound = screening.screen_norms(
+            norms,
+            outlier_mult=k.outlier_mult,
+            clip_norm=k.clip_norm,
+            clip_mult=k.clip_mult,
+            what="update norm in dW = s*B*A space",
         )
-        for s, n in list(norms.items()):
-            if s not in rejected and n > bound:
-                c = _shrink_factor(terms[s], bound)
-                for t in self._screened[s]:
+        kept = {s: d for s, d in updates.items() if s not in rejected}
+        clipped = {}
+        for s, d in kept.items():
+            clipped[s] = norms[s]
+            if norms[s] > bound:
+                c = lora.shrink_factor(terms[s], bound)
+                for t in d:
                     t.mul_(c)
-                norms[s] = _scaled_norm(terms[s], c)
-        for s in rejected:
-            del self._screened[s]
-        result = super().aggregate(
-            round_idx, phase, {s: p for s, p in replies.items() if s not in rejected}, min_sites=min_sites
-        )
-        self._screened = {}
-        result.rejected.update(rejected)
-        if result.committed:
-            result.metrics["num_rejected"] = float(len(result.rejected))
-            result.metrics["mean_delta_w_norm"] = sum(norms[s] for s in result.accepted) / len(result.accepted)
-            result.metrics["lr"] = self.round_lr(round_idx)
-        return result
+                clipped[s] = lora.scaled_norm(terms[s], c)
+        return Screened(kept, {s: norms[s] for s in kept}, clipped, rejected, bound)
 
-    def step_bound(self, round_idx: int, norms: Sequence[float], clipped_norms: Sequence[float]) -> float:
-        """No factor-space bound where the merged products are re-split (any rotation of the factors).
-
-        Only finiteness is checked there; rounds that average factors keep the base class's bound.
+    def step_bound(self, round_idx: int, screened: Screened) -> float:
+        """No bound where the merged products are re-split (any rotation of the factors is as good):
+        only finiteness is checked there. Rounds that average factors bound the step by the factor
+        deltas' norms after the dW-space clip, as kavg does.
         """
         if self.refactor_round(round_idx):
             return math.inf
-        return super().step_bound(round_idx, norms, clipped_norms)
+        factor_norms = [norm(d) for d in screened.updates.values()]
+        return min(screening.applied_bound(factor_norms, self.kcfg.aggregator), screening.magnitude_bound(factor_norms))
+
+    def round_metrics(self, round_idx: int, screened: Screened) -> dict[str, float]:
+        dw = [screened.clipped[s] for s in screened.updates]
+        return {"mean_delta_w_norm": sum(dw) / len(dw), "lr": self.round_lr(round_idx)}
 
     # ---- merging -----------------------------------------------------------------------------------
 
@@ -456,7 +309,7 @@ class LowrankServer(WeightsServer):
     def _merge_full_rank(self, updates: dict[str, list[torch.Tensor]], plans: dict[str, dict]) -> dict[str, float]:
         """Per layer: s B A + the mean dense delta, truncated back to rank R (``full_rank_merge``)."""
         sites = sorted(updates)
-        weights = self._weights(sites, plans)
+        weights = example_weights(plans, sites)
         kept, energy, tail = [], 0.0, 0.0
         for layer, ((ia, ib), scale) in enumerate(zip(self.pairs, self.scales)):
             b, a, k, sv = full_rank_merge(
@@ -481,9 +334,6 @@ class LowrankServer(WeightsServer):
             "svd_tail": math.sqrt(tail / energy) if energy > 0 else 0.0,
         }
 
-    def _weights(self, sites: Sequence[str], plans: dict[str, dict]) -> list[float]:
-        return [float(plans[s]["K"] * plans[s]["bs"]) for s in sites]
-
     def _average_learned(self, updates: dict[str, list[torch.Tensor]], plans: dict[str, dict]) -> dict[str, float]:
         """Each tensor averaged over the sites that trained it (all of them in fedavg and only-b)."""
         before = [p.clone() for p in self.params]
@@ -496,7 +346,7 @@ class LowrankServer(WeightsServer):
         for who, idx in groups.items():
             mean = aggregate_tensors(
                 [[updates[s][i] for i in idx] for s in who],
-                self._weights(who, plans),
+                example_weights(plans, who),
                 self.kcfg.aggregator,
                 self.kcfg.trim_frac,
             )
@@ -504,43 +354,28 @@ class LowrankServer(WeightsServer):
                 self.params[i].add_(d)
         if self.lcfg.mode == "ab-groups":
             return {"refactor": 0.0}
-        return {"product_gap": self._product_gap(before, updates, plans), "refactor": 0.0}
-
-    def _product_gap(
-        self, before: list[torch.Tensor], updates: dict[str, list[torch.Tensor]], plans: dict[str, dict]
-    ) -> float:
-        """Bias of merging factors instead of products, relative to the mean update (all layers).
-
-        ||s B' A' - mean_i s B_i A_i|| / ||mean_i s B_i A_i - s B A||; 0 up to rounding for only-b.
-        """
         sites = sorted(updates)
-        weights = self._weights(sites, plans)
-        total = sum(weights)
-        gap2 = move2 = 0.0
-        for (ia, ib), scale in zip(self.pairs, self.scales):
-            a_i = [before[ia] + updates[s][ia] for s in sites]
-            b_i = [scale * w / total * (before[ib] + updates[s][ib]) for s, w in zip(sites, weights)]
-            gap2 += norm_of_sum([scale * self.params[ib]] + [-b for b in b_i], [self.params[ia], *a_i]) ** 2
-            move2 += norm_of_sum([*b_i, -scale * before[ib]], [*a_i, before[ia]]) ** 2
-        return math.sqrt(gap2 / move2) if move2 > 0 else 0.0
+        deltas = [updates[s] for s in sites]
+        gap = lora.product_gap(before, self.params, deltas, example_weights(plans, sites), self.pairs, self.scales)
+        return {"product_gap": gap, "refactor": 0.0}
 
     def _merge_products(self, updates: dict[str, list[torch.Tensor]], plans: dict[str, dict]) -> dict[str, float]:
         """Per layer: the (weighted or robust) mean of s B_i A_i, truncated and re-split (``exact``)."""
         sites = sorted(updates)
-        weights = self._weights(sites, plans)
+        weights = example_weights(plans, sites)
         total = sum(weights)
         kept, energy, tail = [], 0.0, 0.0
         for (ia, ib), scale in zip(self.pairs, self.scales):
             a_i = [(self.params[ia] + updates[s][ia]).double() for s in sites]
             b_i = [(self.params[ib] + updates[s][ib]).double() for s in sites]
             if self.kcfg.aggregator == "mean":
-                u, sv, vh = svd_of_sum([scale * w / total * b for w, b in zip(weights, b_i)], a_i)
+                u, sv, vh = lora.svd_of_sum([scale * w / total * b for w, b in zip(weights, b_i)], a_i)
             else:  # robust statistics need the dense products, coordinate by coordinate
                 (mean,) = aggregate_tensors(
                     [[scale * b @ a] for b, a in zip(b_i, a_i)], weights, self.kcfg.aggregator, self.kcfg.trim_frac
                 )
                 u, sv, vh = torch.linalg.svd(mean.double(), full_matrices=False)
-            b, a, k = resplit(u, sv, vh, rank=self.params[ia].shape[0], cutoff=self.lcfg.svd_cutoff, scale=scale)
+            b, a, k = lora.resplit(u, sv, vh, rank=self.params[ia].shape[0], cutoff=self.lcfg.svd_cutoff, scale=scale)
             self.params[ia].copy_(a)
             self.params[ib].copy_(b)
             kept.append(k)
@@ -553,35 +388,6 @@ class LowrankServer(WeightsServer):
         }
 
 
-FULL_RANK = "full-rank"
-"""The plan's ``train`` selector of a full-rank round: dense deltas of the adapted layers' weights."""
-
-
-def dense_shapes(manifest: Manifest, pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    """(O, I) of each LoRA layer's weight: B is O x R, A is R x I."""
-    return [(manifest.entries[ib].shape[0], manifest.entries[ia].shape[1]) for ia, ib in pairs]
-
-
-def _scaled_norm(terms: Sequence[tuple[float, float]], c: float) -> float:
-    """sqrt(sum_layers (c lin + c^2 quad)^2): the dW-space norm of a site's deltas scaled by c."""
-    return math.sqrt(sum((c * lin + c * c * quad) ** 2 for lin, quad in terms))
-
-
-def _shrink_factor(terms: Sequence[tuple[float, float]], bound: float) -> float:
-    """The c in (0, 1] with _scaled_norm(terms, c) = bound (to 1e-9), never above it."""
-    full = _scaled_norm(terms, 1.0)
-    lo, hi = bound / full, 1.0  # n(c) <= c n(1) for c <= 1, so bound / n(1) is feasible
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if _scaled_norm(terms, mid) <= bound:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-9 * hi:
-            break
-    return lo
-
-
 class LowrankClient(WeightsClient):
     """A site: K local steps on the factors its plan selects (both, ``lora_A`` or ``lora_B``).
 
@@ -590,8 +396,8 @@ class LowrankClient(WeightsClient):
 
     def __init__(self, cfg: RunConfig, ctx: ClientContext) -> None:
         super().__init__(cfg, ctx)
-        self.pairs = lora_pairs(self.manifest)  # fail at start, not in round 1, when the model has no LoRA factors
-        self.dense_shapes = dense_shapes(self.manifest, self.pairs)
+        self.pairs = lora.lora_pairs(self.manifest)  # fail at start, not in round 1, when the model has no LoRA factors
+        self.dense_shapes = lora.dense_shapes(self.manifest, self.pairs)
 
     def base_weights(self) -> list[torch.Tensor]:
         """The frozen weight W0 of every adapted layer (the module under each LoRA pair), in pair order."""
@@ -608,6 +414,12 @@ class LowrankClient(WeightsClient):
             out.append(weight)
         return out
 
+    def step(self, phase: str, msg: Payload, state: Payload) -> tuple[Payload, Payload]:
+        if phase != "train":
+            raise ValueError(f"lowrank has no phase {phase!r}")
+        plan, start = self.load_global(msg)
+        return self.train_and_reply(plan, start), state
+
     def train_and_reply(self, plan: dict[str, Any], start: list[torch.Tensor]) -> Payload:
         if plan["train"] != FULL_RANK:
             return super().train_and_reply(plan, start)
@@ -618,8 +430,8 @@ class LowrankClient(WeightsClient):
         try:
             for w in weights:
                 w.requires_grad_(True)
-            batches = site_batches(self.ctx, plan["seed"], plan["round"], plan["K"], plan["bs"])
-            losses = local_train(
+            batches = training.site_batches(self.ctx, plan["seed"], plan["round"], plan["K"], plan["bs"])
+            losses = training.local_train(
                 self.ctx.model,
                 weights,
                 batches,

@@ -52,6 +52,43 @@ def clip_bound(norms: Mapping[str, float], *, clip_norm: float, clip_mult: float
     return float(clip_mult * lower_median(list(norms.values())))
 
 
+def screen_norms(
+    norms: Mapping[str, float],
+    *,
+    outlier_mult: float,
+    clip_norm: float,
+    clip_mult: float,
+    what: str = "update norm",
+) -> tuple[dict[str, str], float]:
+    """The two screens of a round's update norms: outliers, then the clip bound of the rest.
+
+    Parameters
+    ----------
+    norms
+        Site -> the norm of its update (in whatever space the algorithm screens: L2 of the
+        deltas, dW space for LoRA factors, the sent values for deft).
+    outlier_mult
+        With 3+ sites, a norm above ``outlier_mult`` x the median is rejected (0: off).
+    clip_norm, clip_mult
+        As ``clip_bound``, over the sites that were not rejected.
+    what
+        Names the norm in the rejection reason.
+
+    Returns
+    -------
+    tuple[dict[str, str], float]
+        Site -> why it was rejected, and the bound every other update is clipped to.
+    """
+    rejected = {}
+    if outlier_mult and len(norms) >= 3:
+        med = sorted(norms.values())[len(norms) // 2]
+        for s, n in norms.items():
+            if med > 0 and n > outlier_mult * med:
+                rejected[s] = f"{what} {n:.4g} is {n / med:.0f}x the median site's {med:.4g}"
+    kept = {s: n for s, n in norms.items() if s not in rejected}
+    return rejected, clip_bound(kept, clip_norm=clip_norm, clip_mult=clip_mult)
+
+
 def clip_factors(norms: Mapping[str, float], bound: float) -> dict[str, float]:
     """Site -> the factor in (0, 1] that brings its update norm down to ``bound`` (1.0 if within it)."""
     return {s: (bound / n if n > bound else 1.0) for s, n in norms.items()}

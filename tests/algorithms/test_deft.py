@@ -18,7 +18,9 @@ from conftest import tiny_flat
 from edgetune import config as cfgmod
 from edgetune import inproc
 from edgetune.algorithms import deft
-from edgetune.comm import wire
+from edgetune.algorithms.base import ServerContext
+from edgetune.comm import varint, wire
+from edgetune.comm.tensors import decode_tensors, encode_tensors
 from edgetune.federation import run_round
 from edgetune.models.load import clear_cache
 from edgetune.models.params import trainable_tensors
@@ -183,22 +185,22 @@ def test_indices_codec_round_trips_and_refuses_bad_lists():
     idx = np.sort(np.random.default_rng(0).choice(1_000_000, 10_000, replace=False))
 
     # Execute
-    blob = deft.encode_indices(idx)
+    blob = varint.encode_indices(idx)
 
     # Assert
-    assert (deft.decode_indices(blob, dim=1_000_000, max_count=10_000, where="t") == idx).all()
+    assert (varint.decode_indices(blob, dim=1_000_000, max_count=10_000, where="t") == idx).all()
     assert len(blob) < 1.6 * len(idx)
     bad = {
         "at most": (blob, 9_999),
-        "repeated": (deft.encode_varints(np.array([5, 0])), 10),
-        "out of range": (deft.encode_indices(np.array([3, 1_000_000])), 10),
+        "repeated": (varint.encode_varints(np.array([5, 0])), 10),
+        "out of range": (varint.encode_indices(np.array([3, 1_000_000])), 10),
         "ends inside": (b"\x85", 10),
         "longer than": (b"\xff" * 6 + b"\x01", 10),
         "minimally": (b"\x85\x00", 10),
     }
     for message, (raw, limit) in bad.items():
         with pytest.raises(ValueError, match=message):
-            deft.decode_indices(raw, dim=1_000_000, max_count=limit, where="t")
+            varint.decode_indices(raw, dim=1_000_000, max_count=limit, where="t")
 
 
 # ---- with a federation ----------------------------------------------------------------------------
@@ -207,7 +209,7 @@ def test_indices_codec_round_trips_and_refuses_bad_lists():
 def _site_bins(payloads):
     out = {}
     for s, p in payloads.items():
-        pairs = deft.decode_varints(p["bins"], max_count=10_000, where="t")
+        pairs = varint.decode_varints(p["bins"], max_count=10_000, where="t")
         out[s] = tuple(np.cumsum(pairs[0::2]).tolist())
     return out
 
@@ -240,7 +242,8 @@ def _indices_phase(fed, selector, num_sites):
     replies = {s: wire.decode(b, max_bytes=1 << 30) for s, b in raw.items()}
     result = server.aggregate(1, "indices", replies, min_sites=num_sites)
     assert result.committed
-    sent = {s: deft.decode_indices(r["idx"], dim=server.dim, max_count=server.dim, where=s) for s, r in replies.items()}
+    dim = server.dim
+    sent = {s: varint.decode_indices(r["idx"], dim=dim, max_count=dim, where=s) for s, r in replies.items()}
     return result.metrics, sent
 
 
@@ -330,21 +333,21 @@ def _forge_indices(server, how):
             return reply
         st, parts = server.round, server.parts
         mine = st.bins["site-2"]
-        idx = deft.decode_indices(reply["idx"], dim=server.dim, max_count=1 << 30, where="t")
+        idx = varint.decode_indices(reply["idx"], dim=server.dim, max_count=1 << 30, where="t")
         if how == "out of range":
             idx = np.append(idx[:-1], server.dim)
-            blob = deft.encode_varints(np.diff(idx, prepend=0))
+            blob = varint.encode_varints(np.diff(idx, prepend=0))
         elif how == "not in its bin":
             other = next(p for p in range(len(parts)) if p not in mine and p not in st.common)
-            blob = deft.encode_indices(np.sort(np.append(idx[:-1], parts.starts[other])))
+            blob = varint.encode_indices(np.sort(np.append(idx[:-1], parts.starts[other])))
         elif how == "repeated":
             gaps = np.diff(idx, prepend=0)
             gaps[-1] = 0
-            blob = deft.encode_varints(gaps)
+            blob = varint.encode_varints(gaps)
         else:  # one more index than k_p in its first partition, one fewer elsewhere
             p = int(mine[0])
             full = np.arange(parts.starts[p], parts.starts[p] + st.kp[p] + 1)
-            blob = deft.encode_indices(np.union1d(idx[parts.of(idx) != p][:-1], full))
+            blob = varint.encode_indices(np.union1d(idx[parts.of(idx) != p][:-1], full))
         return {**reply, "idx": blob}
 
     return rewrite
@@ -449,12 +452,12 @@ class Toy(torch.nn.Module):
 
 def _toy_server(tmp_path, allocation, sizes=(10, 20, 30)):
     cfg = _cfg(**{"deft.density": 0.2, "deft.allocation": allocation})
-    ctx = deft.ServerContext(run_id=b"\x01" * 16, model=Toy(sizes), tokenizer=None, workdir=tmp_path)
+    ctx = ServerContext(run_id=b"\x01" * 16, model=Toy(sizes), tokenizer=None, workdir=tmp_path)
     return deft.DeftServer(cfg, ctx)
 
 
 def _norms_reply(values):
-    return {"norms": deft.encode_tensors([torch.tensor(values)], deft.NORMS_CODEC), "loss": 1.0}
+    return {"norms": encode_tensors([torch.tensor(values)], deft.NORMS_CODEC), "loss": 1.0}
 
 
 def test_site_norms_allocation_follows_the_papers_rule_by_hand(tmp_path):
@@ -526,10 +529,7 @@ def test_site_norms_round_reports_the_update_norms_and_counts_their_bytes(fed8):
     def capture(round_idx, phase, replies, *, min_sites):
         if phase == "norms":
             reported.update(
-                {
-                    s: deft.decode_tensors(r["norms"], [(len(server.parts),)], "bf16", where=s)[0]
-                    for s, r in replies.items()
-                }
+                {s: decode_tensors(r["norms"], [(len(server.parts),)], "bf16", where=s)[0] for s, r in replies.items()}
             )
         return real_aggregate(round_idx, phase, replies, min_sites=min_sites)
 

@@ -14,12 +14,12 @@ from conftest import tiny_flat
 from edgetune import config as cfgmod
 from edgetune import inproc
 from edgetune.algorithms import dppf
-from edgetune.algorithms.lowrank import lora_pairs, lora_scale
 from edgetune.comm import wire
 from edgetune.comm.tensors import decode_tensors
 from edgetune.comm.wire import WireError
 from edgetune.federation import run_round
 from edgetune.models.load import clear_cache, load_model
+from edgetune.models.lora import lora_pairs, lora_scale
 from edgetune.models.params import manifest_of
 
 

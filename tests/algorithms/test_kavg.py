@@ -10,7 +10,8 @@ from conftest import tiny_flat
 
 from edgetune import config as cfgmod
 from edgetune import inproc
-from edgetune.algorithms.kavg import aggregate_tensors, site_batches
+from edgetune.algorithms.training import site_batches
+from edgetune.algorithms.weights import aggregate_tensors
 from edgetune.comm import wire
 from edgetune.comm.tensors import decode_tensors, encode_tensors
 from edgetune.federation import run_federation, run_round

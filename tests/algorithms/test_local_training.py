@@ -1,4 +1,4 @@
-"""LoRA sites as FlowerTune users run them: gradient accumulation, autocast, QLoRA (kavg.local_train)."""
+"""LoRA sites as FlowerTune users run them: gradient accumulation, autocast, QLoRA (training.local_train)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from hf_fixtures import save_tiny_model
 
 from edgetune import config as cfgmod
-from edgetune.algorithms.kavg import local_train, micro_batches
+from edgetune.algorithms.training import local_train, micro_batches
 from edgetune.data.demo import demo_sites
 from edgetune.data.prompts import TokenizedSet
 from edgetune.models.load import load_model

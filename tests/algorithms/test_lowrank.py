@@ -12,7 +12,6 @@ from peft import PeftModel
 from edgetune import config as cfgmod
 from edgetune import inproc
 from edgetune.algorithms.base import ServerContext
-from edgetune.algorithms.kavg import select
 from edgetune.algorithms.lowrank import (
     FULL_RANK,
     LowrankServer,
@@ -20,13 +19,13 @@ from edgetune.algorithms.lowrank import (
     full_rank_merge,
     is_refactor_round,
     rebound_lr,
-    resplit,
-    svd_of_sum,
 )
+from edgetune.algorithms.weights import select
 from edgetune.comm import wire
 from edgetune.comm.tensors import decode_tensors, encode_tensors
 from edgetune.federation import run_federation, run_round
 from edgetune.models.load import clear_cache, load_model
+from edgetune.models.lora import resplit, svd_of_sum
 from edgetune.models.tiny import tiny_model_and_tokenizer
 
 RANK = 4

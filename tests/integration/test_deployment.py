@@ -187,7 +187,7 @@ def test_tls_node_auth_three_sites_kill_and_catch_up(tmp_path, link):
     # its own saved replica equals the server's state at the round it last replayed
     from edgetune.io import read_state_json
 
-    saved = read_state_json(next((tmp_path / "cache" / "sites" / "site-2" / "spsa").glob("*/replica.json")))
+    saved = read_state_json(next((tmp_path / "cache" / "sites" / "site-2").glob("*/spsa/replica.json")))
     assert saved["hash"] == rows[saved["applied"]]["state_hash"]
     assert saved["applied"] == 7
 

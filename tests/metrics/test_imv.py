@@ -14,7 +14,7 @@ from torch import nn
 
 from edgetune import config as cfgmod
 from edgetune import inproc
-from edgetune.algorithms.kavg import site_batches
+from edgetune.algorithms.training import site_batches
 from edgetune.crypto import keystream, schedule
 from edgetune.federation import run_federation, run_round
 from edgetune.metrics.imv import checkpoint_imv, heldout_loss_fn, imv_metrics, valley_imv

@@ -29,7 +29,7 @@ from edgetune.algorithms.base import ReplyRejected
 from edgetune.algorithms.spsa import log as replay_log
 from edgetune.algorithms.spsa import pool as poolmod
 from edgetune.algorithms.spsa.log import LogEntry
-from edgetune.io import atomic_write_bytes, prune_sibling_runs, read_state_json, write_state_json
+from edgetune.io import atomic_write_bytes, read_state_json, write_state_json
 from edgetune.models import master
 from edgetune.models.params import Manifest, manifest_of, trainable_tensors
 
@@ -238,7 +238,9 @@ class Replica:
     # ---- persistence ---------------------------------------------------------------------------
 
     def save(self, folder: Path) -> None:
-        """Persist the state (run, round, hash) for a later process of the same site.
+        """Persist the state (run, round, hash) for a later process of the same site (``folder``:
+        the site's store, ``ClientContext.store.run_folder(run, "spsa")``, which prunes older runs;
+        or the server's state folder).
 
         Dense replicas keep their fp32 masters (hard-linked when the store is a file, so saving
         costs no copy); a run-scope pool keeps only its coefficients (kilobytes).
@@ -272,7 +274,6 @@ class Replica:
         for old in [*folder.glob("master-*.safetensors"), *folder.glob("pool-*.bin")]:
             if old.name != name:
                 old.unlink(missing_ok=True)
-        prune_sibling_runs(folder)  # keep the saved states of this site's two most recent runs only
 
     @staticmethod
     def saved_round(folder: Path | None, run_id: bytes) -> int:
