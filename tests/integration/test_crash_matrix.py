@@ -7,7 +7,7 @@ block, no flush, exactly what ``kill -9`` leaves on disk (every write the code m
 fsynced). A second child then resumes the run folder to the end. The tiny model keeps a case near a
 second of CPU; ``tests/integration/test_resume.py`` kills real processes with SIGKILL at two points.
 
-Cases (3 rounds, 2 sites; spsa and kavg):
+Cases (3 rounds, 2 sites; spsa and kavg, and for a full disk also dppf, deft and lowrank with ``FULL``):
 
 * every ``federation.FAULT_POINTS`` step of every round (the last-round-only ``after-summary`` once);
 * before every ``os.replace`` of the run (each atomic file and folder: state, ledger, metrics, checkpoint);
@@ -62,8 +62,10 @@ def _flat(algorithm: str) -> dict:
             "run.min_sites": NUM_SITES,  # a site that fails a write makes the round retry (module docstring)
         }
     )
-    if algorithm == "kavg":
-        flat.update({"algorithm": "kavg", "kavg.local_steps": 1, "kavg.lr": 1e-2})
+    if algorithm != "spsa":
+        flat.update({"algorithm": algorithm, "kavg.local_steps": 1, "kavg.lr": 1e-2})
+    if algorithm == "lowrank":
+        flat.update({"model.trainable": "lora", "model.lora_rank": 4, "model.lora_alpha": 8.0})
     return flat
 
 
@@ -234,7 +236,7 @@ def warm(tmp_path_factory):
 
 
 FULL = os.environ.get("EDGETUNE_CRASH_FULL") == "1"
-"""The whole matrix (every round, every call, both algorithms, every offset): about an hour on 2 shared
+"""The whole matrix (every round, every call, every algorithm, every offset): about an hour on 2 shared
 cores. By default (CI) the matrix covers round 2 of 3, the middle round, whose steps are those of every
 round, and the run's tail after the last round (plot, summary, the finished line); the last line's byte
 offsets are all cut for the finished line, every 3rd for a plan line and every 8th for the long commit line
@@ -284,7 +286,13 @@ def test_kill_at_every_fault_point_and_every_rename_resumes_to_the_same_hash(tmp
     assert len(renames) >= 8
 
 
-@pytest.mark.parametrize("algorithm", ["spsa", "kavg"])
+ONLY_FULL = pytest.mark.skipif(not FULL, reason="EDGETUNE_CRASH_FULL=1 (a few minutes each on 2 cores)")
+
+
+@pytest.mark.parametrize(
+    "algorithm",
+    ["spsa", "kavg", *(pytest.param(a, marks=ONLY_FULL) for a in ("dppf", "deft", "lowrank"))],
+)
 def test_disk_full_at_every_write_resumes_to_the_same_hash(tmp_path, warm, algorithm):
     """ENOSPC at an os.write / os.pwrite (whole, or after half of the bytes reached the file, as a full disk
     tears an append): the run stops (or carries on where the write was optional), and a restart with space
