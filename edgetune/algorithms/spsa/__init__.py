@@ -14,7 +14,8 @@ One round r, site i, K steps x P probes::
 
     server and every site:  theta_{r+1} = theta_r - sum_{i,k,p} c_{i,k,p} z_{i,k,p}
                             c = fp32(lr * g_hat / D), D = N*P (mean) or sqrt(N*P) (sqrt),
-                            applied in canonical order (site id, step, probe)
+                            applied in canonical order (site id, step, probe); a site's
+                            g_hat vector is first bounded in norm (log.site_norm_factors)
 
 Every copy of theta replays the same list of (key, c) from the same round-start state, so the
 server and all sites hold bitwise identical weights after every round; the state hash travels

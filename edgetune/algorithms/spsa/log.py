@@ -13,6 +13,14 @@ Coefficient of one scalar g (site i, step k, probe p), over N sites and P probes
 
 With ``shared`` directions the N sites' scalars of one direction are first combined by the
 robust aggregator (mean, trimmed mean, median) and that value stands for all N of them.
+
+Before either, every site's scalar vector is bounded in norm (``site_norm_factors``): a site whose
+||g_i|| exceeds ``SITE_NORM_MULT`` x the lower median of the round's site norms is scaled down to
+that bound. The bound is a function of the committed codes only (exactly rounded sums, one
+correctly rounded square root), so every replica scales bitwise the same, and no byte is added on
+the wire. With fewer than half of the sites lying, the lower median lies within the honest sites'
+norms: a site sending the largest code on every probe moves the model no further than an honest
+site does, whatever the clip allows it.
 """
 
 from __future__ import annotations
@@ -209,6 +217,42 @@ def robust(values: list[float], aggregator: str, trim_frac: float) -> float:
     return math.fsum(values) / len(values)
 
 
+SITE_NORM_MULT = 2.0
+"""A site's scalar vector is scaled down to at most this multiple of the round's lower-median site norm."""
+
+
+def site_norm(values: np.ndarray) -> float:
+    """||values||_2 in float64, exactly rounded sum of squares: the same bits on every replica."""
+    return math.sqrt(math.fsum(float(x) * float(x) for x in np.asarray(values, dtype=np.float64)))
+
+
+def lower_median(values: Sequence[float]) -> float:
+    """The ``(n - 1) // 2``-th smallest value: an element of ``values``, never an average."""
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def site_norm_factors(decoded: dict[str, np.ndarray], mult: float | None = None) -> dict[str, float]:
+    """Per site, the factor (<= 1) that bounds its scalars' norm by ``mult`` x the lower median site norm.
+
+    1.0 for a site within the bound; ``bound / norm`` for one above it (a bound of 0, when at least
+    half of the sites sent all-zero codes, scales every other site to 0: that round moves nothing).
+    """
+    mult = SITE_NORM_MULT if mult is None else mult
+    norms = {s: site_norm(g) for s, g in decoded.items()}
+    if not norms:
+        return {}
+    bound = mult * lower_median(list(norms.values()))
+    return {s: (bound / n if n > bound else 1.0) for s, n in norms.items()}
+
+
+def bounded_scalars(entry: LogEntry) -> dict[str, np.ndarray]:
+    """Site -> its decoded scalars, scaled by ``site_norm_factors`` (what the round applies)."""
+    decoded = entry.decoded()
+    factors = site_norm_factors(decoded)
+    return {s: g if factors[s] == 1.0 else g * factors[s] for s, g in decoded.items()}
+
+
 def _denominator(entry: LogEntry) -> float:
     count = len(entry.sites) * entry.num_probes
     return float(count) if entry.normalizer == "mean" else math.sqrt(count)
@@ -220,7 +264,7 @@ def unit_contributions(entry: LogEntry) -> list[tuple[str, int, int, float]]:
     ``who`` is the site id (per-site directions) or ``"*"`` (shared); the order is (site, step,
     probe) for per-site directions and (step, probe) for shared ones.
     """
-    decoded = entry.decoded()
+    decoded = bounded_scalars(entry)
     k_steps, n_probes = entry.num_steps, entry.num_probes
     denom = _denominator(entry)
     out: list[tuple[str, int, int, float]] = []

@@ -16,7 +16,7 @@ from edgetune import schedules
 from edgetune.algorithms import scalar_clip, screening
 from edgetune.algorithms.base import ReplyRejected, RoundResult, ServerContext
 from edgetune.algorithms.spsa import pool as poolmod
-from edgetune.algorithms.spsa.log import MAX_LOG_ROUNDS, LogEntry, decode_log, encode_log
+from edgetune.algorithms.spsa.log import MAX_LOG_ROUNDS, LogEntry, decode_log, encode_log, site_norm_factors
 from edgetune.algorithms.spsa.replica import SpaceSpec, replica_for
 from edgetune.comm import wire
 from edgetune.comm.codecs import SCALAR_CODECS, CodecError
@@ -313,12 +313,16 @@ class SpsaServer:
         # computed by every replica from the committed codes, so the clip bounds its input too.
         clip = scalar_clip.next_clip({s: accepted[s][1] for s in sites}, plan["scale"], self.scfg, self._clip_streaks)
         self.scale, self._clip_streaks = clip.scale, clip.streaks
+        # The replay scaled sites whose scalars' norm exceeds the round's bound (log.site_norm_factors).
+        factors = site_norm_factors({s: accepted[s][1] for s in sites})
         metrics = {
             "train_loss": float(np.mean([accepted[s][2] for s in sites])),
             "num_accepted": float(len(sites)),
             "num_rejected": float(len(rejected)),
             "scale": plan["scale"],
             **clip.metrics,
+            "norm_bounded_sites": float(sum(f < 1.0 for f in factors.values())),
+            "norm_bound_min_factor": min(factors.values()),
         }
         if self.replica.pool is not None:
             metrics["pool_coeff_l1"] = float(np.abs(self.replica.pool.n).sum(dtype=np.float64) * poolmod.POOL_QUANTUM)
