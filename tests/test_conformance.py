@@ -344,6 +344,10 @@ class Tap:
     def sites(self) -> list[str]:
         return self.inner.sites()
 
+    def drain_stale(self) -> dict[str, str]:
+        drain = getattr(self.inner, "drain_stale", None)  # part of the Transport protocol since issue 17
+        return drain() if drain is not None else {}
+
     def exchange(self, round_idx: int, phase: str, blobs: dict[str, bytes], *, timeout_s: float) -> dict[str, Any]:
         raw = self.inner.exchange(round_idx, phase, blobs, timeout_s=timeout_s)
         self.calls.append((round_idx, phase, dict(blobs), dict(raw)))
