@@ -40,7 +40,7 @@ GOLDEN = {
     "kavg/adamw-int8": "419eb38002703e0e0d229d419d0f1b02dd543c6a25675cae1e615b4a054bbc62",
     "lowrank": "7a79f3282887b1758124136c99d6402b473612e2b36ecc78307c496eadedc43b",
     "lowrank/ab-groups": "f8087bef0859e2eaa0d23aadc21d92460d3f75b12e52ef30c3cdb62c75887ac4",
-    "spsa": "c39da92fc5a848a71cc0ae7f6b2f7dc7bdb4272d2bd4d6bc6b488bc04c48cdae",
+    "spsa": "adec90046416f6cfa3ab297718b7301d220b4cf193661c66699e94e32cbf9375",
     "spsa/run-pool-separate-replicas": "a9696e13b80f5a9975a3707ccc44113a29fb26b30c7d2e21aa6df6c44884b764",
 }
 """Recipe name -> final state hash (``summary["final_state_hash"]``) on the pre-refactor code."""
