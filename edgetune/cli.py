@@ -246,8 +246,8 @@ def imv(
     ] = None,
 ) -> None:
     """Checkpoint flatness: the forward-only valley probe (IMV = 1 / mean radius) of a saved checkpoint."""
+    from edgetune.evaluation import checkpoint_imv
     from edgetune.io import atomic_write_json
-    from edgetune.metrics.imv import checkpoint_imv
 
     with _failing():
         overrides = dict(cfgmod.parse_override(o) for o in (set_ or []))
@@ -293,19 +293,18 @@ def server(
     ] = "",
 ) -> None:
     """Start (or connect to) a SuperLink with TLS + node authentication, register sites, run RECIPE."""
-    from edgetune import deploy
+    from edgetune.deploy import DeployError
+    from edgetune.deploy.server import registered_sites, run_server
 
     keys, state = keys.resolve(), state.resolve()
-    with _failing(deploy.DeployError):
-        registered = deploy.registered_sites(keys)
+    with _failing(DeployError):
+        registered = registered_sites(keys)
     extra: dict[str, Any] = {"crypto.keys_dir": str(keys), "run.num_sites": sites or len(registered)}
     if rounds:
         extra["num_rounds"] = rounds
     flat, cfg = _load(recipe, set_ or [], extra)
-    with _failing(deploy.DeployError):
-        deploy.run_server(
-            flat, cfg, keys, address=address, connect=connect, state=state, insecure=insecure, gateway=gateway
-        )
+    with _failing(DeployError):
+        run_server(flat, cfg, keys, address=address, connect=connect, state=state, insecure=insecure, gateway=gateway)
 
 
 @app.command()
@@ -353,10 +352,11 @@ def site(
     ] = False,
 ) -> None:
     """Run this factory's site: a Flower SuperNode with its kit, data and device."""
-    from edgetune import deploy
+    from edgetune.deploy import DeployError
+    from edgetune.deploy.site import run_site
 
-    with _failing(deploy.DeployError):
-        code = deploy.run_site(
+    with _failing(DeployError):
+        code = run_site(
             kit, superlink, data=data, demo_index=demo_index, num_sites=num_sites, device=device, devices=devices,
             model=model, quantize=quantize, port=port, state=state, insecure=insecure, activation_wait=activation_wait,
             keep_loaded=keep_loaded, link=link.value, count_bytes=count_bytes,

@@ -3,8 +3,8 @@
 ``edgetune server`` starts (or connects to) a SuperLink with TLS, SuperNode authentication and a
 persistent database, registers every site's node key, submits the run and follows it
 (``server.py``). ``edgetune site`` starts one SuperNode with its site kit and data and supervises it
-(``site.py``). Both drive Flower's own commands (``commands.py``); nothing here opens a socket of
-its own.
+(``site.py``); ``edgetune keys``/``certs`` make the key folder (``kits.py``). They drive Flower's own
+commands (``commands.py``, re-exported here); nothing here opens a socket of its own.
 """
 
 from edgetune.deploy.commands import (
@@ -23,8 +23,6 @@ from edgetune.deploy.commands import (
     wait_healthy,
     write_cli_config,
 )
-from edgetune.deploy.server import registered_sites, run_server
-from edgetune.deploy.site import run_site
 
 __all__ = [
     "CONNECTION",
@@ -34,9 +32,6 @@ __all__ = [
     "flwr",
     "is_loopback",
     "register_sites",
-    "registered_sites",
-    "run_server",
-    "run_site",
     "run_status",
     "split_address",
     "submit_run",
