@@ -18,6 +18,11 @@
 offline) and follows the run's ``metrics.jsonl`` in a live table; ``--engine inproc`` runs the
 same loop without Flower. Nothing here needs the source checkout: the Flower apps are modules of
 the package and the app folder ``flwr run`` submits is generated (``edgetune/project.py``).
+
+This module only wires options to the code that does the work: ``simulate.py`` (simulation driver),
+``deploy/`` (server, site supervision, key kits), ``evaluation.py`` (eval, imv), ``report/``,
+``project.py`` (new, bench); ``live.py`` shows a run as it goes. Their errors (``ValueError``,
+``DeployError``, ...) are printed as ``error: <message>`` with exit code 1.
 """
 
 from __future__ import annotations
