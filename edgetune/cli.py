@@ -171,12 +171,13 @@ def simulate(
         with _failing():
             extra["run.gpus_per_site"] = cfgmod.check_gpus_per_site(gpus_per_site, "--gpus-per-site")
     flat, cfg = _load(recipe, set_ or [], extra)
-    flat, cfg, run_dir = sim.prepare(flat, cfg, sites)
-    with _failing(ValueError, sim.SimulationError):
-        if engine == Engine.flower:
+    with _failing():
+        flat, cfg, run_dir = sim.prepare(flat, cfg, sites)
+    if engine == Engine.flower:
+        with _failing(ValueError, sim.SimulationError):
             code = sim.simulate_flower(flat, cfg, cfg.run.num_sites, cpus_per_site, run_dir)
-        else:
-            code = sim.simulate_inproc(cfg, cfg.run.num_sites, run_dir)
+    else:
+        code = sim.simulate_inproc(cfg, cfg.run.num_sites, run_dir)
     print_summary(run_dir)
     raise typer.Exit(code=code)
 

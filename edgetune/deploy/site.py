@@ -125,8 +125,15 @@ def supervise_supernode(cmd: list[str], env: dict[str, str], activation_wait: fl
     def _stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGTERM, _stop)
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _run_retrying(cmd, env, activation_wait)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run_retrying(cmd: list[str], env: dict[str, str], activation_wait: float) -> int:
     started = time.time()
     while True:
         proc = subprocess.Popen(
