@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from edgetune import config as cfgmod
+from edgetune.build import flower_partitioner
 from edgetune.crypto import keystream, schedule
 from edgetune.data.prompts import TokenizedSet, batch_indices
 from edgetune.data.sources import heldout_examples, site_examples
@@ -65,7 +66,7 @@ def run_central(
     space = {"trainable": "lora", "target_modules": "q_proj,v_proj"} if kind == "lora" else {"trainable": "all"}
     model_cfg = cfgmod.ModelSection(**{**cfg.model.__dict__, **space, "lora_layers": ""})
     model, tok = load_model(model_cfg, seed=cfg.run.seed)
-    pooled = [ex for i in range(sites) for ex in site_examples(cfg, i, sites)]
+    pooled = [ex for i in range(sites) for ex in site_examples(cfg, i, sites, partitioner=flower_partitioner)]
     train = TokenizedSet(tok, pooled, cfg.data.max_length)
     held = heldout_examples(cfg, sites)
     work = trainable_tensors(model, manifest_of(model))

@@ -11,7 +11,7 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from edgetune.algorithms.base import ClientContext, ClientHalf, ServerContext, S
 from edgetune.config import RunConfig
 from edgetune.crypto import keys as keymod
 from edgetune.data.prompts import TokenizedSet
-from edgetune.data.sources import heldout_examples, site_examples
+from edgetune.data.sources import Partitioner, heldout_examples, site_examples
 from edgetune.io import private_dir
 from edgetune.metrics.eval import evaluate as eval_model
 from edgetune.models.load import cache_root, cached_model, check_fingerprint
@@ -121,6 +121,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def flower_partitioner(
+    rows: Sequence[Mapping[str, Any]], num_partitions: int, *, method: str, by: str, alpha: float, seed: int
+) -> list[list[dict[str, Any]]]:
+    """The partitioner simulated sites split a data file with: flwr-datasets' (``edgetune/flower/partition.py``),
+    imported on first use, so only a run that splits a data file pays for importing them.
+    """
+    from edgetune.flower.partition import partition
+
+    return partition(rows, num_partitions, method=method, by=by, alpha=alpha, seed=seed)
+
+
 def site_state_dir(cfg: RunConfig, site_id: str) -> Path:
     """Persistent folder of one site (``<cache>/sites/<site-id>``)."""
     # private: it holds the site's replica of the model, its replay guard and its residuals
@@ -137,14 +148,17 @@ def build_client(
     workdir: Path,
     data_path: str = "",
     namespace: str = "",
+    partitioner: Partitioner = flower_partitioner,
 ) -> ClientHalf:
     """One site's client half (model shared per process, unless ``namespace`` separates it).
+
+    ``partitioner`` splits ``data.path`` across simulated sites (``edgetune/data/sources.py``).
 
     With ``model.sha256`` set, the site's own copy of the base model must have that fingerprint.
     """
     check_fingerprint(cfg.model, seed=cfg.run.seed, who=f"site {site_id}")
     model, tokenizer = cached_model(cfg.model, seed=cfg.run.seed, namespace=namespace)
-    examples = site_examples(cfg, site_index, num_sites, data_path)
+    examples = site_examples(cfg, site_index, num_sites, data_path, partitioner=partitioner)
     ctx = ClientContext(
         site_id=site_id,
         model=model,

@@ -1,4 +1,4 @@
-"""Evaluate a saved checkpoint (``edgetune eval``): held-out loss and exact-match accuracy.
+"""Score a saved checkpoint: held-out loss and accuracy (``edgetune eval``), flatness (``edgetune imv``).
 
 A checkpoint folder holds either a full model (``config.json`` + safetensors, loadable with
 ``AutoModelForCausalLM.from_pretrained``) or a peft adapter (``adapter_config.json``), plus the
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,15 @@ import torch
 from edgetune import config as cfgmod
 from edgetune.data.sources import heldout_examples
 from edgetune.metrics.eval import evaluate
+from edgetune.metrics.imv import imv_examples, model_imv
 from edgetune.models.load import model_folder, resolve_device
-from edgetune.models.params import model_sha256
+from edgetune.models.params import model_sha256, select_trainable
 
 
-def _run_config(checkpoint: Path, recipe: Path | None) -> cfgmod.RunConfig:
+def checkpoint_config(checkpoint: Path, recipe: Path | None) -> cfgmod.RunConfig:
+    """The configuration a checkpoint was trained with: ``recipe`` when given, else its run's ``config.toml``
+    (two folders up); ``ValueError`` when the checkpoint is not inside a run folder and no recipe is given.
+    """
     if recipe is not None:
         return cfgmod.from_run_config(cfgmod.load_recipe(recipe))
     run_cfg = checkpoint.parent.parent / "config.toml"
@@ -100,7 +105,7 @@ def verify_state_hash(model: Any, cfg: cfgmod.RunConfig, recorded: str, checkpoi
     The hash covers the fp32 master weights; a checkpoint written in another dtype (bfloat16 work
     weights) cannot be compared and is reported as not checked.
     """
-    from edgetune.models.params import select_trainable, sha256_tensors, trainable_tensors
+    from edgetune.models.params import sha256_tensors, trainable_tensors
 
     manifest = select_trainable(model, cfg.model.trainable_patterns)
     tensors = trainable_tensors(model, manifest)
@@ -143,7 +148,7 @@ def evaluate_checkpoint(
             cfg = cfgmod.from_run_config(cfgmod.load_recipe(recipe))
         result.update({"round": info["round"], "delta_bytes": info["bytes"], "state_sha256": info["state_sha256"]})
     elif checkpoint.is_dir():
-        cfg = _run_config(checkpoint, recipe)
+        cfg = checkpoint_config(checkpoint, recipe)
         model, tokenizer = None, None
     else:
         raise ValueError(f"no checkpoint folder or delta file at {checkpoint}")
@@ -190,3 +195,76 @@ def evaluate_checkpoint(
     result["num_examples"] = len(examples)
     result["weights_sha256"] = model_sha256(model)
     return result
+
+
+def checkpoint_imv(
+    checkpoint: Path | str,
+    *,
+    recipe: Path | None = None,
+    num_sites: int = 0,
+    overrides: Mapping[str, Any] | None = None,
+    show_progress: bool = False,
+) -> dict[str, Any]:
+    """Valley probe of a saved checkpoint (``edgetune imv CHECKPOINT``), as a JSON-ready dict.
+
+    Parameters
+    ----------
+    checkpoint
+        A checkpoint folder (``runs/<run>/checkpoints/round-NNNN``).
+    recipe
+        Recipe to read the configuration from, when the checkpoint is not inside a run folder.
+    num_sites
+        Sites of the run, for the demo held-out set (0: ``run.num_sites`` or 4), as ``edgetune eval``.
+    overrides
+        Dotted config keys replacing the run's (``{"imv.num_directions": 8, "imv.delta": 0.05}``).
+    show_progress
+        Show a progress bar over the probe's loss evaluations (``edgetune/progress.py``).
+
+    Returns
+    -------
+    dict
+        ``imv``, ``mean_radius``, ``radii``, ``base_loss``, the probe settings, ``num_loss_evals``,
+        ``num_capped``, ``numel``, ``round`` and ``weights_sha256`` (unchanged by the probe).
+    """
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        raise ValueError(f"no checkpoint folder at {checkpoint}")
+    cfg = checkpoint_config(checkpoint, recipe)
+    if overrides:
+        cfg = cfgmod.from_run_config({**cfgmod.flatten(cfg), **dict(overrides)})
+    model, tokenizer = load_checkpoint(checkpoint, cfg)
+    # Probe the run's trainable tensors (a loaded checkpoint comes back all-trainable or, as a peft
+    # adapter, all-frozen), so the probe moves what training moved.
+    select_trainable(model, cfg.model.trainable_patterns)
+    examples = imv_examples(cfg, num_sites or cfg.run.num_sites or 4)
+    if show_progress:
+        from edgetune import progress
+
+        bound = 1 + cfg.imv.num_directions * (11 + cfg.imv.bisect_steps)
+        with progress.task("valley probe (loss evaluations, at most)", total=bound) as bar:
+            result = model_imv(model, tokenizer, examples, cfg, on_loss_eval=bar.advance)
+    else:
+        result = model_imv(model, tokenizer, examples, cfg)
+    out: dict[str, Any] = {"checkpoint": str(checkpoint)}
+    info = checkpoint / "edgetune.json"
+    if info.is_file():
+        out["round"] = json.loads(info.read_text()).get("round")
+    out.update(
+        {
+            "imv": result.imv,
+            "mean_radius": result.mean_radius,
+            "radii": result.radii,
+            "base_loss": result.base_loss,
+            "num_directions": cfg.imv.num_directions,
+            "delta": cfg.imv.delta,
+            "max_radius": cfg.imv.radius_limit,
+            "normalize": cfg.imv.normalize,
+            "bisect_steps": cfg.imv.bisect_steps,
+            "num_examples": len(examples),
+            "num_loss_evals": result.num_loss_evals,
+            "num_capped": result.num_capped,
+            "numel": result.numel,
+            "weights_sha256": model_sha256(model),
+        }
+    )
+    return out

@@ -95,9 +95,9 @@ def pyproject_text(name: str, cfg: cfgmod.RunConfig, *, description: str = "") -
         'requires = ["hatchling"]\n'
         'build-backend = "hatchling.build"\n\n'
         "[project]\n"
-        f"name = {cfgmod._toml_value(name)}\n"
+        f"name = {cfgmod.toml_value(name)}\n"
         'version = "0.1.0"\n'
-        f"description = {cfgmod._toml_value(description)}\n"
+        f"description = {cfgmod.toml_value(description)}\n"
         'license = "Apache-2.0"\n'
         "dependencies = []\n\n"
         "[tool.hatch.build.targets.wheel]\n"

@@ -7,7 +7,7 @@ import json
 import threading
 import time
 
-from edgetune import cli
+from edgetune import live
 
 
 def test_follow_asks_for_status_rarely_and_at_once_when_the_summary_appears(tmp_path):
@@ -27,12 +27,12 @@ def test_follow_asks_for_status_rarely_and_at_once_when_the_summary_appears(tmp_
         time.sleep(0.3)
         (tmp_path / "summary.json").write_text("{}")
 
-    table = cli.RoundTable("t", 2)
+    table = live.RoundTable("t", 2)
     writer = threading.Thread(target=run)
     writer.start()
     # Execute
     started = time.monotonic()
-    final = cli.follow(table, tmp_path, status, poll_s=0.05, status_every_s=3600)
+    final = live.follow(table, tmp_path, status, poll_s=0.05, status_every_s=3600)
     writer.join()
     # Assert: one ask at the start, one when the summary appeared; every row shown
     assert final == "finished:completed"

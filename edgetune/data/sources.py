@@ -9,9 +9,16 @@ sites then exclude.
 Every example leaves here with its system prompt decided (``"system"``: the row's own, else
 ``data.system_prompt``, else the source's default; ``""`` means none) and, when the recipe sets
 ``data.prompt_template``, that template (``"template"``).
+
+Splitting a data file across simulated sites uses flwr-datasets' partitioners, which live with the Flower
+glue (``edgetune/flower/partition.py``); the caller passes one in (``edgetune/build.py`` does), so nothing
+under ``data/`` imports Flower.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 from edgetune.config import RunConfig
 from edgetune.crypto import schedule
@@ -23,6 +30,14 @@ from edgetune.data.triage import SYSTEM_PROMPT as TRIAGE_SYSTEM_PROMPT
 from edgetune.data.triage import triage_heldout, triage_sites
 
 EVAL_FRACTION = 0.1
+
+
+class Partitioner(Protocol):
+    """Splits ``rows`` into ``num_partitions`` site partitions (``edgetune.flower.partition.partition``)."""
+
+    def __call__(
+        self, rows: Sequence[Mapping[str, Any]], num_partitions: int, *, method: str, by: str, alpha: float, seed: int
+    ) -> list[list[dict[str, Any]]]: ...
 
 
 def _load(cfg: RunConfig, path: str) -> list[dict]:
@@ -40,7 +55,9 @@ def _split_path(cfg: RunConfig) -> tuple[list[dict], list[dict]]:
     return train, [rows[i] for i in sorted(held)]
 
 
-def site_examples(cfg: RunConfig, site_index: int, num_sites: int, data_path: str = "") -> list[dict]:
+def site_examples(
+    cfg: RunConfig, site_index: int, num_sites: int, data_path: str = "", *, partitioner: Partitioner | None = None
+) -> list[dict]:
     """Training examples of one site.
 
     Parameters
@@ -53,6 +70,9 @@ def site_examples(cfg: RunConfig, site_index: int, num_sites: int, data_path: st
         Number of sites the data is split over.
     data_path
         A site's own data file or folder (deployment); overrides ``data.source``.
+    partitioner
+        Splits ``data.path`` across the sites (``data.source = "file"`` without ``data_path``);
+        ``ValueError`` when that split is needed and none is given.
 
     Returns
     -------
@@ -70,12 +90,13 @@ def site_examples(cfg: RunConfig, site_index: int, num_sites: int, data_path: st
         return _with_system(cfg, list(triage_sites(num_sites, seed=cfg.run.seed)[site_index].train))
     if cfg.data.source == "docs":
         return _with_system(cfg, realtext.docs_site(site_index, seed=cfg.run.seed))
-    # flwr-datasets' partitioners: a Flower package, so they live in edgetune/flower/ (imported only
-    # when a simulated site partitions a data file)
-    from edgetune.flower.partition import partition
-
+    if partitioner is None:
+        raise ValueError(
+            f"data.source = {cfg.data.source!r} splits data.path {cfg.data.path} across {num_sites} sites: "
+            "site_examples needs a partitioner (edgetune.flower.partition.partition) or the site's own data_path"
+        )
     train, _ = _split_path(cfg)
-    parts = partition(
+    parts = partitioner(
         train,
         num_sites,
         method=cfg.data.partition,

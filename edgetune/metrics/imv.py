@@ -47,7 +47,6 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,7 +54,7 @@ from torch import nn
 
 from edgetune.config import RunConfig
 from edgetune.crypto import keystream, schedule
-from edgetune.models.params import manifest_of, select_trainable
+from edgetune.models.params import manifest_of
 
 RADIUS_START_FRACTION = 2.0**-10
 """rho_0 = max_radius x this: doubling reaches max_radius in at most 10 steps."""
@@ -314,82 +313,3 @@ def imv_metrics(result: ImvResult) -> dict[str, float]:
         "imv_base_loss": result.base_loss,
         "imv_capped": float(result.num_capped),
     }
-
-
-def checkpoint_imv(
-    checkpoint: Path | str,
-    *,
-    recipe: Path | None = None,
-    num_sites: int = 0,
-    overrides: Mapping[str, Any] | None = None,
-    show_progress: bool = False,
-) -> dict[str, Any]:
-    """Valley probe of a saved checkpoint (``edgetune imv CHECKPOINT``), as a JSON-ready dict.
-
-    Parameters
-    ----------
-    checkpoint
-        A checkpoint folder (``runs/<run>/checkpoints/round-NNNN``).
-    recipe
-        Recipe to read the configuration from, when the checkpoint is not inside a run folder.
-    num_sites
-        Sites of the run, for the demo held-out set (0: ``run.num_sites`` or 4), as ``edgetune eval``.
-    overrides
-        Dotted config keys replacing the run's (``{"imv.num_directions": 8, "imv.delta": 0.05}``).
-    show_progress
-        Show a progress bar over the probe's loss evaluations (``edgetune/progress.py``).
-
-    Returns
-    -------
-    dict
-        ``imv``, ``mean_radius``, ``radii``, ``base_loss``, the probe settings, ``num_loss_evals``,
-        ``num_capped``, ``numel``, ``round`` and ``weights_sha256`` (unchanged by the probe).
-    """
-    import json
-
-    from edgetune import config as cfgmod
-    from edgetune.evaluation import _run_config, load_checkpoint
-    from edgetune.models.params import model_sha256
-
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_dir():
-        raise ValueError(f"no checkpoint folder at {checkpoint}")
-    cfg = _run_config(checkpoint, recipe)
-    if overrides:
-        cfg = cfgmod.from_run_config({**cfgmod.flatten(cfg), **dict(overrides)})
-    model, tokenizer = load_checkpoint(checkpoint, cfg)
-    # Probe the run's trainable tensors (a loaded checkpoint comes back all-trainable or, as a peft
-    # adapter, all-frozen), so the probe moves what training moved.
-    select_trainable(model, cfg.model.trainable_patterns)
-    examples = imv_examples(cfg, num_sites or cfg.run.num_sites or 4)
-    if show_progress:
-        from edgetune import progress
-
-        bound = 1 + cfg.imv.num_directions * (11 + cfg.imv.bisect_steps)
-        with progress.task("valley probe (loss evaluations, at most)", total=bound) as bar:
-            result = model_imv(model, tokenizer, examples, cfg, on_loss_eval=bar.advance)
-    else:
-        result = model_imv(model, tokenizer, examples, cfg)
-    out: dict[str, Any] = {"checkpoint": str(checkpoint)}
-    info = checkpoint / "edgetune.json"
-    if info.is_file():
-        out["round"] = json.loads(info.read_text()).get("round")
-    out.update(
-        {
-            "imv": result.imv,
-            "mean_radius": result.mean_radius,
-            "radii": result.radii,
-            "base_loss": result.base_loss,
-            "num_directions": cfg.imv.num_directions,
-            "delta": cfg.imv.delta,
-            "max_radius": cfg.imv.radius_limit,
-            "normalize": cfg.imv.normalize,
-            "bisect_steps": cfg.imv.bisect_steps,
-            "num_examples": len(examples),
-            "num_loss_evals": result.num_loss_evals,
-            "num_capped": result.num_capped,
-            "numel": result.numel,
-            "weights_sha256": model_sha256(model),
-        }
-    )
-    return out

@@ -12,6 +12,7 @@ from hf_fixtures import put_in_hf_cache, save_tiny_model
 
 from edgetune import config as cfgmod
 from edgetune import inproc
+from edgetune.build import flower_partitioner
 from edgetune.crypto import keys as keymod
 from edgetune.data.demo import demo_heldout, demo_sites
 from edgetune.data.prompts import TokenizedSet
@@ -104,7 +105,7 @@ grad_accum_steps = 2
     assert model_folder(cfg.model).is_relative_to(hf_cache)
     assert summary["rounds_completed"] == 3
     assert summary["heldout_loss_last"] < summary["heldout_loss_first"]
-    site0 = site_examples(cfg, 0, 2)
+    site0 = site_examples(cfg, 0, 2, partitioner=flower_partitioner)
     assert site0 and all("messages" in ex and ex["system"] == SYSTEM for ex in site0)
     model, tok = load_model(cfg.model)
     data = TokenizedSet(tok, heldout_examples(cfg, 2)[:1], 512)
@@ -159,7 +160,7 @@ local_steps = 2
     # Assert
     assert summary["rounds_completed"] == 2
     assert summary["heldout_loss_last"] < summary["heldout_loss_first"]
-    parts = [site_examples(cfg, i, 2) for i in range(2)]
+    parts = [site_examples(cfg, i, 2, partitioner=flower_partitioner) for i in range(2)]
     assert [{ex["plant"] for ex in p} for p in parts] == [{"site-0"}, {"site-1"}]
     assert all(ex["system"] == "" for p in parts for ex in p)  # your data: no factory prompt
 

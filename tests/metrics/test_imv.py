@@ -16,8 +16,9 @@ from edgetune import config as cfgmod
 from edgetune import inproc
 from edgetune.algorithms.training import site_batches
 from edgetune.crypto import keystream, schedule
+from edgetune.evaluation import checkpoint_imv
 from edgetune.federation import run_federation, run_round
-from edgetune.metrics.imv import checkpoint_imv, heldout_loss_fn, imv_metrics, valley_imv
+from edgetune.metrics.imv import heldout_loss_fn, imv_metrics, valley_imv
 from edgetune.models.load import clear_cache, load_model
 from edgetune.models.params import model_sha256
 

@@ -1,10 +1,9 @@
-"""Real deployments on Flower's deployment engine: SuperLink, SuperNodes, ``flwr run``.
+"""Flower's deployment commands, driven: ``flower-superlink``, ``flower-supernode``, ``flwr``.
 
-``edgetune server`` starts (or connects to) a SuperLink with TLS, SuperNode authentication and a
-persistent database, registers every site's node key, submits the run and follows it.
-``edgetune site`` starts one SuperNode with its site kit and data. Both drive Flower's own
-commands (``flower-superlink``, ``flower-supernode``, ``flwr``); nothing here opens a socket of
-its own. Commands verified against flwr 1.41/1.42 are in notes/flower_conventions.md section 3.
+Builds their command lines (TLS, SuperNode authentication, a persistent database, a site's node
+config), runs them as process groups (``Managed``) and reads their answers. Nothing here opens a
+socket of its own. Commands verified against flwr 1.41/1.42 are in notes/flower_conventions.md
+section 3.
 """
 
 from __future__ import annotations

@@ -1,0 +1,142 @@
+"""The entry points' drivers (edgetune/deploy/, simulate.py) as the CLI uses them: bad options refused with
+a clear error before any process starts, and the site's SuperNode supervised (its log passed through, a
+refused activation retried while time is left, its whole process group stopped)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from edgetune import cli
+from edgetune import config as cfgmod
+from edgetune.deploy import site as site_driver
+from edgetune.simulate import prepare
+
+RECIPE = "recipes/spsa/tiny-4c.toml"
+
+
+@pytest.fixture()
+def kit(tmp_path):
+    folder = tmp_path / "kit"
+    folder.mkdir()
+    (folder / "site.json").write_text('{"site_id": "plant-a"}')
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["site", "--kit", "{tmp}/nokit", "--superlink", "127.0.0.1:9", "--demo-index", "0"], "is not a site kit"),
+        (["site", "--kit", "{kit}", "--superlink", "10.0.0.5:9", "--demo-index", "0", "--insecure"], "loopback tests"),
+        (
+            [
+                "site",
+                "--kit",
+                "{kit}",
+                "--superlink",
+                "127.0.0.1:9",
+                "--demo-index",
+                "0",
+                "--device",
+                "cpu",
+                "--devices",
+                "cuda:0",
+            ],
+            "give --device or --devices, not both",
+        ),  # fmt: skip
+        (
+            ["site", "--kit", "{kit}", "--superlink", "127.0.0.1:9", "--demo-index", "0", "--devices", "auto,cpu"],
+            "--devices: model.device: 'auto' cannot be part",
+        ),  # fmt: skip
+        (["site", "--kit", "{kit}", "--superlink", "no-port", "--demo-index", "0"], "is not host:port"),
+        (["site", "--kit", "{kit}", "--superlink", "127.0.0.1:9"], "give --data PATH"),
+        (["site", "--kit", "{kit}", "--superlink", "127.0.0.1:9", "--data", "{tmp}/none.jsonl"], "does not exist"),
+        (
+            ["site", "--kit", "{kit}", "--superlink", "127.0.0.1:9", "--demo-index", "0", "--quantize", "2bit"],
+            "--quantize must be none, 4bit or 8bit",
+        ),  # fmt: skip
+        (["server", RECIPE, "--keys", "{tmp}/nokeys"], "registry.json"),
+        (["keys", "{tmp}/k", "--sites", " , "], "--sites names no site"),
+        (["certs", "{tmp}/nokeys", "--hosts", "a"], "no site registry in"),
+        (["simulate", RECIPE, "--cpus-per-site", "0.5"], "--cpus-per-site must be a whole number"),
+        (["simulate", RECIPE, "--sites", "-1"], "run.num_sites must be >= 0, got -1"),
+        (["simulate", RECIPE, "--gpus-per-site", "1.5"], "--gpus-per-site must be 0, a fraction"),
+    ],
+)
+def test_bad_options_are_refused_with_a_clear_error_and_exit_1(tmp_path, kit, args, message):
+    argv = [a.format(tmp=tmp_path, kit=kit) for a in args]
+    result = CliRunner().invoke(cli.app, argv)
+    assert result.exit_code == 1, result.output
+    flat = "".join(result.output.split())  # rich wraps long lines, even inside words
+    assert flat.startswith("error:") and "".join(message.split()) in flat
+    assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback
+    assert not (tmp_path / "k").exists() and not (tmp_path / "runs").exists()  # nothing was made
+
+
+def test_prepare_names_the_run_and_fixes_its_folder_and_site_count(tmp_path):
+    flat = cfgmod.load_recipe(RECIPE, [f"run.dir={tmp_path}"])
+    cfg = cfgmod.from_run_config(flat)
+    flat2, cfg2, run_dir = prepare(flat, cfg, 0)
+    assert cfg2.run.num_sites == (cfg.run.num_sites or 4) and run_dir.parent == tmp_path.resolve()
+    assert flat2["run.name"] == run_dir.name == cfg2.run.name and "run.name" not in flat  # the caller's dict kept
+    assert prepare(flat, cfg, 3)[1].run.num_sites == 3
+
+
+def _fake_supernode(tmp_path, body: str) -> list[str]:
+    script = tmp_path / "supernode.py"
+    script.write_text("import os, subprocess, sys, time\n" + body)
+    return [sys.executable, str(script)]
+
+
+def test_a_refused_activation_is_retried_while_time_is_left(tmp_path, monkeypatch, capsys):
+    # Prepare: a SuperNode the SuperLink refuses once (an earlier session still open), then accepts
+    monkeypatch.setattr(site_driver, "ACTIVATION_RETRY_S", 0.05)
+    counter = tmp_path / "runs.txt"
+    cmd = _fake_supernode(
+        tmp_path,
+        f"p = {str(counter)!r}\nn = int(open(p).read()) if os.path.exists(p) else 0\nopen(p, 'w').write(str(n + 1))\n"
+        "print('Failed to activate SuperNode' if n == 0 else 'node active', flush=True)\n"
+        "sys.exit(1 if n == 0 else 0)\n",
+    )
+    handlers = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    # Execute
+    code = site_driver.supervise_supernode(cmd, dict(os.environ), activation_wait=30.0)
+    # Assert: retried once, exit code of the accepted run, both logs passed through, handlers restored
+    out = capsys.readouterr().out
+    assert code == 0 and counter.read_text() == "2"
+    assert "Failed to activate SuperNode" in out and "node active" in out and "retrying" in out
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+
+
+def test_a_refusal_without_time_left_names_the_likely_cause_and_returns_its_code(tmp_path, capsys):
+    cmd = _fake_supernode(tmp_path, "print('Failed to activate SuperNode', flush=True)\nsys.exit(3)\n")
+    code = site_driver.supervise_supernode(cmd, dict(os.environ), activation_wait=0.0)
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 3 and "the SuperLink refuses this node: is its node.pub registered" in out
+
+
+def test_the_supernodes_whole_process_group_is_stopped(tmp_path):
+    """A SuperExec-like child the SuperNode leaves behind is killed with its group when the SuperNode exits."""
+    pid_file = tmp_path / "child.pid"
+    cmd = _fake_supernode(
+        tmp_path,
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\nprint('started', flush=True)\n",
+    )
+    assert site_driver.supervise_supernode(cmd, dict(os.environ), activation_wait=0.0) == 0
+    child = int(pid_file.read_text())
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the SuperNode's child outlived the site")
