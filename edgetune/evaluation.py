@@ -47,6 +47,7 @@ def load_checkpoint(checkpoint: Path, cfg: cfgmod.RunConfig) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(cfg.model.device)
+    model: Any
     if (checkpoint / "adapter_config.json").is_file():
         from peft import PeftModel
 

@@ -158,9 +158,9 @@ def run_round(
                 recorder.ledger.add(round_idx, phase, site, "down", len(blob))
             raw = transport.exchange(round_idx, phase, blobs, timeout_s=cfg.run.round_timeout_s)
             faults.point("after-exchange", round_idx)
-            for site, blob in raw.items():
-                if isinstance(blob, bytes):
-                    recorder.ledger.add(round_idx, phase, site, "up", len(blob))
+            for site, reply in raw.items():
+                if isinstance(reply, bytes):
+                    recorder.ledger.add(round_idx, phase, site, "up", len(reply))
             replies, failed = _decode_replies(raw, server.max_reply_bytes(phase))
             failed.update(transport.drain_stale())
             result: RoundResult = server.aggregate(round_idx, phase, replies, min_sites=cfg.run.min_sites)
@@ -221,7 +221,7 @@ def _record_round(
     recorder.round_done(row)
     faults.point("after-row", r)
     if _checkpoint_due(cfg, r):
-        imv = {k: row[k] for k in ("imv", "imv_radius", "imv_base_loss", "imv_capped") if k in row}
+        imv: dict[str, Any] = {k: row[k] for k in ("imv", "imv_radius", "imv_base_loss", "imv_capped") if k in row}
         return recorder.checkpoint(server.global_model(), tokenizer, r, {"state_hash": server.state_hash(), **imv})
     return None
 

@@ -21,8 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from edgetune import config as cfgmod
 from edgetune.comm.ledger import ByteLedger, LedgerRow
 from edgetune.config import RunConfig
@@ -90,7 +88,7 @@ class RunRecorder:
         if self.on_row is not None:
             self.on_row(row)
 
-    def checkpoint(self, model: nn.Module, tokenizer: Any, round_idx: int, extra: dict[str, Any]) -> Path:
+    def checkpoint(self, model: Any, tokenizer: Any, round_idx: int, extra: dict[str, Any]) -> Path:
         """Write ``checkpoints/round-NNNN`` atomically; keep the newest ``run.keep_checkpoints``."""
 
         def fill(tmp: Path) -> None:

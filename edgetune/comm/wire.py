@@ -214,5 +214,5 @@ def require(payload: Payload, schema: dict[str, type], *, where: str) -> None:
             raise WireError(f"{where}: field {key!r} must be {kind.__name__}, got bool")
         if not isinstance(value, _TYPES[kind]):
             raise WireError(f"{where}: field {key!r} must be {kind.__name__}, got {type(value).__name__}")
-        if kind is float and not math.isfinite(float(value)):
+        if kind is float and isinstance(value, int | float) and not math.isfinite(value):
             raise WireError(f"{where}: field {key!r} is not finite ({value})")

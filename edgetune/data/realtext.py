@@ -50,7 +50,8 @@ def _package_dir(name: str) -> Path:
 
 def _clean(doc: str) -> list[str]:
     """Paragraphs of a docstring without code, doctests or directive lines."""
-    paragraphs, current = [], []
+    paragraphs: list[str] = []
+    current: list[str] = []
     for line in doc.splitlines():
         if _CODE_LINE.match(line) or line.strip().startswith(("http://", "https://")):
             continue

@@ -9,6 +9,8 @@ logit scales) fall back to the model's own forward and loss.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,7 +19,10 @@ IGNORE_INDEX = -100
 _PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2"})
 
 
-def _plain(model: nn.Module) -> nn.Module | None:
+def _plain(model: Any) -> Any:
+    """The bare causal LM under ``model`` when its head is a plain linear layer, else None (typed Any:
+    its ``get_decoder``/``get_output_embeddings`` are transformers methods nn.Module's stubs do not know).
+    """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = getattr(base, "config", None)
     if cfg is None or getattr(cfg, "model_type", None) not in _PLAIN_HEAD_TYPES:
@@ -35,7 +40,8 @@ def answer_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tenso
     labels = batch["labels"].to(device)
     base = _plain(model)
     if base is None:
-        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        out: Any = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        return out.loss
     # use_cache=False: a training/eval forward needs no key-value cache (the default builds one)
     hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
@@ -50,7 +56,8 @@ def last_position_logits(model: nn.Module, input_ids: torch.Tensor, attention_ma
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     base = _plain(model)
     if base is None:
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -1].float()
+        out: Any = model(input_ids=input_ids, attention_mask=attention_mask)
+        return out.logits[:, -1].float()
     hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     return base.get_output_embeddings()(hidden[:, -1]).float()
 

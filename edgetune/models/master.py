@@ -100,7 +100,7 @@ class DiskStore:
             target = out
         else:
             target = torch.empty(numel, dtype=torch.float32)
-        view = memoryview(target.view(torch.uint8).numpy()).cast("B")
+        view = target.view(torch.uint8).numpy().data.cast("B")
         with open(self.path, "rb", buffering=0) as f:
             f.seek(self._offsets[index])
             got = f.readinto(view)

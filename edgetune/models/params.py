@@ -65,7 +65,7 @@ def select_trainable(model: nn.Module, patterns: Iterable[str]) -> Manifest:
     Raises ``ValueError`` if nothing matches.
     """
     pats = tuple(patterns)
-    entries = []
+    entries: list[Entry] = []
     for name, param in model.named_parameters():
         if "all" in pats:
             keep = True
@@ -85,7 +85,7 @@ def select_trainable(model: nn.Module, patterns: Iterable[str]) -> Manifest:
 
 def manifest_of(model: nn.Module) -> Manifest:
     """Manifest of the parameters that currently require grad, in ``named_parameters`` order."""
-    entries = []
+    entries: list[Entry] = []
     for name, param in model.named_parameters():
         if param.requires_grad:
             entries.append(Entry(len(entries), name, tuple(param.shape)))
@@ -107,7 +107,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous()
-    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+    return t.view(torch.uint8).numpy().data.cast("B")
 
 
 def sha256_tensors(tensors: Iterable[torch.Tensor]) -> str:

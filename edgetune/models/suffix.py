@@ -42,7 +42,7 @@ def first_layer(names: Sequence[str]) -> int | None:
 class SuffixRunner:
     """Full forward once per batch, then losses from decoder block ``first`` on."""
 
-    def __init__(self, model: nn.Module, base: nn.Module, first: int) -> None:
+    def __init__(self, model: nn.Module, base: Any, first: int) -> None:
         self.model = model
         self.base = base
         self.decoder = base.get_decoder()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -78,9 +79,9 @@ class PoolState:
 
     size: int
     round_idx: int = 0
-    n: np.ndarray = field(default=None)  # type: ignore[assignment]
-    m: np.ndarray = field(default=None)  # type: ignore[assignment]
-    v: np.ndarray = field(default=None)  # type: ignore[assignment]
+    n: np.ndarray = field(default=None)  # type: ignore[arg-type]
+    m: np.ndarray = field(default=None)  # type: ignore[arg-type]
+    v: np.ndarray = field(default=None)  # type: ignore[arg-type]
     bias1: float = 1.0
     """beta1**t, kept by repeated multiplication (no pow(): exactly rounded on every platform)."""
     bias2: float = 1.0
@@ -178,10 +179,16 @@ def _z_int(key: bytes, index: int, numel: int, mask: torch.Tensor | None) -> tor
     return z if mask is None else z * mask.view(-1).to(torch.int64)
 
 
+class KeyLookup(Protocol):
+    """Seed index -> seed key (a list, or a view that holds only the keys it will be asked for)."""
+
+    def __getitem__(self, index: int, /) -> bytes: ...
+
+
 def accumulate_(
     acc: Sequence[torch.Tensor],
     dn: np.ndarray,
-    seed_keys: Sequence[bytes],
+    seed_keys: KeyLookup,
     masks: Sequence[torch.Tensor | None] | None = None,
 ) -> None:
     """In place, exactly: ``acc[t] += sum_s dn_s * z_s[t]`` for every tensor t (int64, host)."""
