@@ -12,7 +12,7 @@ from edgetune.algorithms import spsa
 from edgetune.algorithms.weights import aggregate_tensors
 from edgetune.comm import wire
 from edgetune.crypto import envelope
-from edgetune.crypto.envelope import ReplayGuard
+from edgetune.crypto.guardfile import ReplayGuard
 from edgetune.federation import run_federation
 
 NUM_SITES = 8

@@ -19,7 +19,7 @@ from edgetune import inproc
 from edgetune.algorithms import spsa
 from edgetune.comm import wire
 from edgetune.crypto import envelope, schedule
-from edgetune.crypto.envelope import ReplayGuard
+from edgetune.crypto.guardfile import ReplayGuard
 from edgetune.federation import run_federation, run_round
 from edgetune.models.params import model_sha256
 
