@@ -847,7 +847,8 @@ def _site_link(
         address = f"127.0.0.1:{meter.port}"
         console.print(f"counting this link's bytes: {log}")
     if link == "thin":
-        from edgetune.flower.linkgate import SiteGateway, ThinLink
+        from edgetune.flower.linkgate import ThinLink
+        from edgetune.flower.linkgate_site import SiteGateway
 
         gate = SiteGateway(
             superlink, kit / "ca.crt", ThinLink(), connect_to=meter_at, state_file=state / "thin-link-node-id"
@@ -862,7 +863,7 @@ def _site_link(
 
 def _start_server_gateway(address: str, keys: Path, superlink: str, insecure: bool) -> Any:
     from edgetune import deploy
-    from edgetune.flower.linkgate import ServerGateway
+    from edgetune.flower.linkgate_server import ServerGateway
 
     if insecure:
         raise _fail("--gateway needs TLS (thin-link sites verify the SuperLink certificate); drop --insecure")
