@@ -381,7 +381,7 @@ def fingerprint(
     revision: Annotated[str, typer.Option(help="For a model id: the cached revision (default main)")] = "",
 ) -> None:
     """The base-model fingerprint that model.sha256 pins (compare a site's copy with the server's)."""
-    from edgetune.models.load import model_fingerprint
+    from edgetune.models.fingerprint import model_fingerprint
 
     try:
         console.print(model_fingerprint(cfgmod.ModelSection(path=model, revision=revision)))
@@ -615,7 +615,7 @@ def server(
     flat.update({"run.name": name, "run.dir": str(run_dir.parent)})
     if not cfg.model.sha256:
         # pin the base model: a site whose own copy (node config model-path) differs is refused
-        from edgetune.models.load import model_fingerprint
+        from edgetune.models.fingerprint import model_fingerprint
 
         try:
             flat["model.sha256"] = model_fingerprint(cfg.model, seed=cfg.run.seed)

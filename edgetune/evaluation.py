@@ -23,7 +23,8 @@ import torch
 from edgetune import config as cfgmod
 from edgetune.data.sources import heldout_examples
 from edgetune.metrics.eval import evaluate
-from edgetune.models.load import model_folder, resolve_device
+from edgetune.models.folders import model_folder
+from edgetune.models.load import resolve_device
 from edgetune.models.params import model_sha256
 
 
