@@ -141,7 +141,7 @@ class SpsaAttacker:
     def step(self, phase: str, msg: dict, state: dict) -> tuple[dict, dict]:
         from edgetune.comm import wire
         from edgetune.crypto import envelope
-        from edgetune.crypto.envelope import ReplayGuard
+        from edgetune.crypto.guardfile import ReplayGuard
 
         reply, state = self.honest.step(phase, msg, state)
         opened, _ = envelope.open_envelope(

@@ -39,7 +39,8 @@ import json, sys
 from benchmarks.spsa_step import peak_rss_mib
 import torch, transformers  # the imports every variant pays, measured before the load
 from edgetune.config import ModelSection
-from edgetune.models.load import load_model, model_folder
+from edgetune.models.folders import model_folder
+from edgetune.models.load import load_model
 model_path, variant = sys.argv[1], sys.argv[2]
 dtype = {"fp32": "float32", "bf16": "bfloat16", "bf16-from-fp32-file": "bfloat16", "bf16-via-fp32": "float32"}[variant]
 if variant == "bf16-from-fp32-file":
@@ -64,7 +65,7 @@ print(json.dumps({"variant": variant, "import_peak_mib": before, "load_peak_mib"
 PREPARE = r"""
 import sys
 from edgetune.config import ModelSection
-from edgetune.models.load import model_folder
+from edgetune.models.folders import model_folder
 for dtype in ("float32", "bfloat16"):  # one-time conversions (GGUF -> fp32, fp32 -> bf16), not part of a load
     model_folder(ModelSection(path=sys.argv[1], dtype=dtype))
 """

@@ -380,7 +380,7 @@ def cleanup(run_dir: Path, model: str, keep: bool) -> None:
     (``run_job`` removes the folder itself once it has read it, unless ``keep``)."""
     from edgetune.build import run_id_for
     from edgetune.config import ModelSection
-    from edgetune.models.load import cache_root
+    from edgetune.models.folders import cache_root
 
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     shutil.rmtree(run_dir / "server-state", ignore_errors=True)

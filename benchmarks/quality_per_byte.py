@@ -437,7 +437,7 @@ def _cleanup(run_dir: Path, model: str, sites: int) -> None:
     """Remove the run's checkpoints and the per-site state it left in the edgetune cache."""
     from edgetune.build import run_id_for
     from edgetune.config import ModelSection
-    from edgetune.models.load import cache_root
+    from edgetune.models.folders import cache_root
 
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     run_hex = run_id_for(run_dir.name).hex()

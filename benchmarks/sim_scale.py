@@ -211,7 +211,7 @@ def cleanup_site_state(recipe: Path, run_name: str, sites: int) -> None:
 
     from edgetune.build import run_id_for
     from edgetune.config import ModelSection, load_recipe
-    from edgetune.models.load import cache_root
+    from edgetune.models.folders import cache_root
 
     flat = load_recipe(ROOT / recipe if not recipe.is_absolute() else recipe)
     root = cache_root(ModelSection(cache_dir=str(flat.get("model.cache_dir", "")))) / "sites"

@@ -104,7 +104,7 @@ def run_profile(algorithm: str, profile: str, work: Path, *, rounds: int, delay:
         deploy.register_sites(fed, deploy.flower_env(cli_home))
         target = f"127.0.0.1:{port}"
         if profile == "thin":
-            from edgetune.flower.linkgate import ServerGateway
+            from edgetune.flower.linkgate_server import ServerGateway
 
             tls = fed / "tls"
             gate = ServerGateway(

@@ -23,7 +23,9 @@ from edgetune.data.prompts import TokenizedSet
 from edgetune.data.sources import Partitioner, heldout_examples, site_examples
 from edgetune.io import private_dir
 from edgetune.metrics.eval import evaluate as eval_model
-from edgetune.models.load import cache_root, cached_model, check_fingerprint
+from edgetune.models.fingerprint import check_fingerprint
+from edgetune.models.folders import cache_root
+from edgetune.models.load import cached_model
 
 
 def site_name(index: int) -> str:

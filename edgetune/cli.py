@@ -142,7 +142,7 @@ def fingerprint(
     revision: Annotated[str, typer.Option(help="For a model id: the cached revision (default main)")] = "",
 ) -> None:
     """The base-model fingerprint that model.sha256 pins (compare a site's copy with the server's)."""
-    from edgetune.models.load import model_fingerprint
+    from edgetune.models.fingerprint import model_fingerprint
 
     with _failing():
         console.print(model_fingerprint(cfgmod.ModelSection(path=model, revision=revision)))

@@ -25,7 +25,8 @@ from edgetune import config as cfgmod
 from edgetune.data.sources import heldout_examples
 from edgetune.metrics.eval import evaluate
 from edgetune.metrics.imv import imv_examples, model_imv
-from edgetune.models.load import model_folder, resolve_device
+from edgetune.models.folders import model_folder
+from edgetune.models.load import resolve_device
 from edgetune.models.params import model_sha256, select_trainable
 
 

@@ -48,14 +48,26 @@ def test_render_names_the_broken_file(tmp_path, content, message):
     assert not (tmp_path / "bytes_per_round.png").exists()
 
 
-def test_sim_scale_plot_leaves_out_failed_runs(tmp_path):
-    """A failed site count is named on the figure, not drawn as a point (no KeyError on its missing fields)."""
+def test_sim_scale_plot_leaves_out_failed_runs(tmp_path, monkeypatch):
+    """Only the successful site counts are drawn, in order of sites, with their own times and memory; a
+    failed count is named on the figure instead (no KeyError on its missing fields)."""
     rows = [
-        {"sites": 16, "ok": True, "mean_round_wall_s": 5.0, "peak_rss_mib": 3000.0, "peak_pss_mib": 2000.0},
+        {"sites": 200, "ok": True, "mean_round_wall_s": 40.0, "peak_rss_mib": 8192.0, "peak_pss_mib": 6144.0},
         {"sites": 64, "ok": False},
+        {"sites": 16, "ok": True, "mean_round_wall_s": 5.0, "peak_rss_mib": 3072.0, "peak_pss_mib": 2048.0},
     ]
     (tmp_path / "sim_scale.json").write_text(json.dumps(rows))
+    plt = plots._pyplot()
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (figures.append(fig), close(fig)))
 
     written = plots.render(tmp_path)
 
-    assert [p.name for p in written] == ["sim_scale.png"]
+    assert [p.name for p in written] == ["sim_scale.png"] and written[0].read_bytes()[:8] == PNG
+    (fig,) = figures
+    time_ax, memory_ax = fig.axes
+    drawn = {ax.get_title(): [(list(ln.get_xdata()), list(ln.get_ydata())) for ln in ax.get_lines()] for ax in fig.axes}
+    assert drawn[time_ax.get_title()] == [([16, 200], [5.0, 40.0])]
+    assert drawn[memory_ax.get_title()] == [([16, 200], [3.0, 8.0]), ([16, 200], [2.0, 6.0])]  # GiB
+    assert "failed runs (not plotted): [64] sites" in fig.get_suptitle()

@@ -25,6 +25,12 @@ def test_spsa_step_benchmark_row_has_documented_keys_and_positive_values(tmp_pat
         assert isinstance(value, (int, float)) and not isinstance(value, bool), key
         assert math.isfinite(value) and value > 0, (key, value)
     assert 0 < row["trainable_numel"] < row["model_numel"]
+    # the goals are judged on ratios of the row's own measurements (timings themselves depend on the machine)
+    assert row["time_ratio"] == row["spsa_step_s"] / row["forward_s"]
+    assert row["time_pass"] == (row["time_ratio"] <= row["time_goal"])
+    assert row["memory_ratio"] == row["spsa_round_peak_mib"] / row["forward_peak_mib"]
+    assert row["memory_pass"] == (row["memory_ratio"] <= row["memory_goal"])
+    assert row["batch_tokens"] <= row["max_length"]
     assert row["replay_terms"] == len(spsa_step.ROUND_SITES) * spsa_step.ROUND_STEPS
     assert row["memory_isolated"] is False
     assert json.loads(out.read_text()) == [json.loads(json.dumps(row))]

@@ -64,7 +64,7 @@ from edgetune.comm import wire
 from edgetune.comm.tensors import TENSOR_CODECS
 from edgetune.crypto import envelope
 from edgetune.crypto import keys as keymod
-from edgetune.crypto.envelope import ReplayGuard
+from edgetune.crypto.guardfile import ReplayGuard
 from edgetune.federation import Failure, _decode_replies, run_round
 from edgetune.flower.messages import BLOB_KEY, LARGE_KEY, SMALL_KEY, MessageError, from_content
 

@@ -54,7 +54,9 @@ def test_dry_run_makes_every_check_on_cpu(tmp_path):
     assert (by["spsa_round"]["dtype"], by["lowrank_round"]["dtype"]) == ("float32", "bfloat16")  # spsa refuses bf16
     assert by["simulate_sites"]["pass"], by["simulate_sites"]["tail"]
     assert by["spsa_step_vs_forward"]["value"] > 1.0  # a step runs two forwards
-    assert by["spsa_memory_vs_inference"]["value"] > 0
+    memory = by["spsa_memory_vs_inference"]
+    assert memory["value"] == memory["spsa_round_peak_mib"] / memory["forward_peak_mib"]
+    assert memory["pass"] == (memory["value"] <= gpu_check.MEMORY_GOAL)
     assert code == (0 if result["all_pass"] else 1)
 
 

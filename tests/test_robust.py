@@ -8,11 +8,10 @@ from conftest import tiny_flat
 
 from edgetune import config as cfgmod
 from edgetune import inproc
-from edgetune.algorithms import spsa
 from edgetune.algorithms.weights import aggregate_tensors
 from edgetune.comm import wire
 from edgetune.crypto import envelope
-from edgetune.crypto.envelope import ReplayGuard
+from edgetune.crypto.guardfile import ReplayGuard
 from edgetune.federation import run_federation
 
 NUM_SITES = 8
@@ -51,6 +50,7 @@ class MaxMagnitude:
 
 
 def _run(tmp_path, name, attacker=None):
+    """Run four rounds; also return, per round, the (key, coefficient) terms the server applied to its model."""
     flat = tiny_flat(
         **{
             "num_rounds": 4,
@@ -67,25 +67,38 @@ def _run(tmp_path, name, attacker=None):
     server, transport, recorder, evaluate, tok = inproc.build(cfg, NUM_SITES, run_dir=tmp_path / name / "run")
     if attacker is not None:
         transport.clients[EVIL] = attacker(transport.clients[EVIL])
+    applied: dict[int, list[tuple[bytes, float]]] = {}
+    apply_terms = server.replica.apply_terms
+
+    def spy(round_idx, terms):
+        applied.setdefault(round_idx, list(terms))
+        return apply_terms(round_idx, terms)
+
+    server.replica.apply_terms = spy
     summary = run_federation(cfg, server, transport, recorder, evaluate, tok)
-    return server, summary
+    return server, summary, applied
 
 
 def test_max_magnitude_site_stays_inside_honest_range_and_loss_within_5pct(tmp_path):
-    """Shared directions + trimmed mean: with site-5 sending +-127 on every probe, every aggregated
-    coordinate of every round lies within [min, max] of the seven honest sites' values, and the final
-    held-out loss is within 5% of a clean eight-site run."""
-    clean_server, clean = _run(tmp_path, "clean")
-    server, attacked = _run(tmp_path, "attacked", MaxMagnitude)
-    for entry in server.log.values():
-        assert EVIL in entry.sites  # the lie was well-formed, so it was aggregated (robustly)
+    """Shared directions + trimmed mean: with site-5 sending +-127 on every probe, every coefficient the
+    server applied to its model in every round lies within [min, max] of the seven honest sites' values and
+    is the mean of the middle four of eight (not the plain mean), and the final held-out loss is within 5% of
+    a clean eight-site run."""
+    _, clean, _ = _run(tmp_path, "clean")
+    server, attacked, applied = _run(tmp_path, "attacked", MaxMagnitude)
+    assert sorted(applied) == sorted(server.log) == [1, 2, 3, 4]
+    for r, entry in server.log.items():
+        assert EVIL in entry.sites and len(entry.sites) == NUM_SITES  # the lie was well-formed: aggregated
+        assert (entry.normalizer, entry.seed_pool) == ("mean", 0)  # one term per (step, probe): lr * g / P
         decoded = entry.decoded()
         honest = np.stack([decoded[s] for s in entry.sites if s != EVIL])
-        agg = [
-            spsa.robust([float(decoded[s][j]) for s in entry.sites], "trimmed", 0.25) for j in range(honest.shape[1])
-        ]
-        assert np.all(np.array(agg) >= honest.min(axis=0) - 1e-12)
-        assert np.all(np.array(agg) <= honest.max(axis=0) + 1e-12)
+        got = np.array([c for _, c in applied[r]]) * entry.num_probes / entry.lr
+        assert got.shape == (entry.num_steps * entry.num_probes,)
+        tol = 1e-6 * np.abs(honest).max(axis=0) + 1e-12  # the terms are fp32
+        assert np.all(got >= honest.min(axis=0) - tol) and np.all(got <= honest.max(axis=0) + tol), r
+        everyone = np.sort(np.stack([decoded[s] for s in entry.sites]), axis=0)
+        assert np.allclose(got, everyone[2:-2].mean(axis=0), rtol=1e-6, atol=1e-12), r  # 2 of 8 cut per side
+        assert np.any(np.abs(got - everyone.mean(axis=0)) > tol), r  # not what a plain mean would apply
     assert abs(attacked["heldout_loss_last"] - clean["heldout_loss_last"]) <= 0.05 * clean["heldout_loss_last"]
     assert attacked["heldout_loss_last"] < attacked["heldout_loss_first"]
 
@@ -93,7 +106,7 @@ def test_max_magnitude_site_stays_inside_honest_range_and_loss_within_5pct(tmp_p
 def test_nan_scalars_are_rejected_not_aggregated(tmp_path):
     """NaN cannot be sent as a one-byte code; a site sending float NaN bytes instead is rejected
     every round and the others carry the run."""
-    server, summary = _run(tmp_path, "nan", lambda honest: MaxMagnitude(honest, nan=True))
+    server, summary, _ = _run(tmp_path, "nan", lambda honest: MaxMagnitude(honest, nan=True))
     assert all(EVIL not in e.sites and len(e.sites) == NUM_SITES - 1 for e in server.log.values())
     assert np.isfinite(summary["heldout_loss_last"])
 

@@ -43,13 +43,30 @@ def test_finish_writes_summary_with_the_plot_error_when_a_plot_fails(tmp_path, m
     assert not (tmp_path / "run" / "loss_vs_bytes.png").exists()
 
 
-def test_finish_draws_the_plot_and_writes_no_error(tmp_path):
-    """With working plots: the PNG exists and the summary has no plot_error."""
+def test_finish_draws_the_plot_and_writes_no_error(tmp_path, monkeypatch):
+    """With working plots: the PNG holds held-out loss against cumulative uplink and uplink + downlink bytes
+    of every evaluated round (a round without a held-out loss is left out), and the summary has no plot_error."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (figures.append(fig), close(fig)))
     rec = runs.RunRecorder(cfgmod.RunConfig(), tmp_path / "run")
-    rec.rows = [_row(0, 5.0), _row(1, 4.5), _row(2, 4.2)]
+    rec.rows = [_row(0, 5.0), _row(1, 4.5), {**_row(2, 0.0), "heldout_loss": None}, _row(3, 4.2)]
 
     summary = rec.finish({})
 
     assert "plot_error" not in json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["rounds_completed"] == 2
+    assert summary["rounds_completed"] == 3
     assert (tmp_path / "run" / "loss_vs_bytes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (fig,) = figures
+    (ax,) = fig.axes
+    drawn = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in ax.get_lines()}
+    assert drawn == {
+        "uplink (sites → server)": ([1, 92, 276], [5.0, 4.5, 4.2]),  # round 0 sent nothing: drawn at 1 (log x)
+        "uplink + downlink": ([1, 592, 1776], [5.0, 4.5, 4.2]),
+    }
+    assert ax.get_xscale() == "log"

@@ -16,7 +16,8 @@ from edgetune import inproc
 from edgetune.data.files import load_examples
 from edgetune.data.prompts import encode_example
 from edgetune.federation import RoundFailed, run_round
-from edgetune.models.load import check_fingerprint, folder_fingerprint, load_model
+from edgetune.models.fingerprint import check_fingerprint, folder_fingerprint
+from edgetune.models.load import load_model
 from edgetune.models.tiny import tiny_tokenizer
 
 PAGE = (Path(__file__).resolve().parents[1] / "docs" / "troubleshooting.md").read_text()

@@ -48,6 +48,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from edgetune.crypto.guardfile import ReplayGuard
 from edgetune.crypto.keys import ServerKeys, SiteKeys, valid_site_id
 
 VERSION = 2
@@ -79,8 +80,6 @@ _SIG_LABEL = b"edgetune-sig-v1"
 _SEED_LABEL = b"edgetune-seed-v1|s2c|"
 _REPLY_LABEL = b"edgetune-reply-v1|"
 _REPLY_KEY_LABEL = b"edgetune-reply-key-v1|"
-_GUARD_MAGIC = b"ETG1"
-_GUARD = struct.Struct(">4sQ32s8s")
 
 REASONS = frozenset(
     {
@@ -114,59 +113,6 @@ class Opened:
     """sha256 of the whole envelope; what the replay guard remembers."""
     duplicate: bool
     """True if this is the envelope accepted last time, seen again (resend after a crash)."""
-
-
-@dataclass(frozen=True)
-class ReplayGuard:
-    """What a site remembers between rounds: the last accepted round and its envelope's sha256.
-
-    ``last_round == 0`` (with an empty digest) means nothing was accepted yet; rounds are 1-based.
-    """
-
-    last_round: int = 0
-    last_digest: bytes = b""
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.last_round < 2**64:
-            raise ValueError(f"ReplayGuard: last_round {self.last_round} out of range")
-        expected = 0 if self.last_round == 0 else 32
-        if len(self.last_digest) != expected:
-            raise ValueError(
-                f"ReplayGuard: last_digest is {len(self.last_digest)} bytes, expected {expected} "
-                f"for last_round {self.last_round}"
-            )
-
-    def to_bytes(self) -> bytes:
-        """Fixed 52-byte encoding: magic, round, digest, and a checksum against disk corruption."""
-        digest = self.last_digest or bytes(32)
-        body = _GUARD_MAGIC + _ROUND.pack(self.last_round) + digest
-        return body + hashlib.sha256(body).digest()[:8]
-
-    @classmethod
-    def from_bytes(cls, blob: bytes) -> ReplayGuard:
-        """Parse ``to_bytes`` output; raise ``ValueError`` on anything else.
-
-        Parameters
-        ----------
-        blob
-            Bytes read back from the site's state file.
-
-        Returns
-        -------
-        ReplayGuard
-            The stored guard.
-        """
-        if not isinstance(blob, (bytes, bytearray, memoryview)) or len(blob) != _GUARD.size:
-            size = len(blob) if isinstance(blob, (bytes, bytearray, memoryview)) else type(blob).__name__
-            raise ValueError(f"replay guard: expected {_GUARD.size} bytes, got {size}")
-        magic, last_round, digest, check = _GUARD.unpack(bytes(blob))
-        if magic != _GUARD_MAGIC:
-            raise ValueError("replay guard: bad magic (not a replay-guard file)")
-        if not hmac.compare_digest(check, hashlib.sha256(bytes(blob)[:-8]).digest()[:8]):
-            raise ValueError("replay guard: checksum mismatch (file corrupted)")
-        if (last_round == 0) != (digest == bytes(32)):
-            raise ValueError("replay guard: round and digest disagree")
-        return cls(last_round, digest if last_round else b"")
 
 
 def _site_tag(site_id: str) -> bytes:

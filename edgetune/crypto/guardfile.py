@@ -1,9 +1,11 @@
-"""A site's replay guard on disk: the last accepted round survives a SuperNode or site-host restart.
+"""A site's replay guard: what it remembers between rounds, and the file that survives a restart.
 
 ``envelope.open_envelope`` refuses an envelope for a round at or below the last accepted one (except
-the exact envelope accepted last), but the guard it is given lived only in Flower's in-memory node
-state: after a restart every old envelope of the run opened again. DESIGN.md section 3 asks sites to
-persist the last accepted round, and security.md section 3.4 to do it *before* using the secret. So::
+the exact envelope accepted last). ``ReplayGuard`` is that memory: the last accepted round and its
+envelope's sha256, with a fixed 52-byte encoding. Kept only in Flower's in-memory node state, a
+restart would forget it and every old envelope of the run would open again. DESIGN.md section 3 asks
+sites to persist the last accepted round, and security.md section 3.4 to do it *before* using the
+secret. So::
 
     guard = newest(state guard, guard file)        # whichever accepted the later round
     opened, guard = open_envelope(..., guard=guard)
@@ -17,10 +19,70 @@ name: a federation with new keys (a new simulation) that reuses a run name is an
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
-from edgetune.crypto.envelope import ReplayGuard
 from edgetune.io import atomic_write_bytes, private_dir
+
+_GUARD_MAGIC = b"ETG1"
+_GUARD = struct.Struct(">4sQ32s8s")
+_ROUND = struct.Struct(">Q")
+
+
+@dataclass(frozen=True)
+class ReplayGuard:
+    """What a site remembers between rounds: the last accepted round and its envelope's sha256.
+
+    ``last_round == 0`` (with an empty digest) means nothing was accepted yet; rounds are 1-based.
+    """
+
+    last_round: int = 0
+    last_digest: bytes = b""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.last_round < 2**64:
+            raise ValueError(f"ReplayGuard: last_round {self.last_round} out of range")
+        expected = 0 if self.last_round == 0 else 32
+        if len(self.last_digest) != expected:
+            raise ValueError(
+                f"ReplayGuard: last_digest is {len(self.last_digest)} bytes, expected {expected} "
+                f"for last_round {self.last_round}"
+            )
+
+    def to_bytes(self) -> bytes:
+        """Fixed 52-byte encoding: magic, round, digest, and a checksum against disk corruption."""
+        digest = self.last_digest or bytes(32)
+        body = _GUARD_MAGIC + _ROUND.pack(self.last_round) + digest
+        return body + hashlib.sha256(body).digest()[:8]
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> ReplayGuard:
+        """Parse ``to_bytes`` output; raise ``ValueError`` on anything else.
+
+        Parameters
+        ----------
+        blob
+            Bytes read back from the site's state file.
+
+        Returns
+        -------
+        ReplayGuard
+            The stored guard.
+        """
+        if not isinstance(blob, (bytes, bytearray, memoryview)) or len(blob) != _GUARD.size:
+            size = len(blob) if isinstance(blob, (bytes, bytearray, memoryview)) else type(blob).__name__
+            raise ValueError(f"replay guard: expected {_GUARD.size} bytes, got {size}")
+        magic, last_round, digest, check = _GUARD.unpack(bytes(blob))
+        if magic != _GUARD_MAGIC:
+            raise ValueError("replay guard: bad magic (not a replay-guard file)")
+        if not hmac.compare_digest(check, hashlib.sha256(bytes(blob)[:-8]).digest()[:8]):
+            raise ValueError("replay guard: checksum mismatch (file corrupted)")
+        if (last_round == 0) != (digest == bytes(32)):
+            raise ValueError("replay guard: round and digest disagree")
+        return cls(last_round, digest if last_round else b"")
 
 
 def guard_path(state_dir: Path, server_kid: bytes, run_id: bytes) -> Path:

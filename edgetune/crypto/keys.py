@@ -18,28 +18,22 @@ site can tell "signed by a key I do not pin" (rotation, wrong federation) from "
 
 Every loader raises ``ValueError`` naming the file and what is wrong with it, so that an
 operator can fix a deployment from the message alone. Private keys that group or others can
-read are refused, as ssh does.
+read are refused, as ssh does. ``keyfiles.py`` reads and writes the single files.
 """
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import hashlib
-import json
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+from edgetune.crypto import keyfiles
 
 REGISTRY_FORMAT = "edgetune-keys-v1"
 """Value of ``registry.json``'s ``format`` field; bump it when the layout changes."""
@@ -191,9 +185,9 @@ def generate(out_dir: Path, site_ids: Sequence[str], *, overwrite: bool = False)
     signing_key = Ed25519PrivateKey.generate()
     server_public = signing_key.public_key()
     server_dir = out_dir / "server"
-    _make_private_dir(server_dir)
-    _write_atomic(server_dir / "signing.key", _private_pem(signing_key), mode=0o600)
-    _write_atomic(server_dir / "signing.pub", _public_pem(server_public), mode=0o644)
+    keyfiles.make_private_dir(server_dir)
+    keyfiles.write_atomic(server_dir / "signing.key", keyfiles.private_pem(signing_key), mode=0o600)
+    keyfiles.write_atomic(server_dir / "signing.pub", keyfiles.public_pem(server_public), mode=0o644)
 
     sites = {site_id: _write_site_kit(out_dir, site_id, server_public) for site_id in ids}
     # The registry is written last: a crash part-way leaves no registry listing a missing kit.
@@ -246,75 +240,22 @@ def _new_site_ids(site_ids: Sequence[str], *, existing: Container[str]) -> list[
 def _write_site_kit(out_dir: Path, site_id: str, server_public: Ed25519PublicKey) -> X25519PublicKey:
     agreement_key = X25519PrivateKey.generate()
     kit = site_kit_dir(out_dir, site_id)
-    _make_private_dir(kit.parent)
-    _make_private_dir(kit)
-    _write_atomic(kit / "agreement.key", _private_pem(agreement_key), mode=0o600)
-    _write_atomic(kit / "server.pub", _public_pem(server_public), mode=0o644)
-    _write_atomic(kit / "site.json", _json_bytes({"site_id": site_id}), mode=0o644)
+    keyfiles.make_private_dir(kit.parent)
+    keyfiles.make_private_dir(kit)
+    keyfiles.write_atomic(kit / "agreement.key", keyfiles.private_pem(agreement_key), mode=0o600)
+    keyfiles.write_atomic(kit / "server.pub", keyfiles.public_pem(server_public), mode=0o644)
+    keyfiles.write_atomic(kit / "site.json", keyfiles.json_bytes({"site_id": site_id}), mode=0o644)
     return agreement_key.public_key()
 
 
 def _write_registry(out_dir: Path, registry: Registry) -> None:
     doc = {
         "format": REGISTRY_FORMAT,
-        "server_public_key": _b64(registry.server_public.public_bytes_raw()),
+        "server_public_key": keyfiles.b64(registry.server_public.public_bytes_raw()),
         "server_kid": registry.server_kid.hex(),
-        "sites": {s: _b64(pub.public_bytes_raw()) for s, pub in sorted(registry.sites.items())},
+        "sites": {s: keyfiles.b64(pub.public_bytes_raw()) for s, pub in sorted(registry.sites.items())},
     }
-    _write_atomic(out_dir / "registry.json", _json_bytes(doc), mode=0o644)
-
-
-def _private_pem(key: Ed25519PrivateKey | X25519PrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-def _public_pem(key: Ed25519PublicKey) -> bytes:
-    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-def _b64(raw: bytes) -> str:
-    return base64.b64encode(raw).decode("ascii")
-
-
-def _json_bytes(doc: dict[str, Any]) -> bytes:
-    return (json.dumps(doc, indent=2) + "\n").encode()
-
-
-def _make_private_dir(path: Path) -> None:
-    path.mkdir(mode=0o700, exist_ok=True)
-    # mkdir's mode is filtered by the umask and ignored for an existing folder.
-    os.chmod(path, 0o700)
-
-
-def _write_atomic(path: Path, data: bytes, *, mode: int) -> None:
-    # A reader (or a crash) sees the old file or the new one, never half of one. mkstemp creates
-    # the file 0600, so a private key is never readable by others, even for a moment.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes the rename itself durable (POSIX); Windows cannot open a folder for fsync.
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    keyfiles.write_atomic(out_dir / "registry.json", keyfiles.json_bytes(doc), mode=0o644)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,10 +283,10 @@ def load_server(out_dir: Path) -> ServerKeys:
     """
     server_dir = Path(out_dir) / "server"
     key_path = server_dir / "signing.key"
-    signing_key = _load_private(key_path, Ed25519PrivateKey, "an Ed25519 private key")
+    signing_key = keyfiles.load_private(key_path, Ed25519PrivateKey, "an Ed25519 private key")
     pub_path = server_dir / "signing.pub"
     if pub_path.exists():
-        public = _load_public(pub_path, Ed25519PublicKey, "an Ed25519 public key")
+        public = keyfiles.load_public(pub_path, Ed25519PublicKey, "an Ed25519 public key")
         if public.public_bytes_raw() != signing_key.public_key().public_bytes_raw():
             raise ValueError(f"{pub_path}: does not match {key_path} (key folders mixed up?)")
     return ServerKeys(signing_key, key_id(signing_key.public_key()))
@@ -372,10 +313,10 @@ def load_registry(out_dir: Path) -> Registry:
         sites sharing one agreement key.
     """
     path = Path(out_dir) / "registry.json"
-    doc = _load_json(path)
+    doc = keyfiles.load_json(path)
     if doc.get("format") != REGISTRY_FORMAT:
         raise ValueError(f"{path}: format is {doc.get('format')!r}, expected {REGISTRY_FORMAT!r}")
-    raw = _b64_field(path, doc, "server_public_key", 32)
+    raw = keyfiles.b64_field(path, doc, "server_public_key", 32)
     server_public = Ed25519PublicKey.from_public_bytes(raw)
     kid_hex = doc.get("server_kid")
     if not isinstance(kid_hex, str) or kid_hex != key_id(server_public).hex():
@@ -390,7 +331,7 @@ def load_registry(out_dir: Path) -> Registry:
             valid_site_id(site_id)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
-        site_raw = _b64_field(path, entries, site_id, 32)
+        site_raw = keyfiles.b64_field(path, entries, site_id, 32)
         # A shared agreement key would let one site open another's envelopes.
         if site_raw in owner:
             raise ValueError(f"{path}: sites {owner[site_raw]!r} and {site_id!r} share one public key")
@@ -422,7 +363,7 @@ def load_site(site_dir: Path) -> SiteKeys:
     """
     site_dir = Path(site_dir)
     json_path = site_dir / "site.json"
-    doc = _load_json(json_path)
+    doc = keyfiles.load_json(json_path)
     site_id = doc.get("site_id")
     if not isinstance(site_id, str):
         raise ValueError(f"{json_path}: 'site_id' is missing or not a string")
@@ -430,83 +371,6 @@ def load_site(site_dir: Path) -> SiteKeys:
         valid_site_id(site_id)
     except ValueError as e:
         raise ValueError(f"{json_path}: {e}") from None
-    agreement_key = _load_private(site_dir / "agreement.key", X25519PrivateKey, "an X25519 private key")
-    server_public = _load_public(site_dir / "server.pub", Ed25519PublicKey, "an Ed25519 public key")
+    agreement_key = keyfiles.load_private(site_dir / "agreement.key", X25519PrivateKey, "an X25519 private key")
+    server_public = keyfiles.load_public(site_dir / "server.pub", Ed25519PublicKey, "an Ed25519 public key")
     return SiteKeys(site_id, agreement_key, server_public, key_id(server_public))
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise ValueError(f"{path}: missing (write the key folder with `edgetune keys`)") from None
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read ({e.strerror})") from None
-
-
-def _load_private(path: Path, key_type: type, what: str) -> Any:
-    if os.name == "posix":
-        try:
-            mode = os.stat(path).st_mode
-        except FileNotFoundError:
-            raise ValueError(f"{path}: missing (write the key folder with `edgetune keys`)") from None
-        except OSError as e:
-            raise ValueError(f"{path}: cannot read ({e.strerror})") from None
-        if mode & 0o077:
-            raise ValueError(
-                f"{path}: private key is accessible by group/others (mode {mode & 0o777:04o}); run `chmod 600 {path}`"
-            )
-    data = _read(path)
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
-        # TypeError: the file is encrypted with a passphrase, which edgetune does not support.
-        raise ValueError(f"{path}: not {what} in unencrypted PEM ({e})") from None
-    if not isinstance(key, key_type):
-        raise ValueError(f"{path}: holds a {type(key).__name__}, expected {what}")
-    return key
-
-
-def _load_public(path: Path, key_type: type, what: str) -> Any:
-    data = _read(path)
-    try:
-        key = serialization.load_pem_public_key(data)
-    except (ValueError, UnsupportedAlgorithm) as e:
-        raise ValueError(f"{path}: not {what} in PEM ({e})") from None
-    if not isinstance(key, key_type):
-        raise ValueError(f"{path}: holds a {type(key).__name__}, expected {what}")
-    return key
-
-
-def _load_json(path: Path) -> dict[str, Any]:
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        # json.loads keeps the last of two equal keys; a registry listing one site twice is a bug.
-        out: dict[str, Any] = {}
-        for k, v in pairs:
-            if k in out:
-                raise ValueError(f"duplicate key {k!r}")
-            out[k] = v
-        return out
-
-    data = _read(path)
-    try:
-        doc = json.loads(data, object_pairs_hook=no_duplicates)
-    except (ValueError, RecursionError) as e:
-        # json.JSONDecodeError and UnicodeDecodeError are ValueErrors.
-        raise ValueError(f"{path}: unreadable JSON ({e})") from None
-    if not isinstance(doc, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(doc).__name__}")
-    return doc
-
-
-def _b64_field(path: Path, doc: dict[str, Any], name: str, num_bytes: int) -> bytes:
-    value = doc.get(name)
-    try:
-        if not isinstance(value, str):
-            raise ValueError("not a string")
-        raw = base64.b64decode(value, validate=True)
-    except ValueError as e:  # binascii.Error is a ValueError
-        raise ValueError(f"{path}: {name!r} is not base64 ({e})") from None
-    if len(raw) != num_bytes:
-        raise ValueError(f"{path}: {name!r} decodes to {len(raw)} bytes, expected {num_bytes}")
-    return raw

@@ -85,7 +85,7 @@ def package_passages(name: str) -> tuple[str, ...]:
     Parsed once per installed version and cached as JSON under the edgetune cache folder.
     """
     from edgetune.io import atomic_write_json
-    from edgetune.models.load import cache_root
+    from edgetune.models.folders import cache_root
 
     cached = cache_root() / "corpora" / f"docs-{name}-{importlib.metadata.version(name)}-v1.json"
     if cached.is_file():

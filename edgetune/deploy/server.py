@@ -62,7 +62,7 @@ def run_server(
     flat = {**flat, "run.name": name, "run.dir": str(run_dir.parent)}
     if not cfg.model.sha256:
         # pin the base model: a site whose own copy (node config model-path) differs is refused
-        from edgetune.models.load import model_fingerprint
+        from edgetune.models.fingerprint import model_fingerprint
 
         try:
             flat["model.sha256"] = model_fingerprint(cfg.model, seed=cfg.run.seed)
@@ -117,7 +117,7 @@ def run_server(
 
 def start_server_gateway(address: str, keys: Path, superlink: str, insecure: bool) -> Any:
     """The thin-link gateway (``edgetune/flower/linkgate.py``) in front of the SuperLink, started."""
-    from edgetune.flower.linkgate import ServerGateway
+    from edgetune.flower.linkgate_server import ServerGateway
 
     if insecure:
         raise DeployError("--gateway needs TLS (thin-link sites verify the SuperLink certificate); drop --insecure")

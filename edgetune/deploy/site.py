@@ -201,7 +201,8 @@ def site_link(
         address = f"127.0.0.1:{meter.port}"
         console.print(f"counting this link's bytes: {log}")
     if link == "thin":
-        from edgetune.flower.linkgate import SiteGateway, ThinLink
+        from edgetune.flower.linkgate import ThinLink
+        from edgetune.flower.linkgate_site import SiteGateway
 
         gate = SiteGateway(
             superlink, kit / "ca.crt", ThinLink(), connect_to=meter_at, state_file=state / "thin-link-node-id"

@@ -126,16 +126,29 @@ def test_robust_aggregators_stay_within_honest_range():
 
 
 def test_kavg_lowers_heldout_loss_and_counts_dense_bytes(tmp_path):
-    """Three rounds lower the held-out loss; each uplink is the dense fp32 update plus framing."""
+    """Three rounds lower the held-out loss; each uplink is the dense fp32 update (4 bytes per trainable
+    value, decoding to the manifest's shapes) plus framing, and the ledger counts exactly the encoded reply."""
     cfg = _cfg(**{"num_rounds": 3, "kavg.local_steps": 2})
     server, transport, recorder, evaluate, tok = _federation(tmp_path, cfg, 3)
+    sent: dict[str, list[dict]] = {}
+
+    def record(honest, phase, msg, state):
+        reply, _ = honest.step(phase, msg, state)
+        sent.setdefault(honest.ctx.site_id, []).append(reply)  # one train exchange per round
+        return reply
+
+    for site in list(transport.clients):
+        transport.clients[site] = ForgedSite(transport.clients[site], record)
     summary = run_federation(cfg, server, transport, recorder, evaluate, tok)
     assert summary["heldout_loss_last"] < summary["heldout_loss_first"] - 0.1
     numel = sum(e.numel for e in server.manifest)
-    ups = recorder.ledger.per_site(round_idx=1, direction="up")
-    assert all(4 * numel < b < 4 * numel + 64 for b in ups.values())
-    payload = wire.decode(wire.encode({"delta": bytes(8), "loss": 1.0}), max_bytes=100)
-    assert set(payload) == {"delta", "loss"}
+    assert {site: len(replies) for site, replies in sent.items()} == {"site-0": 3, "site-1": 3, "site-2": 3}
+    for site, r, reply in ((site, r, reply) for site, replies in sent.items() for r, reply in enumerate(replies, 1)):
+        assert set(reply) == {"delta", "loss"} and len(reply["delta"]) == 4 * numel
+        deltas = decode_tensors(reply["delta"], [e.shape for e in server.manifest], "fp32", where=site)
+        assert all(torch.isfinite(d).all() for d in deltas) and any(d.abs().max() > 0 for d in deltas)
+        up = recorder.ledger.per_site(round_idx=r, direction="up")[site]
+        assert up == len(wire.encode(reply)) and 4 * numel < up < 4 * numel + 64
 
 
 # ---- K-AVG Theorem 2: round-indexed lr and batch size ---------------------------------------------

@@ -159,12 +159,8 @@ def test_kavg_and_the_inproc_loop_read_in_under_250_lines():
 
 
 OVER_LIMIT_ELSEWHERE = {
-    # split by other parts of issue 17 (entry points, crypto, the link gate, model loading):
+    # split by other parts of issue 17 (entry points):
     # remove a line here when its file comes under the limit
-    "edgetune/models/load.py",
-    "edgetune/crypto/keys.py",
-    "edgetune/crypto/envelope.py",
-    "edgetune/flower/linkgate.py",
 }
 
 

@@ -11,7 +11,7 @@ from edgetune import inproc
 from edgetune.algorithms.spsa.client import SpsaClient
 from edgetune.comm import wire
 from edgetune.crypto import envelope
-from edgetune.crypto.envelope import ReplayGuard
+from edgetune.crypto.guardfile import ReplayGuard
 from edgetune.federation import run_round
 
 

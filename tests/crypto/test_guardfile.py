@@ -11,7 +11,8 @@ from edgetune import config as cfgmod
 from edgetune import inproc
 from edgetune.build import build_client, keys_dir_for, process_workdir
 from edgetune.crypto import guardfile
-from edgetune.crypto.envelope import EnvelopeError, ReplayGuard
+from edgetune.crypto.envelope import EnvelopeError
+from edgetune.crypto.guardfile import ReplayGuard
 from edgetune.crypto.keys import site_kit_dir
 from edgetune.federation import run_federation
 

@@ -18,8 +18,9 @@ from flwr.proto.heartbeat_pb2 import SendNodeHeartbeatRequest, SendNodeHeartbeat
 from flwr.proto.message_pb2 import Message as ProtoMessage
 from flwr.supernode.fleet_http_client import FleetHttpClient
 
-from edgetune.flower import linkgate
-from edgetune.flower.linkgate import Reply, SiteGateway, ThinLink
+from edgetune.flower import linkgate, linkgate_server
+from edgetune.flower.linkgate import Reply, ThinLink
+from edgetune.flower.linkgate_site import SiteGateway
 
 HEADERS = [("content-type", linkgate.PROTOBUF), ("flwr-timestamp", "2026-01-01T00:00:00+00:00")]
 
@@ -144,7 +145,7 @@ def test_profile_rejects_values_flower_would_refuse(field, value):
 
 
 def _server_gateway(monkeypatch, replies: list[Reply]):
-    gw = linkgate.ServerGateway("127.0.0.1:1", "c", "k", None, listen=("127.0.0.1", 0))
+    gw = linkgate_server.ServerGateway("127.0.0.1:1", "c", "k", None, listen=("127.0.0.1", 0))
     calls: list[str] = []
 
     async def forward(path, headers, body):
@@ -152,7 +153,7 @@ def _server_gateway(monkeypatch, replies: list[Reply]):
         return replies.pop(0) if len(replies) > 1 else replies[0]
 
     gw._forward = forward  # type: ignore[method-assign]
-    monkeypatch.setattr(linkgate, "SERVER_POLL_S", 0.01)
+    monkeypatch.setattr(linkgate_server, "SERVER_POLL_S", 0.01)
     return gw, calls
 
 
@@ -194,7 +195,7 @@ def test_server_gateway_never_holds_past_the_signature_life(monkeypatch):
 def test_the_hold_header_survives_the_server_gateways_header_filter(monkeypatch):
     """The hold travels from the site gateway through hypercorn's ASGI scope to handle()."""
     seen = {}
-    gw = linkgate.ServerGateway("127.0.0.1:1", "c", "k", None, listen=("127.0.0.1", 0))
+    gw = linkgate_server.ServerGateway("127.0.0.1:1", "c", "k", None, listen=("127.0.0.1", 0))
 
     async def handle(path, headers, body, gone):
         seen["headers"] = headers

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 
 import pytest
-from flwr.app import Message, RecordDict
+from flwr.app import Message
 from flwr.supercore.task_identity import TaskIdentity
 
 from edgetune.comm import wire
 from edgetune.comm.ledger import ByteLedger
 from edgetune.federation import Failure
-from edgetune.flower.messages import from_content, to_content
+from edgetune.flower.messages import flower_bytes, from_content, to_content
 from edgetune.flower.server_loop import FlowerTransport
 
 
@@ -93,15 +94,36 @@ def test_deadline_without_quorum_and_late_reply_reported_stale():
 
 
 def test_flower_sizes_recorded_for_every_message():
-    """The ledger gets a Flower-serialized size for each message sent and each reply received."""
-    transport, _ = _transport([0.0, 0.0], quorum=2, grace_s=0.0)
-    transport.exchange(3, "train", _blobs(2), timeout_s=5)
-    rows = [r for r in transport.ledger.rows if r.kind == "flower"]
-    assert sorted((r.site_id, r.direction) for r in rows) == [
-        ("site-0", "down"),
-        ("site-0", "up"),
-        ("site-1", "down"),
-        ("site-1", "up"),
-    ]
-    assert all(r.num_bytes > 200 for r in rows)
-    assert RecordDict  # the records module imports cleanly with flwr
+    """The ledger gets, per site and direction, the Flower-serialized size of the very message that was
+    pushed (down) or pulled (up): a site with a 20 kB payload is charged its own 20 kB, both ways."""
+    transport, grid = _transport([0.0, 0.0], quorum=2, grace_s=0.0)
+    pushed, pulled = {}, {}
+    push, pull = grid.push_messages, grid.pull_messages
+
+    def record_push(messages):
+        ids = push(messages)
+        pushed.update({m.metadata.dst_node_id: m for m in messages})
+        return ids
+
+    def record_pull(message_ids):
+        replies = pull(message_ids)
+        pulled.update({r.metadata.src_node_id: r for r in replies})
+        return replies
+
+    grid.push_messages, grid.pull_messages = record_push, record_pull
+    big = hashlib.sha256(b"incompressible").digest() * 625  # 20 kB that deflate cannot shrink
+    blobs = {"site-0": wire.encode({"x": 0}), "site-1": wire.encode({"x": big})}
+
+    out = transport.exchange(3, "train", blobs, timeout_s=5)
+
+    assert wire.decode(out["site-1"], max_bytes=1 << 16) == {"echo": big}
+    rows = {(r.site_id, r.direction): r.num_bytes for r in transport.ledger.rows if r.kind == "flower"}
+    assert rows == {
+        ("site-0", "down"): flower_bytes(pushed[100]),
+        ("site-0", "up"): flower_bytes(pulled[100]),
+        ("site-1", "down"): flower_bytes(pushed[101]),
+        ("site-1", "up"): flower_bytes(pulled[101]),
+    }
+    for direction in ("down", "up"):
+        assert rows["site-1", direction] - rows["site-0", direction] >= len(big)
+        assert rows["site-0", direction] > len(blobs["site-0"])  # Flower's envelope around the payload

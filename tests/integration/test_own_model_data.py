@@ -18,7 +18,9 @@ from edgetune.data.demo import demo_heldout, demo_sites
 from edgetune.data.prompts import TokenizedSet
 from edgetune.data.sources import heldout_examples, site_examples
 from edgetune.flower import client_handler
-from edgetune.models.load import folder_fingerprint, load_model, model_folder
+from edgetune.models.fingerprint import folder_fingerprint
+from edgetune.models.folders import model_folder
+from edgetune.models.load import load_model
 
 SYSTEM = "You are the maintenance desk of the Nagoya press line. Quote the procedure number."
 

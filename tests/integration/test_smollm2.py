@@ -12,7 +12,7 @@ from edgetune import config as cfgmod
 from edgetune import inproc
 from edgetune.algorithms import spsa
 from edgetune.federation import run_federation
-from edgetune.models.load import smollm2_folder
+from edgetune.models.folders import smollm2_folder
 from edgetune.models.params import sha256_tensors
 
 pytestmark = pytest.mark.slow

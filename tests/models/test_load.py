@@ -1,4 +1,5 @@
-"""Loading any HF causal LM from local files (edgetune/models/load.py): cache ids, dtypes, fingerprints."""
+"""Loading any HF causal LM from local files (edgetune/models/folders.py, load.py, fingerprint.py): cache ids, dtypes,
+fingerprints."""
 
 from __future__ import annotations
 
@@ -11,14 +12,9 @@ from hf_fixtures import put_in_hf_cache, save_tiny_model
 
 from edgetune import config as cfgmod
 from edgetune.models import load as loadmod
-from edgetune.models.load import (
-    cached_snapshot,
-    check_fingerprint,
-    folder_fingerprint,
-    load_model,
-    model_fingerprint,
-    model_folder,
-)
+from edgetune.models.fingerprint import check_fingerprint, folder_fingerprint, model_fingerprint
+from edgetune.models.folders import cached_snapshot, model_folder
+from edgetune.models.load import load_model
 from edgetune.models.params import model_sha256
 from edgetune.models.tiny import tiny_model_and_tokenizer
 

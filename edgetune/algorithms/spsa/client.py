@@ -21,7 +21,8 @@ from edgetune.comm.tensors import decode_tensors
 from edgetune.comm.wire import Payload, WireError
 from edgetune.config import RunConfig
 from edgetune.crypto import envelope, guardfile, schedule
-from edgetune.crypto.envelope import EnvelopeError, ReplayGuard
+from edgetune.crypto.envelope import EnvelopeError
+from edgetune.crypto.guardfile import ReplayGuard
 from edgetune.data.prompts import batch_indices
 from edgetune.models.load import resolve_devices
 from edgetune.models.params import trainable_tensors
