@@ -1,6 +1,6 @@
 # edgetune: two commands set up everything on a fresh machine with Python 3.11.
 #   make demo   create .venv, install, run the default recipe end to end (Flower simulation, 4 sites)
-#   make test   create .venv, install, run the test suite
+#   make test   create .venv, install, lint (ruff, mypy), run the test suite
 #   make bench  the CPU benchmarks; make docs  the documentation site
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
@@ -29,7 +29,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/edgetune simulate $(DEMO_RECIPE)
 
-test: $(STAMP)
+# make test: lint first (ruff, mypy: a few seconds to two minutes), then the whole suite
+test: $(STAMP) lint
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)

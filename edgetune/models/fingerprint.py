@@ -26,7 +26,7 @@ _FINGERPRINTS: dict[tuple[Any, ...], str] = {}
 def _hash_tensor(h: Any, name: str, t: torch.Tensor) -> None:
     t = t.detach().cpu().contiguous()
     h.update(f"{name}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0".encode())
-    h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B"))
+    h.update(t.reshape(-1).view(torch.uint8).numpy().data.cast("B"))
 
 
 def folder_fingerprint(folder: Path) -> str:

@@ -24,6 +24,7 @@ import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -89,7 +90,7 @@ def smollm2_folder(cfg: ModelSection | None = None) -> Path:
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             bar.advance()
             bar.stage("de-quantising the GGUF weights to fp32")
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            model: Any = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
             bar.advance()
             # transformers keeps a GGUF "quantizer" on the model and refuses to save it, although the
             # weights are already dequantised fp32; drop the marker so the folder is a plain fp32 model.

@@ -83,7 +83,7 @@ def _add_lora(model: nn.Module, cfg: ModelSection, seed: int) -> nn.Module:
 
     lora = LoraConfig(
         r=cfg.lora_rank,
-        lora_alpha=cfg.lora_alpha,
+        lora_alpha=cfg.lora_alpha,  # type: ignore[arg-type]  # peft scales by alpha / r; a float alpha works
         lora_dropout=cfg.lora_dropout,
         target_modules=list(cfg.target_module_list),
         task_type="CAUSAL_LM",
@@ -145,6 +145,8 @@ def load_model(cfg: ModelSection, *, seed: int = 0) -> tuple[nn.Module, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     device = resolve_device(cfg.device)
     folder = model_folder(cfg)
+    model: Any  # a transformers model or peft's wrapper of one: methods the nn.Module stubs do not know
+    tokenizer: Any
     if folder is None:
         from edgetune.models.tiny import tiny_model_and_tokenizer
 
