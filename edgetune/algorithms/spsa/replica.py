@@ -14,6 +14,7 @@ and the server-side optimizer (``pool.py``: theta = theta_0 - q * sum_s n_s z_s,
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -51,6 +52,11 @@ class SpaceSpec:
     @property
     def run_pool(self) -> bool:
         return self.pool_size > 0
+
+    def digest(self) -> str:
+        """sha256 of every field: a saved state is only continued under the space it was saved in."""
+        text = f"{self.sparse_frac!r}|{self.pool_size}|{self.pool_key.hex()}|{self.optimizer.to_text()}"
+        return hashlib.sha256(text.encode()).hexdigest()
 
 
 def sparse_masks(tensors: Sequence[torch.Tensor], frac: float) -> list[torch.Tensor]:
@@ -251,6 +257,7 @@ class Replica:
             "applied": self.applied,
             "hash": self.hash,
             "manifest": self.manifest.digest(),
+            "space": self.space.digest(),
         }
         if self.space.run_pool:
             assert self.pool is not None
@@ -276,15 +283,22 @@ class Replica:
                 old.unlink(missing_ok=True)
 
     @staticmethod
-    def saved_round(folder: Path | None, run_id: bytes) -> int:
-        """Round of the state saved in ``folder`` for ``run_id`` (-1 if none)."""
+    def saved_round(folder: Path | None, run_id: bytes, space: SpaceSpec | None = None) -> int:
+        """Round of the state saved in ``folder`` for ``run_id`` (-1 if none, or if it was saved under
+        another perturbation space than ``space``: a run of the same id with other spsa settings, whose
+        state this one must not continue; the site then catches up from the log or a snapshot).
+        """
         if folder is None or not (folder / "replica.json").is_file():
             return -1
         try:
             meta = read_state_json(folder / "replica.json")
         except ValueError:
             return -1
-        return int(meta["applied"]) if meta.get("run") == run_id.hex() else -1
+        if meta.get("run") != run_id.hex():
+            return -1
+        if space is not None and meta.get("space") != space.digest():
+            return -1
+        return int(meta["applied"])
 
     def load(self, folder: Path, run_id: bytes) -> None:
         """Continue from a state saved by ``save`` (checked against its recorded hash)."""
@@ -293,6 +307,8 @@ class Replica:
             raise ValueError(f"{folder}: saved state belongs to run {meta['run'][:16]}, not {run_id.hex()[:16]}")
         if meta["manifest"] != self.manifest.digest():
             raise ValueError(f"{folder}: saved state has another parameter layout")
+        if meta.get("space") != self.space.digest():
+            raise ValueError(f"{folder}: saved state has another perturbation space (sparse mask, pool or optimizer)")
         if self.run_id != run_id:
             raise ValueError(f"{folder}: load a saved state only after starting its run")
         if self.space.run_pool:
