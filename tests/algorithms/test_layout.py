@@ -158,15 +158,8 @@ def test_kavg_and_the_inproc_loop_read_in_under_250_lines():
     assert total < 250
 
 
-OVER_LIMIT_ELSEWHERE = {
-    # split by other parts of issue 17 (entry points):
-    # remove a line here when its file comes under the limit
-}
-
-
 def test_no_file_in_edgetune_is_over_450_lines():
-    """Files that hold one concern stay readable: none over 450 lines (the list above shrinks to empty)."""
+    """Files that hold one concern stay readable: none over 450 lines."""
     sizes = {str(p.relative_to(ROOT)): _code_lines(p) for p in (ROOT / "edgetune").rglob("*.py")}
     over = {p for p, n in sizes.items() if n > 450}
-    assert over - OVER_LIMIT_ELSEWHERE == set()
-    assert {p for p in OVER_LIMIT_ELSEWHERE if p in sizes and sizes[p] <= 450} == set(), "shrink the list"
+    assert over == set(), {p: sizes[p] for p in over}
