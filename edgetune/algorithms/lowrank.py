@@ -71,7 +71,7 @@ from typing import Any
 
 import torch
 
-from edgetune.algorithms import screening, training
+from edgetune.algorithms import screening
 from edgetune.algorithms.base import ClientContext, ServerContext
 from edgetune.algorithms.weights import (
     Screened,
@@ -430,16 +430,7 @@ class LowrankClient(WeightsClient):
         try:
             for w in weights:
                 w.requires_grad_(True)
-            batches = training.site_batches(self.ctx, plan["seed"], plan["round"], plan["K"], plan["bs"])
-            losses = training.local_train(
-                self.ctx.model,
-                weights,
-                batches,
-                lr=plan["lr"],
-                optimizer=plan["opt"],
-                momentum=plan["mom"],
-                weight_decay=plan["wd"],
-            )
+            losses = self.train_plan(plan, weights)  # the shared local steps (kavg.grad_accum_steps included)
             deltas = [w.detach().to("cpu", torch.float32) - s.to("cpu", torch.float32) for w, s in zip(weights, saved)]
         finally:
             with torch.no_grad():
