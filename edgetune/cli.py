@@ -349,13 +349,24 @@ def site(
     link: Annotated[
         Link,
         typer.Option(
-            help="standard, or thin: HTTP/2 to the server's --gateway, held polls, 300 s heartbeats "
-            "(docs/site-operator.md: what it saves and costs)"
+            help="standard, or thin: HTTP/2 to the server's --gateway, held polls, 300 s heartbeats, "
+            "leave after the run (docs/site-operator.md: what it saves and costs)"
         ),
     ] = Link.standard,
     count_bytes: Annotated[
         bool, typer.Option(help="Count the real bytes on this site's link (log: STATE/link-bytes.jsonl)")
     ] = False,
+    leave_after_run: Annotated[
+        bool | None,
+        typer.Option(
+            "--leave-after-run/--stay",
+            help="Disconnect when the server ends the run (default: on with --link thin), or stay connected",
+            show_default=False,
+        ),
+    ] = None,
+    leave_after_idle: Annotated[
+        float, typer.Option(help="Disconnect after this many seconds without a message (0: never)")
+    ] = 0.0,
 ) -> None:
     """Run this factory's site: a Flower SuperNode with its kit, data and device."""
     from edgetune.deploy import DeployError
@@ -365,7 +376,8 @@ def site(
         code = run_site(
             kit, superlink, data=data, demo_index=demo_index, num_sites=num_sites, device=device, devices=devices,
             model=model, quantize=quantize, port=port, state=state, insecure=insecure, activation_wait=activation_wait,
-            keep_loaded=keep_loaded, link=link.value, count_bytes=count_bytes,
+            keep_loaded=keep_loaded, link=link.value, count_bytes=count_bytes, leave_after_run=leave_after_run,
+            leave_after_idle=leave_after_idle,
         )  # fmt: skip
     raise typer.Exit(code=code)
 

@@ -153,6 +153,8 @@ class LinkMeter:
 
         try:
             await asyncio.gather(pump(down_reader, up_writer, "up"), pump(up_reader, down_writer, "down"))
+        except asyncio.CancelledError:
+            pass  # the meter is stopping: end this connection normally (asyncio logs a cancelled handler)
         finally:
             flush()
             self._write({"conn": conn, "event": "close"})
@@ -183,7 +185,7 @@ class LinkMeter:
                 self._error = err
                 self._ready.set()
             finally:
-                self._loop.close()
+                close_loop(self._loop)
 
         self._thread = threading.Thread(target=run, name=f"linkmeter-{self.site}", daemon=True)
         self._thread.start()
@@ -358,3 +360,16 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def close_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what still runs on ``loop`` and let it finish (sockets closed, counts flushed) before
+    closing the loop, so stopping prints no "Task was destroyed" or "Event loop is closed" tracebacks.
+    """
+    pending = asyncio.all_tasks(loop)
+    for task in pending:
+        task.cancel()
+    if pending:
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    loop.close()

@@ -238,3 +238,24 @@ def test_report_shows_real_next_to_payload_bytes_per_round(tmp_path):
     assert "uplink real B" in text and "4,600" in text and "7,400" in text
     assert "2.00%" in text  # 92 / 4,600
     assert "uplink link B" in text  # the per-site table has the link kind too
+
+
+def test_stopping_with_a_connection_open_flushes_it_and_logs_no_traceback(tmp_path, capfd, caplog):
+    """A site that leaves after its run stops its meter while the SuperNode's connection is still open:
+    the open connection's bytes reach the log and asyncio prints nothing (it used to print a
+    CancelledError traceback from the cancelled connection handler)."""
+    server = _EchoTwice()
+    log = tmp_path / "meter.jsonl"
+    meter = linkmeter.LinkMeter(("127.0.0.1", server.port), log, site="plant-a").start()
+    conn = socket.create_connection(("127.0.0.1", meter.port))
+    conn.sendall(b"hello")
+    deadline = time.time() + 10
+    while meter.totals["down"] < 10 and time.time() < deadline:
+        time.sleep(0.02)
+    meter.stop()
+    conn.close()
+    err = capfd.readouterr().err + caplog.text  # asyncio reports through the logging module
+    assert "CancelledError" not in err and "Task was destroyed" not in err, err
+    rows = read_jsonl(log)
+    assert sum(r.get("up", 0) for r in rows) == 5 and sum(r.get("down", 0) for r in rows) == 10
+    assert [r["event"] for r in rows if "event" in r] == ["open", "close"]

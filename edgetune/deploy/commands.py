@@ -231,6 +231,7 @@ def supernode_command(
     model_path: str = "",
     quantize: str = "",
     via_gateway: Path | None = None,
+    extra_node_config: dict[str, str] | None = None,
 ) -> list[str]:
     """``flower-supernode`` for one site: its kit, its data, its device, its own copy of the base model
     (checked against the run's ``model.sha256``) and its site host's socket.
@@ -254,6 +255,7 @@ def supernode_command(
     if site_index is not None:
         node_config["site-index"] = site_index
         node_config["num-sites"] = num_sites or site_index + 1
+    node_config.update(extra_node_config or {})
     items = " ".join(f"{k}={json.dumps(v)}" for k, v in node_config.items())
     cmd = ["flower-supernode", "--superlink", superlink, "--port", str(port), "--node-config", items]
     if insecure:

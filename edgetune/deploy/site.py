@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetune.deploy.commands import DeployError, flower_env, is_loopback, split_address, supernode_command
+from edgetune.flower.presence import LeaveWatch
 from edgetune.io import private_dir
 from edgetune.live import console
 
@@ -29,6 +30,7 @@ ACTIVATION_REFUSED = "Failed to activate SuperNode"
 """What flower-supernode prints (exit code 305; its process status is 1) when the SuperLink refuses
 to activate the node."""
 ACTIVATION_RETRY_S = 15.0
+LEAVE_CHECK_S = 1.0
 
 
 def run_site(
@@ -49,12 +51,18 @@ def run_site(
     keep_loaded: bool,
     link: str,
     count_bytes: bool,
+    leave_after_run: bool | None = None,
+    leave_after_idle: float = 0.0,
 ) -> int:
     """Run this site until its SuperNode exits or the operator stops it; return the exit code.
 
     Checks the options first (``DeployError`` naming the wrong one), starts the link meter, the thin-link
     gateway and the site host as asked, then the SuperNode in its own process group, retrying while the
     SuperLink refuses to activate the node for up to ``activation_wait`` seconds.
+
+    ``leave_after_run`` (default: on for ``link="thin"``, off otherwise): stop the site, exit code 0,
+    when the server says the run is over; ``leave_after_idle`` > 0: when no message was handled for that
+    many seconds. Either way nothing is connected between runs (``flower/presence.py``).
     """
     kit, state = kit.resolve(), state.resolve()
     if not (kit / "site.json").is_file():
@@ -79,6 +87,12 @@ def run_site(
             device = ",".join(device_list(devices))
         except ValueError as err:
             raise DeployError(f"--devices: {err}") from err
+    if leave_after_idle < 0:
+        raise DeployError(f"--leave-after-idle must be >= 0 seconds, got {leave_after_idle:g}")
+    state.mkdir(parents=True, exist_ok=True)
+    watch = LeaveWatch(
+        state, after_run=link == "thin" if leave_after_run is None else leave_after_run, idle_s=leave_after_idle
+    )
     socket_path = site_host_socket(state) if keep_loaded else None
     try:
         node_superlink, local_ca, link_stop = site_link(kit, superlink, state, link=link, count_bytes=count_bytes)
@@ -95,6 +109,7 @@ def run_site(
             num_sites=num_sites or None,
             site_host=str(socket_path) if socket_path else "",
             via_gateway=local_ca,
+            extra_node_config=watch.node_config(),
         )
     except (OSError, ValueError, RuntimeError) as err:
         raise DeployError(str(err)) from err
@@ -104,7 +119,9 @@ def run_site(
         if socket_path:
             host_proc = start_site_host(socket_path)
         console.print(f"site {kit.name} -> {superlink}; logs below (Ctrl+C stops the site)")
-        return supervise_supernode(cmd, env, activation_wait)
+        if watch.after_run:
+            console.print("this site leaves when the run ends (start it again for the next run; --stay keeps it)")
+        return supervise_supernode(cmd, env, activation_wait, watch if watch.active else None)
     finally:
         for stop in link_stop:
             stop()
@@ -116,10 +133,14 @@ def run_site(
                 host_proc.kill()
 
 
-def supervise_supernode(cmd: list[str], env: dict[str, str], activation_wait: float) -> int:
+def supervise_supernode(
+    cmd: list[str], env: dict[str, str], activation_wait: float, watch: LeaveWatch | None = None
+) -> int:
     """Run ``flower-supernode`` with its log passed through; stop its whole process group (SuperExec,
     ClientApps) on Ctrl+C or SIGTERM, even when started in the background (where SIGINT is ignored by
     default); restart it while the SuperLink refuses activation, for up to ``activation_wait`` seconds.
+    With a ``watch``, stop it (SIGTERM: Flower deactivates the node at the SuperLink) and return 0 once
+    the watch says the site may leave.
     """
 
     def _stop(signum: int, frame: Any) -> None:
@@ -127,13 +148,26 @@ def supervise_supernode(cmd: list[str], env: dict[str, str], activation_wait: fl
 
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return _run_retrying(cmd, env, activation_wait)
+        return _run_retrying(cmd, env, activation_wait, watch)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _run_retrying(cmd: list[str], env: dict[str, str], activation_wait: float) -> int:
+def _wait_or_leave(proc: subprocess.Popen, watch: LeaveWatch | None) -> int | None:
+    """The SuperNode's exit code, or None when the watch says the site may leave first."""
+    while True:
+        try:
+            return proc.wait(timeout=LEAVE_CHECK_S if watch else None)
+        except subprocess.TimeoutExpired:
+            assert watch is not None
+            reason = watch.reason()
+            if reason:
+                console.print(f"leaving: {reason}")
+                return None
+
+
+def _run_retrying(cmd: list[str], env: dict[str, str], activation_wait: float, watch: LeaveWatch | None) -> int:
     started = time.time()
     while True:
         proc = subprocess.Popen(
@@ -153,15 +187,13 @@ def _run_retrying(cmd: list[str], env: dict[str, str], activation_wait: float) -
         reader = threading.Thread(target=pump, daemon=True)
         reader.start()
         try:
-            code = proc.wait()
+            code = _wait_or_leave(proc, watch)
+            if code is None:  # the run is over: stop as on Ctrl+C, and say all went well
+                _stop_group(proc)
+                return 0
         except KeyboardInterrupt:
             console.print("stopping the site")
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                code = proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                code = 130
-            return code
+            return _stop_group(proc)
         finally:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -180,6 +212,18 @@ def _run_retrying(cmd: list[str], env: dict[str, str], activation_wait: float) -
             return code
         console.print("SuperLink refused activation (an earlier session may still be open); retrying in 15 s")
         time.sleep(ACTIVATION_RETRY_S)
+
+
+def _stop_group(proc: subprocess.Popen) -> int:
+    """SIGTERM the SuperNode's process group (it deactivates its node at the SuperLink); its exit code."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        return proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        return 130
 
 
 def site_link(

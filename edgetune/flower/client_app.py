@@ -3,7 +3,7 @@
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from edgetune.flower import client_handler
+from edgetune.flower import client_handler, presence
 
 app = ClientApp()
 
@@ -11,7 +11,14 @@ app = ClientApp()
 @app.query("hello")
 def hello(msg: Message, context: Context) -> Message:
     """Say which site this node is."""
-    return client_handler.hello(msg, context)
+    with presence.handling(context.node_config):
+        return client_handler.hello(msg, context)
+
+
+@app.query("bye")
+def bye(msg: Message, context: Context) -> Message:
+    """The run is over: a site asked to leave after the run disconnects."""
+    return client_handler.bye(msg, context)
 
 
 @app.train()

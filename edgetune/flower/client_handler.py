@@ -26,6 +26,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from edgetune import faults
 from edgetune.bundle import check_version
 from edgetune.comm import wire
+from edgetune.flower import presence
 from edgetune.flower.messages import from_content, to_content
 
 if TYPE_CHECKING:
@@ -81,6 +82,15 @@ def hello(msg: Message, context: Context) -> Message:
             raise ValueError(f"kit {me['kit']} is for site {keys.site_id!r}, this node is {me['site']!r}")
         answer["proof"] = proof_of.prove(keys, challenge, context.node_id)
     return Message(RecordDict({"hello": ConfigRecord(answer)}), reply_to=msg)
+
+
+def bye(msg: Message, context: Context) -> Message:
+    """Answer ``query.bye`` (the server committed its last round): a site started with
+    ``edgetune site --leave-after-run`` records it, and its supervisor disconnects (``flower/presence.py``).
+    """
+    with presence.handling(context.node_config):
+        leaving = presence.note_run_ended(context.node_config, context.run_id)
+    return Message(RecordDict({"bye": ConfigRecord({"leaving": leaving})}), reply_to=msg)
 
 
 def require_local_kit(me: dict[str, Any]) -> None:
@@ -146,6 +156,11 @@ def handle(msg: Message, context: Context, phase: str) -> Message:
     """Run one phase for this site: decode, ``client.step``, encode; ``ValueError``s (bad
     envelopes, replay gaps, bad input) become an ``error`` payload the server logs.
     """
+    with presence.handling(context.node_config):
+        return _handle(msg, context, phase)
+
+
+def _handle(msg: Message, context: Context, phase: str) -> Message:
     state: dict[str, Any] = {}
     if STATE_KEY in context.state:
         state = dict(context.state.config_records[STATE_KEY])

@@ -44,6 +44,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from edgetune.linkmeter import close_loop
+
 PULL = "/v1/fleet/pull-messages"
 HEARTBEAT = "/v1/fleet/send-node-heartbeat"
 ACTIVATE = "/v1/fleet/activate-node"
@@ -120,10 +122,7 @@ class LoopThread:
             try:
                 loop.run_forever()
             finally:
-                for task in asyncio.all_tasks(loop):
-                    task.cancel()
-                loop.run_until_complete(asyncio.sleep(0))
-                loop.close()
+                close_loop(loop)
 
         self.thread = threading.Thread(target=run, name=self.name, daemon=True)
         self.thread.start()

@@ -32,6 +32,8 @@ from edgetune.flower.messages import MessageError, flower_bytes, from_content, t
 from edgetune.runs import RunRecorder, format_row, new_run_name
 
 HELLO = "query.hello"
+BYE = "query.bye"
+BYE_TIMEOUT_S = 20.0
 
 
 def message_type(phase: str) -> str:
@@ -175,6 +177,28 @@ class FlowerTransport:
             out[site] = Failure(f"no reply before the round closed ({waited})")
         return out
 
+    def goodbye(self, timeout_s: float = BYE_TIMEOUT_S) -> list[str]:
+        """Tell every site the run is over (``query.bye``), so a site started with ``edgetune site
+        --leave-after-run`` disconnects instead of polling the SuperLink until someone stops it.
+
+        Sent once, after the summary is written; waits at most ``timeout_s`` for acknowledgements and
+        returns the sites that answered. A site that misses it stays connected (``--leave-after-idle``
+        covers that). Its few hundred bytes cross the link after the run's ledger is closed: the link
+        meter counts them, the payload ledger does not.
+        """
+        msgs = [
+            Message(
+                RecordDict({"bye": ConfigRecord({})}), dst_node_id=n, message_type=BYE, group_id="bye", ttl=timeout_s
+            )
+            for n in self.node_of.values()
+        ]
+        acked = []
+        for reply in self.grid.send_and_receive(msgs, timeout=timeout_s):
+            site = self.site_of.get(reply.metadata.src_node_id)
+            if site is not None and not reply.has_error():
+                acked.append(site)
+        return sorted(acked)
+
     def _unwrap(self, reply: Message, round_idx: int, phase: str, site: str) -> bytes | Failure:
         if reply.metadata.group_id != f"round-{round_idx}":
             return Failure(f"stale reply for {reply.metadata.group_id}")
@@ -294,4 +318,7 @@ def run(grid: Grid, context: Context) -> dict[str, Any]:
         kit_root=kit_root,
         registry=registry,
     )
-    return run_federation(cfg, server, transport, recorder, evaluate, tokenizer)
+    summary = run_federation(cfg, server, transport, recorder, evaluate, tokenizer)
+    acked = transport.goodbye()
+    print(f"[edgetune] run {run_dir.name} ended; told {len(acked)} of {len(site_ids)} sites", flush=True)
+    return summary

@@ -175,6 +175,15 @@ def test_tls_node_auth_three_sites_kill_and_catch_up(tmp_path, link):
         _wait(lambda: any(r["round"] == 2 for r in _rows(metrics)), 300, "round 2 without site-2")
         sites["site-2"] = start_site("site-2", 2, fed / "sites" / "site-2")
         assert server.wait(timeout=600) == 0, (tmp_path / "server.out").read_text()[-3000:]
+        if link == "thin":  # thin-link sites leave when the server ends the run: nothing connected between runs
+            for name in ("site-0", "site-1", "site-2"):
+                assert sites[name].wait(timeout=60) == 0, (tmp_path / f"{name}.out").read_text()[-2000:]
+                log = (tmp_path / f"{name}.out").read_text()
+                assert "leaving: the server ended run" in log and "SuperNode terminated gracefully" in log
+                assert "Traceback" not in log.split("leaving: the server ended run")[-1]  # a clean stop
+        else:  # standard sites stay connected until their operator stops them
+            time.sleep(5)
+            assert all(p.poll() is None for p in sites.values())
     finally:
         for p in [server, *sites.values()]:
             _kill_tree(p.pid)
