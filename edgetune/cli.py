@@ -27,9 +27,6 @@ This module only wires options to the code that does the work: ``simulate.py`` (
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
@@ -392,16 +389,9 @@ def bench(
     Extra options go to ``python -m benchmarks.run_all`` (``--only``, ``--skip``, ``--sim-sites``,
     ``--results-dir``). About 20 minutes on 2 idle cores; ``--quick`` a few minutes.
     """
-    root = project.bundled_root()
-    if not (root / "benchmarks" / "run_all.py").is_file():
-        raise _fail(f"{root / 'benchmarks'} not found: this edgetune install has no benchmarks")
-    args = list(ctx.args)
-    if root != Path(__file__).resolve().parent.parent and not any(a.startswith("--results-dir") for a in args):
-        # an installed edgetune: results go to the current directory, not into site-packages
-        args += ["--results-dir", str(Path.cwd() / "bench-results")]
-    cmd = [sys.executable, "-m", "benchmarks.run_all", *(["--quick"] if quick else []), *args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    raise typer.Exit(code=subprocess.run(cmd, cwd=root, env=env, check=False).returncode)
+    with _failing(FileNotFoundError):
+        code = project.run_bench(list(ctx.args), quick=quick)
+    raise typer.Exit(code=code)
 
 
 @app.command()

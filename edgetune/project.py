@@ -15,6 +15,9 @@ and a ``.gitignore``.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -50,6 +53,21 @@ def bundled_root() -> Path:
     if (checkout / "recipes").is_dir() and (checkout / "benchmarks" / "run_all.py").is_file():
         return checkout
     return package / "_bundled"
+
+
+def run_bench(args: list[str], *, quick: bool) -> int:
+    """``edgetune bench``: run ``benchmarks/run_all.py`` offline; its exit code.
+
+    From an installed edgetune the results go to ``./bench-results``, not into site-packages.
+    """
+    root = bundled_root()
+    if not (root / "benchmarks" / "run_all.py").is_file():
+        raise FileNotFoundError(f"{root / 'benchmarks'} not found: this edgetune install has no benchmarks")
+    if root != Path(__file__).resolve().parent.parent and not any(a.startswith("--results-dir") for a in args):
+        args = [*args, "--results-dir", str(Path.cwd() / "bench-results")]
+    cmd = [sys.executable, "-m", "benchmarks.run_all", *(["--quick"] if quick else []), *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(cmd, cwd=root, env=env, check=False).returncode
 
 
 def recipes_dir() -> Path:

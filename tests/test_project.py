@@ -89,3 +89,37 @@ def test_cli_version_and_enum_options_are_checked_before_anything_runs(tmp_path)
     made = runner.invoke(cli.app, ["new", str(tmp_path / "p"), "--model", "tiny", "--algorithm", "kavg"])
     assert made.exit_code == 0, made.output
     assert cfgmod.load_recipe(tmp_path / "p" / "recipe.toml")["algorithm"] == "kavg"
+
+
+def test_bench_refuses_an_install_without_benchmarks_and_sends_installed_results_to_the_cwd(tmp_path, monkeypatch):
+    """`edgetune bench` names the missing benchmarks folder (exit 1); from an installed copy (not the
+    checkout) the results go to ./bench-results unless --results-dir is given; the child's exit code is kept."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    monkeypatch.setattr(project, "bundled_root", lambda: bare)
+    result = CliRunner().invoke(cli.app, ["bench", "--quick"])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1 and "no benchmarks" in output and "not found" in output
+
+    installed = tmp_path / "installed"
+    (installed / "benchmarks").mkdir(parents=True)
+    (installed / "benchmarks" / "run_all.py").write_text("")
+    monkeypatch.setattr(project, "bundled_root", lambda: installed)
+    calls: list[list[str]] = []
+
+    class Done:
+        returncode = 3
+
+    def fake_run(cmd, cwd, env, check):
+        calls.append(cmd)
+        assert cwd == installed and env["HF_HUB_OFFLINE"] == "1"
+        return Done()
+
+    monkeypatch.setattr(project.subprocess, "run", fake_run)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli.app, ["bench", "--only", "wire_bytes"])
+    assert result.exit_code == 3
+    assert calls[-1][-4:] == ["--only", "wire_bytes", "--results-dir", str(tmp_path / "bench-results")]
+    result = CliRunner().invoke(cli.app, ["bench", "--quick", "--results-dir=out"])
+    assert "--quick" in calls[-1] and calls[-1][-1] == "--results-dir=out"
+    assert sum(a.startswith("--results-dir") for a in calls[-1]) == 1
