@@ -5,7 +5,7 @@ Usage (from the repository root)::
     python -m benchmarks.quality_per_byte [--model tiny|smollm2] [--task facts|triage|docs] [--rounds 5]
         [--sites 4] [--seeds 0] [--algorithms spsa,spsa-v1,lowrank-fedavg,central-lora,central-mezo,...]
         [--rounds-for spsa=10,lowrank-fedavg=2] [--central-steps 60] [--accuracy-every 1] [--timeout 1800]
-        [--keep-runs DIR] [--out benchmarks/results/quality_per_byte.json] [--plot ...png]
+        [--keep-runs DIR] [--out benchmarks/results/quality_per_byte.json] [--plot ...png] [--append]
 
 Tasks (``--task``): ``facts`` (the fact-recall demo data), ``triage`` (fault-report routing: the
 default demo) and ``docs`` (real technical prose: installed packages' docstrings, one package per
@@ -15,7 +15,10 @@ site). The task picks the spsa recipe whose ``data.*`` and ``eval.*`` keys every
 ``spsa`` runs the task's spsa recipe; ``spsa-v1`` is the same with the spsa settings edgetune had
 before the levers of issue 11 (attention projections, central differences, one probe, K = 4 steps,
 fresh directions, lr 1e-4). ``central-lora`` and ``central-mezo`` are the centralised references
-of ``benchmarks/central_refs.py`` on the pooled site data (no bytes).
+of ``benchmarks/central_refs.py`` on the pooled site data (no bytes); ``--rounds-for`` gives their
+step count too (``central-mezo=300``), else ``--central-steps``. ``--append`` adds this call's rows to
+those already in ``--out`` (a row of the same algorithm, seed, model and task is replaced), so a slow
+reference can be run on its own and still land in the same table, goal check and plot.
 
 Forward passes are counted from each run's configuration, as forward-pass equivalents: spsa
 K x (P + 1) per site-round with forward differences (K x 2P central), a probe that reruns only the
@@ -418,7 +421,7 @@ def goal_ratios(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     s0 = spsa_row["curve"][0]["heldout_loss"]
     points = [p for p in spsa_row["curve"] if p["round"] > 0 and p["heldout_loss"] is not None]
     reached = next((p for p in points if s0 - p["heldout_loss"] >= target), None)
-    at = reached or points[-1]
+    at = reached or min(points, key=lambda p: p["heldout_loss"])  # not reached: its best gain
     return {
         "fedavg_first_round_gain": target,
         "fedavg_first_round_uplink_bytes": f1["cum_uplink_bytes"],
@@ -552,6 +555,23 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def previous_rows(out: Path, model: str, task: str, replaced: Sequence[tuple[str, int]]) -> list[dict[str, Any]]:
+    """``--append``: the rows already in ``out`` that this call does not replace (the goal row is recomputed).
+
+    Refuses a file of another model or task: mixing them would put two tasks' losses on one plot.
+    """
+    if not out.is_file():
+        return []
+    try:
+        rows = [r for r in json.loads(out.read_text()) if r.get("benchmark") == "quality_per_byte"]
+    except (json.JSONDecodeError, AttributeError, TypeError) as err:
+        raise SystemExit(f"--append: {out} is not a quality_per_byte table ({err})") from err
+    other = {(r.get("model"), r.get("task", "facts")) for r in rows} - {(model, task)}
+    if other:
+        raise SystemExit(f"--append: {out} holds rows of {sorted(other)}, not --model {model} --task {task}")
+    return [r for r in rows if (r["algorithm"], r["seed"]) not in set(replaced)]
+
+
 def write_rows(rows: Sequence[dict[str, Any]], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(list(rows), indent=2) + "\n")
@@ -572,6 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--keep-runs", type=Path, default=None, help="keep run folders here (default: temporary)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--plot", type=Path, default=DEFAULT_PLOT)
+    parser.add_argument("--append", action="store_true", help="keep --out's rows of other algorithms/seeds")
     args = parser.parse_args(argv)
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     unknown = set(algorithms) - set(ALGORITHMS)
@@ -580,6 +601,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown or not algorithms or not seeds or args.rounds < 1 or args.sites < 1 or args.accuracy_every < 0:
         parser.error(f"unknown algorithms {sorted(unknown)}, or bad --rounds/--sites/--seeds/--accuracy-every")
     rows = []
+    kept = (
+        previous_rows(args.out, args.model, args.task, [(a, s) for s in seeds for a in algorithms])
+        if args.append
+        else []
+    )
     with tempfile.TemporaryDirectory(prefix="edgetune-quality-") as tmp:
         runs_dir = (args.keep_runs or Path(tmp)).resolve()
         runs_dir.mkdir(parents=True, exist_ok=True)
@@ -589,7 +615,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     algo,
                     args.model,
                     task=args.task,
-                    central_steps=args.central_steps,
+                    central_steps=rounds_for.get(algo, args.central_steps),
                     rounds=rounds_for.get(algo, args.rounds),
                     sites=args.sites,
                     seed=seed,
@@ -606,7 +632,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     file=sys.stderr,
                     flush=True,
                 )
-                write_rows(rows, args.out)
+                write_rows([*kept, *rows], args.out)
+    rows = [*kept, *rows]
     if any(r["curve"] for r in rows):
         plot([r for r in rows if r["curve"]], args.plot)
     print(format_table(rows))

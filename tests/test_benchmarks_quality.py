@@ -1,0 +1,57 @@
+"""benchmarks/quality_per_byte.py: issue 11's goal check and --append (rows added to an existing table)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import quality_per_byte as qpb
+
+
+def _row(algorithm, losses, up_per_round, train_s_per_round, *, seed=0, task="docs"):
+    curve = [
+        {"round": r, "heldout_loss": loss, "cum_uplink_bytes": r * up_per_round, "cum_train_s": r * train_s_per_round}
+        for r, loss in enumerate(losses)
+    ]
+    return {
+        "benchmark": "quality_per_byte", "algorithm": algorithm, "seed": seed, "model": "smollm2",
+        "task": task, "ok": True, "curve": curve,
+    }  # fmt: skip
+
+
+def test_goal_ratios_at_the_first_round_spsa_reaches_fedavgs_first_round_gain():
+    fedavg = _row("lowrank-fedavg", [3.0, 2.8, 2.7], 1_000_000, 10.0)  # first-round gain 0.2
+    spsa = _row("spsa", [3.0, 2.9, 2.79, 2.7], 100, 30.0)  # reaches 0.21 >= 0.2 in round 2
+    ratios = qpb.goal_ratios([spsa, fedavg])
+    assert ratios["spsa_reached"] and ratios["spsa_round"] == 2
+    assert ratios["fedavg_first_round_gain"] == pytest.approx(0.2)
+    assert ratios["bytes_ratio"] == pytest.approx(200 / 1_000_000)
+    assert ratios["time_ratio"] == pytest.approx(60.0 / 10.0)
+
+
+def test_goal_ratios_report_spsas_best_gain_when_it_never_gets_there():
+    fedavg = _row("lowrank-fedavg", [3.0, 2.5], 1_000_000, 10.0)  # gain 0.5
+    spsa = _row("spsa", [3.0, 2.9, 2.8, 2.85], 100, 30.0)  # best 0.2 in round 2, worse after
+    ratios = qpb.goal_ratios([spsa, fedavg])
+    assert not ratios["spsa_reached"] and ratios["spsa_round"] == 2
+    assert ratios["gain_ratio"] == pytest.approx(0.2 / 0.5)
+    assert ratios["bytes_ratio"] == pytest.approx(200 / 1_000_000)
+
+
+def test_append_keeps_other_rows_replaces_the_same_algorithm_and_seed_and_refuses_another_task(tmp_path):
+    out = tmp_path / "q.json"
+    old = [
+        _row("spsa", [3.0, 2.9], 100, 1.0),
+        _row("central-mezo", [3.0, 2.99], 0, 1.0),
+        {"benchmark": "quality_per_byte_goal", "gain_ratio": 0.1},
+    ]
+    out.write_text(json.dumps(old))
+    kept = qpb.previous_rows(out, "smollm2", "docs", [("central-mezo", 0), ("central-lora", 0)])
+    assert [r["algorithm"] for r in kept] == ["spsa"]  # the goal row is recomputed, mezo replaced
+    assert qpb.previous_rows(tmp_path / "missing.json", "smollm2", "docs", []) == []
+    with pytest.raises(SystemExit, match="triage"):
+        qpb.previous_rows(out, "smollm2", "triage", [])
+    out.write_text("{not json")
+    with pytest.raises(SystemExit, match="not a quality_per_byte table"):
+        qpb.previous_rows(out, "smollm2", "docs", [])
