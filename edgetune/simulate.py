@@ -69,8 +69,29 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+LOCAL_ONLY = (
+    "edgetune simulate runs every simulated site on this machine: site kits and site state live on its disk, "
+    "so a Ray cluster (multi-node simulation) is not supported (docs/many-machines.md). Unset RAY_ADDRESS "
+    "(it is {addr!r}), or federate several machines as a real deployment (edgetune server / edgetune site)"
+)
+
+
+def refuse_ray_cluster() -> None:
+    """``ValueError`` when ``RAY_ADDRESS`` names a Ray cluster (see ``flwr_env``)."""
+    addr = os.environ.get("RAY_ADDRESS", "")
+    if addr not in ("", "local"):
+        raise ValueError(LOCAL_ONLY.format(addr=addr))
+
+
 def flwr_env(flwr_home: Path) -> dict[str, str]:
-    """Environment for a simulated run: a private Flower home, offline, free ports for the local SuperLink."""
+    """Environment for a simulated run: a private Flower home, offline, free ports for the local SuperLink.
+
+    ``RAY_ADDRESS=local``: Flower's Ray backend calls ``ray.init()`` without an address, which attaches to a
+    Ray cluster started on this machine (``ray start``) or named by ``RAY_ADDRESS``, and site actors on other
+    machines would not find their kits. A simulation always starts its own local Ray instead; a
+    ``RAY_ADDRESS`` naming a cluster is refused (``ValueError``) rather than ignored.
+    """
+    refuse_ray_cluster()
     env = os.environ.copy()
     bin_dir = str(Path(sys.executable).parent)
     env.update(
@@ -80,6 +101,7 @@ def flwr_env(flwr_home: Path) -> dict[str, str]:
         FLWR_DISABLE_UPDATE_CHECK="1",
         HF_HUB_OFFLINE="1",
         RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
+        RAY_ADDRESS="local",
         FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(_free_port()),
         FLWR_LOCAL_CONTROL_API_PORT=str(_free_port()),
         PATH=bin_dir + os.pathsep + env.get("PATH", ""),
@@ -132,6 +154,7 @@ def simulate_flower(flat: dict[str, Any], cfg: cfgmod.RunConfig, sites: int, cpu
     ``ValueError``: bad resources; ``SimulationError``: Flower did not start the run (its output printed).
     """
     fed_config = federation_config(sites, cpus, cfg.run.gpus_per_site)
+    refuse_ray_cluster()
     flwr_home = Path(tempfile.mkdtemp(prefix="edgetune-flwr-"))
     root = project.write_app_folder(flwr_home / "app", cfg)
     env = flwr_env(flwr_home)

@@ -144,3 +144,22 @@ def test_the_supernodes_whole_process_group_is_stopped(tmp_path):
     else:
         os.kill(child, signal.SIGKILL)
         pytest.fail("the SuperNode's child outlived the site")
+
+
+def test_a_simulation_never_attaches_to_a_ray_cluster(tmp_path, monkeypatch):
+    """Flower's Ray backend calls ray.init() without an address, which joins a cluster started with
+    `ray start` on this machine or named by RAY_ADDRESS; simulated sites need this machine's disk, so the
+    simulation pins RAY_ADDRESS=local and refuses a cluster address with a message naming it."""
+    from edgetune import simulate
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert simulate.flwr_env(tmp_path)["RAY_ADDRESS"] == "local"
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    assert simulate.flwr_env(tmp_path)["RAY_ADDRESS"] == "local"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.7:6379")
+    with pytest.raises(ValueError, match="10.0.0.7:6379"):
+        simulate.flwr_env(tmp_path)
+    result = CliRunner().invoke(cli.app, ["simulate", RECIPE, "--sites", "2", "--set", f"run.dir={tmp_path}/runs"])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1 and "Ray cluster" in output and "RAY_ADDRESS" in output
+    assert not any((tmp_path / "runs").glob("*/metrics.jsonl"))  # refused before any run started
