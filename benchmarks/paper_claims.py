@@ -3,7 +3,7 @@
 Usage (from the repository root)::
 
     python -m benchmarks.paper_claims [--model tiny|smollm2] [--seeds 0] [--groups kavg,lowrank,dppf,deft]
-        [--jobs 1] [--threads 0] [--runs-dir DIR] [--timeout 14400]
+        [--runs kavg,dppf] [--jobs 1] [--threads 0] [--runs-dir DIR] [--timeout 14400]
         [--out benchmarks/results/paper_claims.json] [--plot benchmarks/results/paper_claims.png]
 
 Every run is ``python -m edgetune.inproc RECIPE key=value ... --sites 4`` in its own subprocess, from the
@@ -268,16 +268,25 @@ class Job:
         return hashlib.sha256(json.dumps(sorted(flat.items()), default=str).encode()).hexdigest()[:12]
 
 
-def jobs_for(model: str, seeds: Sequence[int], groups: Sequence[str], base_rounds: int = 0) -> list[Job]:
+def jobs_for(
+    model: str, seeds: Sequence[int], groups: Sequence[str], base_rounds: int = 0, only: Sequence[str] = ()
+) -> list[Job]:
     """The jobs of ``groups`` (and the runs their claims also read) for every seed.
 
     ``base_rounds`` > 0 scales every run's length to it (smoke tests only: not the published lengths).
+    ``only``: just these runs of those groups (``--runs``; a machine without the hours for a whole group):
+    claims that read a run left out are reported "not measurable here". An unknown name is a ``ValueError``.
     """
+    unknown = set(only) - {s.name for s in RUNS}
+    if unknown:
+        raise ValueError(f"unknown runs {sorted(unknown)}; known: {', '.join(s.name for s in RUNS)}")
     wanted = {n for g in groups for n in EXTRA.get(g, ())}
     out = []
     for seed in seeds:
         specs = [s for g in groups for s in RUNS if s.group == g]
         specs += [s for s in RUNS if s.name in wanted and s not in specs]
+        if only:
+            specs = [s for s in specs if s.name in only]
         for spec in specs:
             recipe, own, rounds = spec.resolved(model)
             if base_rounds:
@@ -1095,6 +1104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--base-rounds", type=int, default=0, help="smoke runs only: scale every run to this base length"
     )
+    parser.add_argument("--runs", default="", help="only these runs of the groups, e.g. kavg,dppf (default: all)")
     parser.add_argument("--budget-h", type=float, default=0.0, help="start no run after this many hours (0: no limit)")
     parser.add_argument("--report", type=Path, default=None, help="print a results file as Markdown and exit")
     args = parser.parse_args(argv)
@@ -1107,7 +1117,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--groups must name some of {GROUPS}, --seeds at least one seed, --jobs >= 1")
     out = args.out or DEFAULT_OUT[args.model]
     plot_path = args.plot or DEFAULT_PLOT[args.model]
-    jobs = jobs_for(args.model, seeds, groups, args.base_rounds)
+    try:
+        jobs = jobs_for(args.model, seeds, groups, args.base_rounds, [n.strip() for n in args.runs.split(",") if n.strip()])
+    except ValueError as err:
+        parser.error(str(err))
+    if not jobs:
+        parser.error(f"--runs {args.runs} names no run of the groups {','.join(groups)}")
     unique: dict[tuple[str, int], Job] = {}
     for j in jobs:
         unique.setdefault((j.key, j.seed), j)

@@ -165,6 +165,20 @@ def test_identical_configurations_run_once():
     assert len(set(smol.values())) == len(smol) - 2
 
 
+def test_runs_selects_runs_of_the_groups_and_names_an_unknown_one():
+    """--runs keeps only the named runs (a machine without the hours for a whole group); the claims that
+    read a run left out say so instead of comparing against nothing."""
+    jobs = pc.jobs_for("smollm2", [0], ["dppf"], only=["kavg", "dppf"])
+    assert [j.spec.name for j in jobs] == ["kavg", "dppf"]
+    with pytest.raises(ValueError, match="dppf-3lam"):
+        pc.jobs_for("smollm2", [0], ["dppf"], only=["dppf-3lam"])
+    rows = [_run("kavg", [5.0, 4.0, 3.9, 3.85]), _run("dppf", [5.0, 3.9, 3.8, 3.78])]
+    claims = {c["id"]: c for c in pc.evaluate_claims(rows)}
+    assert claims["dppf-loss"]["verdict"] == "held"
+    spread = claims["dppf-width"]
+    assert spread["verdict"] == "not measurable here" and "dppf-2lam was not run" in spread["evidence"]
+
+
 def test_a_run_trained_to_the_end_but_stopped_before_its_probe_is_probed_not_restarted(tmp_path, monkeypatch):
     """An invocation stopped between a run's last round and its IMV probe leaves a finished journal and no
     ``bench-run.json``; restarting edgetune.inproc there fails (the journal refuses a finished run), so the
