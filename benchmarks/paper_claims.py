@@ -1118,7 +1118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or DEFAULT_OUT[args.model]
     plot_path = args.plot or DEFAULT_PLOT[args.model]
     try:
-        jobs = jobs_for(args.model, seeds, groups, args.base_rounds, [n.strip() for n in args.runs.split(",") if n.strip()])
+        jobs = jobs_for(
+            args.model, seeds, groups, args.base_rounds, [n.strip() for n in args.runs.split(",") if n.strip()]
+        )
     except ValueError as err:
         parser.error(str(err))
     if not jobs:
