@@ -569,7 +569,8 @@ def previous_rows(out: Path, model: str, task: str, replaced: Sequence[tuple[str
     other = {(r.get("model"), r.get("task", "facts")) for r in rows} - {(model, task)}
     if other:
         raise SystemExit(f"--append: {out} holds rows of {sorted(other)}, not --model {model} --task {task}")
-    return [r for r in rows if (r["algorithm"], r["seed"]) not in set(replaced)]
+    gone = set(replaced)
+    return [r for r in rows if (r["algorithm"], r["seed"]) not in gone]
 
 
 def write_rows(rows: Sequence[dict[str, Any]], out: Path) -> None:
