@@ -4,7 +4,7 @@ Usage (from the repository root)::
 
     python -m benchmarks.paper_claims [--model tiny|smollm2] [--seeds 0] [--groups kavg,lowrank,dppf,deft]
         [--runs kavg,dppf] [--jobs 1] [--threads 0] [--runs-dir DIR] [--timeout 14400]
-        [--out benchmarks/results/paper_claims.json] [--plot benchmarks/results/paper_claims.png]
+        [--out benchmarks/results/paper_claims.json] [--plot benchmarks/results/paper_claims.png] [--append]
 
 Every run is ``python -m edgetune.inproc RECIPE key=value ... --sites 4`` in its own subprocess, from the
 model's recipes (``tiny-4c`` or ``smollm2-135m-4c``) plus the overrides in ``RUNS``; what makes runs
@@ -37,7 +37,9 @@ row per run with its curve); a figure in ``--plot`` (held-out loss against uplin
 dppf and deft groups, dppf's worker spread against rounds with lam / alpha, deft's allocation gap, and
 the K trade-off against samples). A run's folder, checkpoints and site state are removed after it
 (``--runs-dir`` keeps folders; a second invocation with the same ``--runs-dir`` skips finished runs and
-resumes unfinished ones from their last committed round).
+resumes unfinished ones from their last committed round). ``--append`` keeps the runs already in
+``--out`` that this call does not re-run and judges every claim again over old and new runs together,
+so a slow model's groups can run on different days and still land in one table.
 """
 
 from __future__ import annotations
@@ -955,6 +957,11 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
         + (" (complete)" if meta.get("complete") else " (partial: still running or stopped)")
         + (f"; {meta['note']}" if meta.get("note") else "")
         + ".",
+        *(
+            f"Earlier runs in this file: `{e.get('command', '?')}`; "
+            f"wall time {(e.get('wall_s_total') or 0) / 60:.0f} min" + (f"; {e['note']}" if e.get("note") else "") + "."
+            for e in meta.get("earlier", [])
+        ),
         "",
         "| claim | verdict | evidence |",
         "|---|---|---|",
@@ -1085,6 +1092,36 @@ def machine() -> dict[str, Any]:
     }
 
 
+def previous_results(
+    out: Path, model: str, replaced: Sequence[tuple[str, int]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``--append``: the run rows already in ``out`` that this call does not re-run, and the earlier
+    invocations' meta rows (their commands, notes and wall times stay on record). Claims are
+    re-evaluated over old and new runs together.
+
+    Refuses a file of another model: its runs are not comparable with this call's.
+    """
+    if not out.exists():
+        return [], []
+    try:
+        entries = json.loads(out.read_text())
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and "kind" in e for e in entries):
+            raise ValueError("expected a JSON list of rows with a 'kind'")
+    except ValueError as err:
+        raise SystemExit(f"--append: {out} is not a paper_claims results file ({err})") from err
+    metas = [e for e in entries if e["kind"] == "meta"]
+    runs = [e for e in entries if e["kind"] == "run"]
+    models = {e.get("model") for e in metas + runs} - {model}
+    if models:
+        raise SystemExit(f"--append: {out} holds results of {sorted(map(str, models))}, not --model {model}")
+    gone = set(replaced)
+    earlier = []
+    for m in metas:
+        earlier += m.get("earlier", [])
+        earlier.append({k: m.get(k) for k in ("command", "note", "wall_s_total", "complete")})
+    return [r for r in runs if (r["run"], r["seed"]) not in gone], earlier
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.paper_claims", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny", choices=sorted(MODEL_PREFIX))
@@ -1107,6 +1144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", default="", help="only these runs of the groups, e.g. kavg,dppf (default: all)")
     parser.add_argument("--budget-h", type=float, default=0.0, help="start no run after this many hours (0: no limit)")
     parser.add_argument("--report", type=Path, default=None, help="print a results file as Markdown and exit")
+    parser.add_argument(
+        "--append", action="store_true", help="keep --out's runs that this call does not re-run; re-judge all claims"
+    )
     args = parser.parse_args(argv)
     if args.report:
         print(markdown(json.loads(args.report.read_text())))
@@ -1134,13 +1174,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         file=sys.stderr,
         flush=True,
     )
+    kept, earlier = (
+        previous_results(out, args.model, [(j.spec.name, j.seed) for j in jobs]) if args.append else ([], [])
+    )
     t0 = time.time()
     info = machine()
     command = "python -m benchmarks.paper_claims " + " ".join(sys.argv[1:] if argv is None else argv)
     results: dict[tuple[str, int], dict[str, Any]] = {}
 
     def rows_so_far() -> list[dict[str, Any]]:
-        return [
+        return kept + [
             {
                 **results[(j.key, j.seed)],
                 "run": j.spec.name,
@@ -1163,6 +1206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "command": command,
             "note": args.note,
             **info,
+            **({"earlier": earlier} if earlier else {}),
         }
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps([*claims, *rows, meta], indent=1) + "\n")

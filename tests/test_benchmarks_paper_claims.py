@@ -240,3 +240,67 @@ def test_claims_from_any_partial_set_of_runs_never_crash():
     no_topk = {c["id"]: c for c in pc.evaluate_claims([row for row in full if row["run"] != "topk"])}
     assert no_topk["deft-allocation"]["verdict"] == "held"
     assert "top-k -" in no_topk["deft-allocation"]["evidence"]
+
+
+def _file_row(name, losses, model="smollm2"):
+    row = _run(name, losses)
+    best = min(range(len(losses)), key=losses.__getitem__)
+    return {
+        **row,
+        "kind": "run",
+        "model": model,
+        "rounds": len(losses) - 1,
+        "heldout_loss_best": losses[best],
+        "best_round": best,
+        "wall_s": 1.0,
+    }
+
+
+def test_append_keeps_earlier_runs_replaces_rerun_ones_and_rejudges_the_claims(tmp_path, monkeypatch):
+    """--append: a slow model's groups run on different days and land in one table. Runs this call does
+    not re-run are kept (and read by the claims, e.g. deft's dense kavg reference), a re-run replaces its
+    old row, the earlier command stays on record, and a file of another model is refused."""
+    out, png = tmp_path / "claims.json", tmp_path / "claims.png"
+    earlier = [
+        _file_row("kavg", [5.0, 4.0, 3.9, 3.85]),
+        _file_row("dppf", [5.0, 3.9, 3.8, 3.78]),
+        {"kind": "meta", "model": "smollm2", "command": "python -m benchmarks.paper_claims --runs kavg,dppf",
+         "wall_s_total": 1800.0, "complete": True, "note": "day one"},
+    ]  # fmt: skip
+    out.write_text(json.dumps(earlier))
+    started = []
+
+    def fake_run(job, runs_dir, **kwargs):
+        started.append(job.spec.name)
+        return _file_row(job.spec.name, {"deft": [5.0, 3.7, 3.6, 3.55], "kavg": [5.0, 4.5, 4.4, 4.35]}[job.spec.name])
+
+    monkeypatch.setattr(pc, "run_job", fake_run)
+    monkeypatch.setattr(pc, "plot", lambda rows, path: None)
+    args = ["--model", "smollm2", "--out", str(out), "--plot", str(png), "--append"]
+    assert pc.main([*args, "--groups", "deft", "--runs", "deft"]) == 0
+    assert started == ["deft"]
+    rows = json.loads(out.read_text())
+    runs = {r["run"]: r for r in rows if r["kind"] == "run"}
+    assert sorted(runs) == ["deft", "dppf", "kavg"] and runs["kavg"]["heldout_loss_last"] == 3.85
+    claims = {r["id"]: r for r in rows if r["kind"] == "claim"}
+    assert claims["dppf-loss"]["verdict"] == "held"  # judged from the kept runs alone
+    assert claims["deft-dense"]["verdict"] == "held"  # the new deft run against the kept dense kavg
+    meta = next(r for r in rows if r["kind"] == "meta")
+    assert [e["note"] for e in meta["earlier"]] == ["day one"]
+    assert "day one" in pc.markdown(rows)
+
+    # a re-run replaces the old row (one kavg, the new numbers), and earlier metas accumulate
+    assert pc.main([*args, "--groups", "dppf", "--runs", "kavg"]) == 0
+    rows = json.loads(out.read_text())
+    kavg = [r for r in rows if r.get("run") == "kavg"]
+    assert len(kavg) == 1 and kavg[0]["heldout_loss_last"] == 4.35
+    assert len(next(r for r in rows if r["kind"] == "meta")["earlier"]) == 2
+
+    # without --append the file holds this call's runs only; another model's file is refused
+    assert pc.main(args[:-1] + ["--groups", "deft", "--runs", "deft"]) == 0
+    assert [r["run"] for r in json.loads(out.read_text()) if r["kind"] == "run"] == ["deft"]
+    with pytest.raises(SystemExit, match="smollm2"):
+        pc.main(["--model", "tiny", "--out", str(out), "--plot", str(png), "--append", "--groups", "deft"])
+    out.write_text('{"not": "a list"}')
+    with pytest.raises(SystemExit, match="not a paper_claims results file"):
+        pc.main([*args, "--groups", "deft", "--runs", "deft"])
