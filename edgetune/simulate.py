@@ -63,6 +63,21 @@ def federation_config(sites: int, cpus: float, gpus: float) -> str:
     return text
 
 
+def sim_in_flight(cpus: float, cpu_count: int | None = None) -> int:
+    """``run.in_flight`` for Flower's simulation engine: 4 x the sites that run at once (whole
+    ``cpus``-core actors on this machine), at least 8. Enough to keep every actor busy while the
+    next messages wait with the server, few enough that Flower's link state, which scans every
+    stored message for every node several times a second, stays small (docs/many-machines.md).
+    """
+    actors = max(1, int((cpu_count or os.cpu_count() or 1) // cpus))
+    return max(8, 4 * actors)
+
+
+def with_sim_in_flight(flat: dict[str, Any], cpus: float) -> dict[str, Any]:
+    """``flat`` with ``run.in_flight`` set to ``sim_in_flight(cpus)`` unless the recipe or ``--set`` gave one."""
+    return flat if "run.in_flight" in flat else {**flat, "run.in_flight": sim_in_flight(cpus)}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -159,7 +174,7 @@ def simulate_flower(flat: dict[str, Any], cfg: cfgmod.RunConfig, sites: int, cpu
     root = project.write_app_folder(flwr_home / "app", cfg)
     env = flwr_env(flwr_home)
     run_cfg = flwr_home / "run-config.toml"
-    run_cfg.write_text(cfgmod.to_toml(flat))
+    run_cfg.write_text(cfgmod.to_toml(with_sim_in_flight(flat, cpus)))
     table = RoundTable(f"edgetune simulate · {run_dir.name} · {cfg.algorithm} · {sites} sites", cfg.num_rounds)
     run_dir.mkdir(parents=True, exist_ok=True)
     flower_log = open(run_dir / "flower.log", "w")  # noqa: SIM115 (kept open while the run streams)

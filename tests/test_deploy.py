@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from edgetune import cli
 from edgetune import config as cfgmod
 from edgetune.deploy import site as site_driver
-from edgetune.simulate import prepare
+from edgetune.simulate import prepare, sim_in_flight, with_sim_in_flight
 
 RECIPE = "recipes/spsa/tiny-4c.toml"
 
@@ -89,6 +89,22 @@ def test_prepare_names_the_run_and_fixes_its_folder_and_site_count(tmp_path):
     assert cfg2.run.num_sites == (cfg.run.num_sites or 4) and run_dir.parent == tmp_path.resolve()
     assert flat2["run.name"] == run_dir.name == cfg2.run.name and "run.name" not in flat  # the caller's dict kept
     assert prepare(flat, cfg, 3)[1].run.num_sites == 3
+
+
+def test_flower_simulation_windows_its_messages_unless_the_recipe_says_otherwise(tmp_path):
+    """edgetune simulate keeps 4 x the concurrently running sites in flight (at least 8) unless the recipe or
+    --set chose run.in_flight (0 included: every message at once); the value passes the config's checks."""
+    assert sim_in_flight(1, cpu_count=2) == 8 and sim_in_flight(1, cpu_count=16) == 64
+    assert sim_in_flight(4, cpu_count=16) == 16 and sim_in_flight(8, cpu_count=2) == 8
+    flat = cfgmod.load_recipe(RECIPE, [f"run.dir={tmp_path}"])
+    windowed = with_sim_in_flight(flat, 1)
+    assert windowed["run.in_flight"] == sim_in_flight(1) and "run.in_flight" not in flat
+    assert cfgmod.from_run_config(windowed).run.in_flight == sim_in_flight(1)
+    for chosen in (0, 3):
+        given = cfgmod.load_recipe(RECIPE, [f"run.dir={tmp_path}", f"run.in_flight={chosen}"])
+        assert with_sim_in_flight(given, 1)["run.in_flight"] == chosen
+    with pytest.raises(ValueError, match="run.in_flight must be >= 0"):
+        cfgmod.from_run_config({**flat, "run.in_flight": -1})
 
 
 def _fake_supernode(tmp_path, body: str) -> list[str]:

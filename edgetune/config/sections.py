@@ -40,6 +40,12 @@ class RunSection:
     """Sites asked per round: 0 for all, a fraction in (0, 1) of the connected sites, or a whole
     number of sites (at least ``min_sites``). The sample comes from the keyed ``sites`` stream of
     ``run.seed`` and the round number, so a resumed run asks the same sites."""
+    in_flight: int = 0
+    """Messages the server keeps in flight per exchange: 0 sends every asked site its message at
+    once (deployments: real sites work in parallel); N sends N and one more as each reply comes in.
+    ``edgetune simulate`` with Flower's engine sets it (when the recipe does not) to 4 x the sites
+    that run at once, because Flower's in-memory link state scans every stored message for every
+    node several times a second, which makes a round of N sites cost O(N^2) (docs/many-machines.md)."""
     gpus_per_site: float = 0.0
     """Simulation: GPUs Flower's backend reserves per simulated site (fractional ``num-gpus``
     client resources: 0.25 puts four sites on each GPU). 0: simulated sites run on the CPU
@@ -67,6 +73,8 @@ class RunSection:
             raise ValueError(
                 f"run.sites_per_round must be 0 (all), a fraction in (0, 1) or a whole number of sites, got {spr!r}"
             )
+        if self.in_flight < 0:
+            raise ValueError(f"run.in_flight must be >= 0 (0: every message at once), got {self.in_flight}")
         check_gpus_per_site(self.gpus_per_site, "run.gpus_per_site")
         unknown = sorted(set(split_csv(self.track)) - {"tensorboard", "wandb"})
         if unknown:

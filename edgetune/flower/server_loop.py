@@ -65,6 +65,36 @@ def wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> list[int]:
     return last
 
 
+def send_and_receive(grid: Grid, msgs: list[Message], timeout_s: float, window: int = 0) -> list[Message]:
+    """``grid.send_and_receive`` with at most ``window`` messages in flight (0: all at once).
+
+    With a window, the first ``window`` messages are pushed, and one more for each reply pulled,
+    until every message has a reply or ``timeout_s`` has passed; messages still queued then are
+    never sent. Why: Flower's simulation engine scans every stored message for every node several
+    times a second, so N messages at once cost O(N^2) per scan (``run.in_flight``).
+    """
+    if window <= 0 or len(msgs) <= window:
+        return list(grid.send_and_receive(msgs, timeout=timeout_s))
+    queue = list(msgs)
+    deadline = time.time() + timeout_s
+    pending: set[str] = set()
+    replies: list[Message] = []
+    while queue or pending:
+        room = window - len(pending)
+        if queue and room > 0:
+            batch, queue = queue[:room], queue[room:]
+            pending.update(grid.push_messages(batch))
+        for reply in grid.pull_messages(list(pending)):
+            if reply.metadata.reply_to_message_id in pending:
+                pending.discard(reply.metadata.reply_to_message_id)
+                replies.append(reply)
+        if time.time() >= deadline:
+            break
+        if pending and not (queue and len(pending) < window):
+            time.sleep(0.05)
+    return replies
+
+
 class FlowerTransport:
     """Delivers payloads with Flower's Grid (push, then pull until done) and records Flower's
     serialized sizes.
@@ -86,8 +116,10 @@ class FlowerTransport:
         poll_s: float = 0.5,
         kit_root: str = "",
         registry: Registry | None = None,
+        in_flight: int = 0,
     ) -> None:
         self.grid = grid
+        self.in_flight = in_flight
         self.ledger = ledger
         self.node_of = node_of
         self.site_of = {n: s for s, n in node_of.items()}
@@ -108,7 +140,9 @@ class FlowerTransport:
         if new and self.registry is not None:
             refused: set[int] = set()
             try:
-                found = discover_sites(self.grid, new, self.kit_root, self.registry, timeout_s=30.0, refused=refused)
+                found = discover_sites(
+                    self.grid, new, self.kit_root, self.registry, timeout_s=30.0, refused=refused, window=self.in_flight
+                )
             except RuntimeError:
                 found = {}
             self._refused |= refused  # a false claim is not asked again; a silent node is, next round
@@ -134,25 +168,43 @@ class FlowerTransport:
     def exchange(
         self, round_idx: int, phase: str, blobs: dict[str, bytes], *, timeout_s: float
     ) -> dict[str, bytes | Failure]:
-        msgs = []
-        for site, blob in blobs.items():
-            # a message lives as long as its exchange: a site that comes back later must not work
-            # through a backlog of rounds that already closed
-            msg = Message(
-                to_content(blob),
-                dst_node_id=self.node_of[site],
-                message_type=message_type(phase),
-                group_id=f"round-{round_idx}",
-                ttl=max(timeout_s, 60.0),
-            )
-            self.ledger.add(round_idx, phase, site, "down", flower_bytes(msg), kind="flower")
-            msgs.append(msg)
-        site_of_msg = {}
-        for msg_id, msg in zip(self.grid.push_messages(msgs), msgs, strict=True):
-            site_of_msg[msg_id] = self.site_of[msg.metadata.dst_node_id]
-        pending = set(site_of_msg)
-        out: dict[str, bytes | Failure] = {}
+        """Send every site its blob and collect the replies (see the class docstring).
+
+        With ``in_flight`` N > 0 at most N messages are out at a time (``run.in_flight``); the rest wait
+        in site order and are sent as replies come in. A message's bytes are counted when it is sent;
+        the quorum grace starts only once every message is out (a site not yet asked cannot be late);
+        a site whose message was still waiting when the exchange closed gets a Failure saying so.
+        """
+        queue = list(blobs.items())
         deadline = time.time() + timeout_s
+        site_of_msg: dict[str, str] = {}
+        pending: set[str] = set()
+
+        def send_more() -> None:
+            nonlocal queue
+            room = len(queue) if self.in_flight <= 0 else self.in_flight - len(pending)
+            if room <= 0 or not queue:
+                return
+            batch, queue = queue[:room], queue[room:]
+            msgs = []
+            for site, blob in batch:
+                # a message lives as long as its exchange: a site that comes back later must not work
+                # through a backlog of rounds that already closed
+                msg = Message(
+                    to_content(blob),
+                    dst_node_id=self.node_of[site],
+                    message_type=message_type(phase),
+                    group_id=f"round-{round_idx}",
+                    ttl=max(deadline - time.time(), 60.0),
+                )
+                self.ledger.add(round_idx, phase, site, "down", flower_bytes(msg), kind="flower")
+                msgs.append(msg)
+            for msg_id, msg in zip(self.grid.push_messages(msgs), msgs, strict=True):
+                site_of_msg[msg_id] = self.site_of[msg.metadata.dst_node_id]
+                pending.add(msg_id)
+
+        send_more()
+        out: dict[str, bytes | Failure] = {}
         quorum_at: float | None = None
         while pending:
             for reply in self.grid.pull_messages(list(pending)):
@@ -162,12 +214,15 @@ class FlowerTransport:
                 pending.discard(msg_id)
                 out[site_of_msg[msg_id]] = self._unwrap(reply, round_idx, phase, site_of_msg[msg_id])
             now = time.time()
+            if now < deadline:
+                send_more()
             answered = sum(isinstance(v, bytes) for v in out.values())
-            if quorum_at is None and answered >= self.quorum:
+            if quorum_at is None and answered >= self.quorum and not queue:
                 quorum_at = now
             if not pending or now >= deadline or (quorum_at is not None and now - quorum_at >= self.grace_s):
                 break
-            time.sleep(self.poll_s)
+            # while sites still wait for their message, refill the window sooner than the usual poll
+            time.sleep(min(self.poll_s, 0.05) if queue else self.poll_s)
         for msg_id in pending:
             site = site_of_msg[msg_id]
             self._late[msg_id] = (round_idx, site)
@@ -175,6 +230,10 @@ class FlowerTransport:
                 "quorum grace" if quorum_at is not None and time.time() < deadline else f"{timeout_s:.0f} s deadline"
             )
             out[site] = Failure(f"no reply before the round closed ({waited})")
+        for site, _blob in queue:
+            out[site] = Failure(
+                f"not sent: the round closed ({timeout_s:.0f} s deadline) before its turn (run.in_flight)"
+            )
         return out
 
     def goodbye(self, timeout_s: float = BYE_TIMEOUT_S) -> list[str]:
@@ -193,7 +252,7 @@ class FlowerTransport:
             for n in self.node_of.values()
         ]
         acked = []
-        for reply in self.grid.send_and_receive(msgs, timeout=timeout_s):
+        for reply in send_and_receive(self.grid, msgs, timeout_s, self.in_flight):
             site = self.site_of.get(reply.metadata.src_node_id)
             if site is not None and not reply.has_error():
                 acked.append(site)
@@ -222,6 +281,7 @@ def discover_sites(
     registry: Registry,
     timeout_s: float,
     refused: set[int] | None = None,
+    window: int = 0,
 ) -> dict[str, int]:
     """Ask every node which site it is, and believe only the answers proved with that site's key.
 
@@ -231,6 +291,7 @@ def discover_sites(
     mapped. Two nodes proving the same site (one kit started twice) do not stop the run either:
     the lowest node id keeps the site, the other is logged and left out. Raises only when no node
     proved a site at all. ``refused`` collects the nodes whose answer was a false or malformed claim.
+    ``window``: at most this many questions in flight (``send_and_receive``; 0: all at once).
     """
     refused = set() if refused is None else refused
     challenges = {n: identity.new_challenge() for n in node_ids}
@@ -250,7 +311,7 @@ def discover_sites(
         for n in node_ids
     ]
     provers: dict[str, list[int]] = {}
-    for reply in grid.send_and_receive(msgs, timeout=timeout_s):
+    for reply in send_and_receive(grid, msgs, timeout_s, window):
         node = reply.metadata.src_node_id
         if node not in challenges:
             _log(f"hello answer from node {node}, which was not asked: ignored")
@@ -303,7 +364,9 @@ def run(grid: Grid, context: Context) -> dict[str, Any]:
     if not cfg.crypto.keys_dir:
         ensure_sim_keys(cfg, run_dir, provisional)
     registry = load_registry(keys_dir_for(cfg, run_dir))
-    node_of = discover_sites(grid, node_ids, kit_root, registry, timeout_s=cfg.run.round_timeout_s)
+    node_of = discover_sites(
+        grid, node_ids, kit_root, registry, timeout_s=cfg.run.round_timeout_s, window=cfg.run.in_flight
+    )
     site_ids = sorted(node_of)
     server, tokenizer, evaluate = build_server(cfg, run_dir, site_ids)
     recorder = RunRecorder(cfg, run_dir, on_row=lambda row: print("[edgetune] " + format_row(row), flush=True))
@@ -317,6 +380,7 @@ def run(grid: Grid, context: Context) -> dict[str, Any]:
         grace_s=cfg.run.quorum_grace_s,
         kit_root=kit_root,
         registry=registry,
+        in_flight=cfg.run.in_flight,
     )
     summary = run_federation(cfg, server, transport, recorder, evaluate, tokenizer)
     acked = transport.goodbye()

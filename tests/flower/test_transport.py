@@ -14,7 +14,7 @@ from edgetune.comm import wire
 from edgetune.comm.ledger import ByteLedger
 from edgetune.federation import Failure
 from edgetune.flower.messages import flower_bytes, from_content, to_content
-from edgetune.flower.server_loop import FlowerTransport
+from edgetune.flower.server_loop import FlowerTransport, send_and_receive
 
 
 @pytest.fixture(autouse=True)
@@ -29,6 +29,8 @@ class FakeGrid:
         self.nodes = list(delay)
         self.delay = delay
         self.inbox: dict[str, tuple[float, Message]] = {}
+        self.most_in_flight = 0
+        self.pushed: list[int] = []  # destination nodes, in push order
 
     def get_node_ids(self):
         return self.nodes
@@ -39,7 +41,19 @@ class FakeGrid:
             msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
             self.inbox[msg.metadata.message_id] = (time.time() + self.delay[msg.metadata.dst_node_id], msg)
             ids.append(msg.metadata.message_id)
+            self.pushed.append(msg.metadata.dst_node_id)
+        self.most_in_flight = max(self.most_in_flight, len(self.inbox))
         return ids
+
+    def send_and_receive(self, messages, timeout):
+        ids = set(self.push_messages(messages))
+        deadline, out = time.time() + timeout, []
+        while ids and time.time() < deadline:
+            for reply in self.pull_messages(list(ids)):
+                ids.discard(reply.metadata.reply_to_message_id)
+                out.append(reply)
+            time.sleep(0.01)
+        return out
 
     def pull_messages(self, message_ids):
         out = []
@@ -54,11 +68,18 @@ class FakeGrid:
         return out
 
 
-def _transport(delay, quorum, grace_s):
+def _transport(delay, quorum, grace_s, in_flight=0):
     nodes = {f"site-{i}": 100 + i for i in range(len(delay))}
     grid = FakeGrid({100 + i: d for i, d in enumerate(delay)})
     return FlowerTransport(
-        grid, ByteLedger(), nodes, lambda phase: 1 << 16, quorum=quorum, grace_s=grace_s, poll_s=0.02
+        grid,
+        ByteLedger(),
+        nodes,
+        lambda phase: 1 << 16,
+        quorum=quorum,
+        grace_s=grace_s,
+        poll_s=0.02,
+        in_flight=in_flight,
     ), grid
 
 
@@ -127,3 +148,72 @@ def test_flower_sizes_recorded_for_every_message():
     for direction in ("down", "up"):
         assert rows["site-1", direction] - rows["site-0", direction] >= len(big)
         assert rows["site-0", direction] > len(blobs["site-0"])  # Flower's envelope around the payload
+
+
+# ---- run.in_flight: a window of messages (Flower's in-memory link state scans all stored messages per node) ----
+
+
+def _down_sites(transport):
+    return sorted(r.site_id for r in transport.ledger.rows if r.kind == "flower" and r.direction == "down")
+
+
+@pytest.mark.parametrize("in_flight", [1, 2, 3])
+def test_a_window_keeps_at_most_n_messages_out_and_still_asks_every_site(in_flight):
+    """With run.in_flight = N no more than N messages are stored at once, every site is asked (in site order)
+    and answers, and every message's bytes are counted once; 0 keeps today's all-at-once exchange."""
+    transport, grid = _transport([0.02] * 7, quorum=7, grace_s=0.0, in_flight=in_flight)
+    out = transport.exchange(1, "train", _blobs(7), timeout_s=30)
+    assert {s: wire.decode(v, max_bytes=100) for s, v in out.items()} == {f"site-{i}": {"echo": i} for i in range(7)}
+    assert grid.most_in_flight == in_flight
+    assert grid.pushed == [100 + i for i in range(7)]
+    assert _down_sites(transport) == [f"site-{i}" for i in range(7)]
+    everyone, grid_all = _transport([0.02] * 7, quorum=7, grace_s=0.0)
+    everyone.exchange(1, "train", _blobs(7), timeout_s=30)
+    assert grid_all.most_in_flight == 7
+
+
+def test_a_site_still_waiting_for_its_turn_at_the_deadline_is_not_sent_and_not_charged():
+    """The deadline closes a windowed exchange like any other: the site in flight is late (its reply
+    will be stale), the sites whose messages never left get a Failure that says so, and no bytes are
+    counted for a message that was never sent."""
+    transport, grid = _transport([0.2] * 4, quorum=4, grace_s=0.0, in_flight=1)
+    out = transport.exchange(1, "train", _blobs(4), timeout_s=0.3)
+    assert isinstance(out["site-0"], bytes)
+    assert isinstance(out["site-1"], Failure) and "no reply" in out["site-1"].reason
+    for site in ("site-2", "site-3"):
+        assert isinstance(out[site], Failure) and "not sent" in out[site].reason
+    assert _down_sites(transport) == ["site-0", "site-1"]
+    assert grid.pushed == [100, 101]
+
+
+def test_the_quorum_grace_starts_once_every_site_has_been_asked():
+    """A site whose message waits behind the window cannot be late: with quorum 1 met by the first reply,
+    the grace (0.4 s) counts from the moment the last message went out, so the third site (asked at about
+    0.6 s, answering at 0.9 s) is still in the round; counted from the first reply it would be dropped."""
+    transport, _ = _transport([0.3, 0.3, 0.3], quorum=1, grace_s=0.4, in_flight=1)
+    out = transport.exchange(1, "train", _blobs(3), timeout_s=30)
+    assert all(isinstance(v, bytes) for v in out.values()), out
+
+
+def test_windowed_send_and_receive_returns_every_reply_with_a_bounded_window():
+    """hello and bye go through the same window: all replies come back, never more than N in flight;
+    with no window (0) it is Flower's own send_and_receive."""
+    grid = FakeGrid({100 + i: 0.01 for i in range(9)})
+    msgs = [
+        Message(to_content(wire.encode({"x": i})), dst_node_id=100 + i, message_type="query.hello") for i in range(9)
+    ]
+    replies = send_and_receive(grid, msgs, timeout_s=30, window=4)
+    assert sorted(r.metadata.src_node_id for r in replies) == [100 + i for i in range(9)]
+    assert grid.most_in_flight == 4
+    grid = FakeGrid({100 + i: 0.01 for i in range(9)})
+    msgs = [
+        Message(to_content(wire.encode({"x": i})), dst_node_id=100 + i, message_type="query.hello") for i in range(9)
+    ]
+    assert len(send_and_receive(grid, msgs, timeout_s=30, window=0)) == 9
+    assert grid.most_in_flight == 9
+    slow = FakeGrid({100 + i: 0.3 for i in range(4)})
+    msgs = [
+        Message(to_content(wire.encode({"x": i})), dst_node_id=100 + i, message_type="query.hello") for i in range(4)
+    ]
+    assert [r.metadata.src_node_id for r in send_and_receive(slow, msgs, timeout_s=0.45, window=1)] == [100]
+    assert slow.pushed == [100, 101]

@@ -28,7 +28,8 @@ def _run_dir(runs: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def sim_run(tmp_path_factory):
-    """One 2-round, 4-site simulation shared by the checks below."""
+    """One 2-round, 4-site simulation shared by the checks below, with at most 2 messages in flight
+    (``run.in_flight``), so Flower's engine runs every exchange through the server's window."""
     tmp = tmp_path_factory.mktemp("sim")
     out = subprocess.run(
         [
@@ -41,6 +42,8 @@ def sim_run(tmp_path_factory):
             "2",
             "--set",
             f"run.dir={tmp / 'runs'}",
+            "--set",
+            "run.in_flight=2",
         ],
         cwd=ROOT,
         env=_env(tmp),
@@ -59,6 +62,7 @@ def test_simulation_completes_and_records_every_round(sim_run):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(r["num_accepted"] == 4 for r in rows[1:])
+    assert "in_flight = 2" in (run_dir / "config.toml").read_text()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds_completed"] == 2 and summary["heldout_loss_last"] < summary["heldout_loss_first"]
     assert (run_dir / "loss_vs_bytes.png").stat().st_size > 1000
