@@ -1072,6 +1072,14 @@ def plot(runs: Sequence[dict[str, Any]], path: Path) -> None:
         ]
         for r in members:
             line(ax, r, xkey, ykey)
+        if not members:  # a group not run on this model (``--runs``/``--groups``): say so, not an empty frame
+            ax.text(
+                0.5, 0.5, f"no runs of the {group} group in this file", ha="center", va="center", transform=ax.transAxes
+            )
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(title, fontsize=10)
+            continue
         if ykey == "worker_mv":
             for r in members:
                 pts = [p for p in r["curve"] if p.get("dppf_alpha")]
