@@ -46,6 +46,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -227,6 +228,14 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _resolved(config_toml: Path, section: str, key: str) -> Any:
+    """A value of the run's resolved configuration (``config.toml`` in its folder), None when absent."""
+    try:
+        return tomllib.loads(config_toml.read_text()).get(section, {}).get(key)
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+
+
 def simulate(
     sites: int,
     *,
@@ -311,6 +320,8 @@ def simulate(
         "accepted_per_round": [r.get("num_accepted") for r in train],
         "cpus_per_site": cpus_per_site,
         "min_sites": sites if all_sites else "recipe",
+        "extra_sets": list(extra_sets),
+        "in_flight": _resolved(run_dir / "config.toml", "run", "in_flight"),
         "method": METHOD.format(interval=interval),
     }
     if not row["ok"]:
