@@ -131,6 +131,7 @@ def _local_steps(model: str) -> int:
 
 
 DPPF_WARMUP = (("dppf.schedule", "linear"), ("dppf.warmup_rounds", 2))
+DEFT_LR = ("kavg.lr", _deft_lr)
 RUNS: tuple[RunSpec, ...] = (
     # ---- K-AVG: K at equal samples; Theorem 2 at equal rounds, bytes and samples ----
     RunSpec(
@@ -220,21 +221,9 @@ RUNS: tuple[RunSpec, ...] = (
         label="dppf (2 lam)",
     ),
     # ---- deft: the paper's allocation vs edgetune's earlier one vs plain top-k, equal density ----
-    RunSpec(
-        "deft",
-        "deft",
-        "deft/{m}.toml",
-        (("deft.allocation", "site-norms"), ("kavg.lr", _deft_lr)),
-        label="deft (site norms)",
-    ),
-    RunSpec(
-        "deft-applied",
-        "deft",
-        "deft/{m}.toml",
-        (("deft.allocation", "applied"), ("kavg.lr", _deft_lr)),
-        label="deft (applied)",
-    ),
-    RunSpec("topk", "deft", "deft/{m}.toml", (("deft.selector", "topk"), ("kavg.lr", _deft_lr)), label="top-k"),
+    RunSpec("deft", "deft", "deft/{m}.toml", (("deft.allocation", "site-norms"), DEFT_LR), label="deft (site norms)"),
+    RunSpec("deft-applied", "deft", "deft/{m}.toml", (("deft.allocation", "applied"), DEFT_LR), label="deft (applied)"),
+    RunSpec("topk", "deft", "deft/{m}.toml", (("deft.selector", "topk"), DEFT_LR), label="top-k"),
 )
 EXTRA = {"deft": ("kavg",)}
 """Runs a group's claims also read (the dense reference of deft)."""

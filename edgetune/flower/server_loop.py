@@ -79,20 +79,18 @@ def send_and_receive(grid: Grid, msgs: list[Message], timeout_s: float, window: 
     deadline = time.time() + timeout_s
     pending: set[str] = set()
     replies: list[Message] = []
-    while queue or pending:
+    while True:
         room = window - len(pending)
-        if queue and room > 0:
-            batch, queue = queue[:room], queue[room:]
-            pending.update(grid.push_messages(batch))
+        batch, queue = queue[:room], queue[room:]
+        pending.update(grid.push_messages(batch) if batch else ())
         for reply in grid.pull_messages(list(pending)):
             if reply.metadata.reply_to_message_id in pending:
                 pending.discard(reply.metadata.reply_to_message_id)
                 replies.append(reply)
-        if time.time() >= deadline:
-            break
-        if pending and not (queue and len(pending) < window):
+        if not (queue or pending) or time.time() >= deadline:
+            return replies
+        if not queue or len(pending) == window:  # nothing to send until a reply comes
             time.sleep(0.05)
-    return replies
 
 
 class FlowerTransport:
