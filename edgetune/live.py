@@ -32,12 +32,14 @@ class RoundTable:
         ("train_loss", "train loss", "{:.4f}"),
         ("heldout_loss", "held-out loss", "{:.4f}"),
         ("accuracy", "accuracy", "{:.3f}"),
+        ("choice_loss", "choice loss", "{:.4f}"),
         ("uplink_bytes", "uplink B", "{:,}"),
         ("downlink_bytes", "downlink B", "{:,}"),
         ("num_accepted", "sites", "{:.0f}"),
         ("wall_s", "wall s", "{:.1f}"),
         ("state_hash", "state hash", "{:.12}"),
     )
+    OPTIONAL = frozenset({"choice_loss"})
 
     def __init__(self, title: str, num_rounds: int) -> None:
         self.title = title
@@ -58,16 +60,18 @@ class RoundTable:
             f"{time.time() - self.t0:.0f} s  {self.status}"
         )
         table = Table(title=self.title, caption=caption, caption_justify="left")
-        for _, header, _ in self.COLUMNS:
+        # optional columns appear once a row has them (choice loss: data with candidate answers)
+        columns = [c for c in self.COLUMNS if c[0] not in self.OPTIONAL or any(c[0] in r for r in self.rows)]
+        for _, header, _ in columns:
             table.add_column(header, justify="right")
         for row in self.rows:
             cells = []
-            for key, _, fmt in self.COLUMNS:
+            for key, _, fmt in columns:
                 value = row.get(key)
                 cells.append("" if value is None else fmt.format(value))
             table.add_row(*cells)
             if row.get("rejected"):
-                table.add_row(f"[yellow]rejected: {row['rejected']}", *[""] * (len(self.COLUMNS) - 1))
+                table.add_row(f"[yellow]rejected: {row['rejected']}", *[""] * (len(columns) - 1))
         return table
 
 

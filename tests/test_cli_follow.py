@@ -39,3 +39,14 @@ def test_follow_asks_for_status_rarely_and_at_once_when_the_summary_appears(tmp_
     assert len(calls) == 2
     assert time.monotonic() - started < 30
     assert [row["round"] for row in table.rows] == [0, 1]
+
+
+def test_live_table_shows_the_choice_loss_column_only_for_runs_that_measure_it():
+    """Runs on data with candidate answers get a choice-loss column; other runs' tables keep theirs."""
+    plain, choices = live.RoundTable("t", 2), live.RoundTable("t", 2)
+    plain.add({"round": 0, "heldout_loss": 2.5, "accuracy": 0.25})
+    choices.add({"round": 0, "heldout_loss": 2.5, "accuracy": 0.25, "choice_loss": 3.9227})
+    headers = [[c.header for c in t.render().columns] for t in (plain, choices)]
+    assert "choice loss" not in headers[0]
+    assert headers[1][headers[1].index("accuracy") + 1] == "choice loss"
+    assert "3.9227" in list(choices.render().columns[headers[1].index("choice loss")].cells)

@@ -43,6 +43,12 @@ class SpsaSection:
     difference: str = "central"
     """``central``: [L(w+eps z) - L(w-eps z)] / 2eps, two forwards per probe; ``forward``:
     [L(w+eps z) - L(w)] / eps, the P probes of a step share one base pass (P + 1 forwards)."""
+    objective: str = "answer"
+    """What a probe's loss scores. ``answer``: next-token cross-entropy over the answer tokens (any
+    data). ``choices``: MeZO's classification objective for data whose examples list candidate
+    answers (``choices``, e.g. ``data.source = "triage"``): the cross-entropy of the right candidate
+    among the candidates' first tokens, the scores label accuracy ranks. Zeroth-order estimates
+    carry one number per probe; this one measures exactly what accuracy counts."""
     normalizer: str = "mean"
     """``mean``: the update averages the N*P scalars of a step (lr / (N P)); ``sqrt``: Just One
     Byte's lr / sqrt(N P)."""
@@ -98,6 +104,8 @@ class SpsaSection:
             raise ValueError("spsa.num_steps x spsa.num_probes must be at most 65536 (one byte each)")
         if self.difference not in {"central", "forward"}:
             raise ValueError(f"spsa.difference must be central or forward, got {self.difference!r}")
+        if self.objective not in {"answer", "choices"}:
+            raise ValueError(f"spsa.objective must be answer or choices, got {self.objective!r}")
         if self.normalizer not in {"mean", "sqrt"}:
             raise ValueError(f"spsa.normalizer must be mean or sqrt, got {self.normalizer!r}")
         if self.directions not in {"per-site", "shared"}:

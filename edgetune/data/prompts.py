@@ -42,6 +42,9 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 CHAT_ROLES = ("system", "user", "assistant")
 """Roles a ``messages`` row may use."""
 
+CHOICE_SEPARATOR = "\n"
+"""Separates an example's candidate answers in its ``choices`` (and ``mc_choices``) field."""
+
 
 def format_prompt(
     tokenizer: Any, instruction: str, system: str | None = None, answer_prefix: str = "", *, template: str | None = None
@@ -275,6 +278,17 @@ def encode_example(tokenizer: Any, example: Mapping[str, Any], max_length: int) 
     return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
 
 
+def choices_of(example: Mapping[str, str], field: str = "choices") -> list[str]:
+    """The candidate answers of ``example`` (its ``choices`` field, newline-separated)."""
+    raw = example.get(field)
+    if not isinstance(raw, str) or not raw.strip():
+        raise ValueError(f"example has no choices: {str(example.get('instruction', ''))[:80]!r}")
+    choices = [c for c in raw.split(CHOICE_SEPARATOR) if c]
+    if len(set(choices)) != len(choices) or example["response"] not in choices:
+        raise ValueError(f"example's choices must be distinct and include its response: {choices!r}")
+    return choices
+
+
 class TokenizedSet:
     """Examples tokenised once, served as right-padded training batches.
 
@@ -301,12 +315,22 @@ class TokenizedSet:
                 raise ValueError(f"{where}: {err}") from None
         self.input_ids = [ids for ids, _ in encoded]
         self.labels = [labels for _, labels in encoded]
+        self._tokenizer = tokenizer
+        self._examples = list(examples)
+        self._choices: dict[int, tuple[list[int], int, int]] = {}
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+    def batch(self, indices: Sequence[int], *, choices: bool = False) -> dict[str, torch.Tensor]:
         """Right-padded batch of the examples at ``indices``.
+
+        With ``choices``, the batch also carries what the classification objective
+        (``models.loss.choice_loss``) scores: ``choice_ids`` (rows, most candidates; the
+        first answer token of each of the example's ``choices``, -1 padding), ``choice_target``
+        (the response's index among them) and ``choice_pos`` (the last prompt position, whose
+        next-token logits score the candidates). ``ValueError`` names an example that cannot be
+        scored so (``choice_row``).
 
         Returns
         -------
@@ -328,7 +352,53 @@ class TokenizedSet:
             input_ids[row, :n] = torch.tensor(self.input_ids[i], dtype=torch.long)
             attention_mask[row, :n] = 1
             labels[row, :n] = torch.tensor(self.labels[i], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if choices:
+            rows = [self.choice_row(i) for i in indices]
+            most = max(len(ids) for ids, _, _ in rows)
+            out["choice_ids"] = torch.full((len(indices), most), -1, dtype=torch.long)
+            for row, (ids, _, _) in enumerate(rows):
+                out["choice_ids"][row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            out["choice_target"] = torch.tensor([target for _, target, _ in rows], dtype=torch.long)
+            out["choice_pos"] = torch.tensor([pos for _, _, pos in rows], dtype=torch.long)
+        return out
+
+    def choice_row(self, i: int) -> tuple[list[int], int, int]:
+        """Example ``i``'s candidates' first answer tokens, its response's index among them and its
+        last prompt position (cached).
+
+        Raises ``ValueError`` naming the example when it has no ``choices`` (or they do not include
+        its response), when two candidates start with the same token (their first tokens cannot
+        tell them apart), or when truncation left no prompt before the answer.
+        """
+        if i in self._choices:
+            return self._choices[i]
+        ex = self._examples[i]
+        where = ex.get("where") or f"example {i}"
+        if "messages" in ex:
+            raise ValueError(f"{where}: the choices objective needs instruction/response rows, not messages")
+        try:
+            cands = choices_of(ex)
+        except ValueError as err:
+            why = "the choices objective needs every training example's candidates"
+            raise ValueError(f"{where}: {err} ({why})") from None
+        prefix = ex.get("answer_prefix") or ""
+        firsts = [encode_answer(self._tokenizer, c, prefix)[:1] for c in cands]
+        ids = [f[0] if f else -1 for f in firsts]
+        if -1 in ids or len(set(ids)) != len(ids):
+            clash = [c for c, t in zip(cands, ids) if ids.count(t) > 1 or t == -1]
+            raise ValueError(
+                f"{where}: candidates {clash!r} start with the same token (or none), so their first tokens "
+                "cannot rank them; the choices objective needs candidates that differ in their first token"
+            )
+        prompt_len = next(j for j, t in enumerate(self.labels[i]) if t != IGNORE_INDEX)
+        if prompt_len == 0:
+            raise ValueError(f"{where}: no prompt is left before the answer at data.max_length; raise it")
+        target = cands.index(ex["response"])
+        if self.input_ids[i][prompt_len] != ids[target]:
+            raise ValueError(f"{where}: the response's first token differs from its candidate's; check answer_prefix")
+        self._choices[i] = (ids, target, prompt_len - 1)
+        return self._choices[i]
 
 
 def batch_indices(num_examples: int, batch_size: int, key: bytes) -> list[int]:

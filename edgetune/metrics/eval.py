@@ -25,6 +25,7 @@ from transformers import GenerationConfig
 from edgetune.data.prompts import (
     IGNORE_INDEX,
     TokenizedSet,
+    choices_of,
     encode_answer,
     left_padded,
     pad_token_id,
@@ -33,7 +34,6 @@ from edgetune.data.prompts import (
 )
 from edgetune.models.loss import answer_loss, last_position_logits, sequence_logprobs
 
-CHOICE_SEPARATOR = "\n"
 """Candidates in an example's ``choices`` field are separated by newlines."""
 
 
@@ -218,17 +218,6 @@ def _token_f1(pred: list[str], gold: list[str]) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def choices_of(example: Mapping[str, str], field: str = "choices") -> list[str]:
-    """The candidate answers of ``example`` (its ``choices`` field, newline-separated)."""
-    raw = example.get(field)
-    if not isinstance(raw, str) or not raw.strip():
-        raise ValueError(f"example has no choices: {str(example.get('instruction', ''))[:80]!r}")
-    choices = [c for c in raw.split(CHOICE_SEPARATOR) if c]
-    if len(set(choices)) != len(choices) or example["response"] not in choices:
-        raise ValueError(f"example's choices must be distinct and include its response: {choices!r}")
-    return choices
-
-
 def choice_accuracy(
     model: Any,
     tokenizer: Any,
@@ -257,6 +246,28 @@ def choice_accuracy(
     float
         Correct / number of examples. Ties go to the candidate listed first.
     """
+    return choice_scores(
+        model, tokenizer, examples, batch_size=batch_size, max_length=max_length, field=field, on_batch=on_batch
+    )["accuracy"]
+
+
+def choice_scores(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Mapping[str, str]],
+    *,
+    batch_size: int,
+    max_length: int,
+    field: str = "choices",
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, float]:
+    """Label accuracy and the held-out choice loss from one scoring pass (see ``choice_accuracy``).
+
+    Each example's candidates are scored by their first answer token's logit after the prompt
+    (the whole answer's log-likelihood where first tokens collide). ``accuracy``: the fraction whose
+    response scores highest; ``choice_loss``: the mean cross-entropy of the response among its
+    candidates' scores, the objective ``spsa.objective = "choices"`` trains (``models/loss.py``).
+    """
     _check(examples, batch_size)
     first_token: list[list[int]] = []
     fast: list[int] = []
@@ -268,7 +279,16 @@ def choice_accuracy(
         first_token.append(ids)
         (fast if -1 not in ids and len(set(ids)) == len(ids) else slow).append(i)
     correct = 0
+    nll = 0.0
     pad = pad_token_id(tokenizer)
+
+    def score(scores: torch.Tensor, ex: Mapping[str, str]) -> None:
+        nonlocal correct, nll
+        choices = choices_of(ex, field)
+        right = choices.index(ex["response"])
+        correct += int(torch.argmax(scores)) == right
+        nll -= float(torch.log_softmax(scores.double(), dim=0)[right])
+
     with _eval_mode(model), torch.no_grad():
         for start in range(0, len(fast), batch_size):
             idx = fast[start : start + batch_size]
@@ -281,21 +301,17 @@ def choice_accuracy(
                 attention_mask[row, width - len(p) :] = 1
             logits = last_position_logits(model, input_ids, attention_mask)
             for row, i in enumerate(idx):
-                scores = logits[row, first_token[i]]
-                choices = choices_of(examples[i], field)
-                correct += choices[int(torch.argmax(scores))] == examples[i]["response"]
+                score(logits[row, first_token[i]], examples[i])
             if on_batch is not None:
                 on_batch(len(idx))
         for i in slow:
             ex = examples[i]
-            choices = choices_of(ex, field)
-            rows = [{**ex, "response": c} for c in choices]
+            rows = [{**ex, "response": c} for c in choices_of(ex, field)]
             data = TokenizedSet(tokenizer, rows, max_length)
-            scores = sequence_logprobs(model, data.batch(list(range(len(rows)))))
-            correct += choices[int(torch.argmax(scores))] == ex["response"]
+            score(sequence_logprobs(model, data.batch(list(range(len(rows))))), ex)
             if on_batch is not None:
                 on_batch(1)
-    return correct / len(examples)
+    return {"accuracy": correct / len(examples), "choice_loss": nll / len(examples)}
 
 
 def evaluate(
@@ -318,7 +334,8 @@ def evaluate(
     -------
     dict[str, float]
         ``{"heldout_loss": ...}``, plus, when asked for, ``"accuracy"``: label accuracy
-        (``choice_accuracy``) when every example has ``choices``, else greedy exact match, with
+        (``choice_scores``, with the held-out ``choice_loss`` next to it) when every example has
+        ``choices``, else greedy exact match, with
         the graded scores ``procedure_accuracy`` and ``action_f1`` next to it, and ``mc_accuracy``
         (likelihood-ranked multiple choice) when every example has ``mc_choices``.
     """
@@ -329,8 +346,10 @@ def evaluate(
     }
     if accuracy:
         if all(ex.get("choices") for ex in examples):
-            metrics["accuracy"] = choice_accuracy(
-                model, tokenizer, examples, batch_size=batch_size, max_length=max_length, on_batch=on_batch
+            metrics.update(
+                choice_scores(
+                    model, tokenizer, examples, batch_size=batch_size, max_length=max_length, on_batch=on_batch
+                )
             )
         else:
             answers = greedy_answers(

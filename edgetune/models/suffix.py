@@ -20,10 +20,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from edgetune.models.loss import IGNORE_INDEX, _plain
+from edgetune.models.loss import CHOICE_KEYS, _plain, head_loss
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -50,8 +49,7 @@ class SuffixRunner:
         self.num_layers = int(getattr(base.config, "num_hidden_layers", len(self.decoder.layers)))
         self._hidden: torch.Tensor | None = None
         self._kwargs: dict[str, Any] = {}
-        self._targets: torch.Tensor | None = None
-        self._mask: torch.Tensor | None = None
+        self._scored: dict[str, torch.Tensor] = {}
 
     @classmethod
     def for_model(cls, model: nn.Module, names: Sequence[str]) -> SuffixRunner | None:
@@ -66,11 +64,16 @@ class SuffixRunner:
         return cls(model, base, first)
 
     def capture(self, batch: dict[str, torch.Tensor]) -> float:
-        """The unperturbed loss of ``batch`` (a full forward), keeping block ``first``'s input."""
+        """The unperturbed loss of ``batch`` (a full forward), keeping block ``first``'s input.
+
+        The loss is ``models.loss.objective_loss``'s: the choice cross-entropy when the batch
+        carries candidate answers, else the answer-token loss.
+        """
         device = next(self.model.parameters()).device
         input_ids = batch["input_ids"].to(device)
         attention_mask = batch["attention_mask"].to(device)
-        labels = batch["labels"].to(device)
+        keys = CHOICE_KEYS if "choice_ids" in batch else ("labels",)
+        scored = {k: batch[k].to(device) for k in keys}
 
         def hook(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
             self._hidden = (args[0] if args else kwargs["hidden_states"]).detach()
@@ -86,9 +89,7 @@ class SuffixRunner:
             handle.remove()
         if self._hidden is None:
             raise RuntimeError("the decoder did not call its blocks as expected; use full forwards")
-        targets = labels[:, 1:]
-        self._targets = targets
-        self._mask = targets != IGNORE_INDEX
+        self._scored = scored
         return self._head_loss(hidden)
 
     def loss(self) -> float:
@@ -105,7 +106,5 @@ class SuffixRunner:
         return self._head_loss(hidden)
 
     def _head_loss(self, hidden: torch.Tensor) -> float:
-        assert self._mask is not None and self._targets is not None
         with torch.inference_mode():
-            logits = self.base.get_output_embeddings()(hidden[:, :-1][self._mask])
-            return float(F.cross_entropy(logits.float(), self._targets[self._mask]))
+            return float(head_loss(self.base, hidden, self._scored))

@@ -54,6 +54,7 @@ ROUND_COLUMNS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("train_loss", "train loss", _fixed(".4f")),
     ("heldout_loss", "held-out loss", _fixed(".4f")),
     ("accuracy", "accuracy", _fixed(".3f")),
+    ("choice_loss", "choice loss", _fixed(".4f")),
     ("uplink_bytes", "uplink B", _fixed(",")),
     ("downlink_bytes", "downlink B", _fixed(",")),
     ("cum_uplink_bytes", "cum. uplink B", _fixed(",")),

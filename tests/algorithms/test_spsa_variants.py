@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,6 +47,14 @@ VARIANTS = {
         "spsa.optimizer": "momentum",
         "spsa.lr_schedule": "cosine:0.1",
         "spsa.num_probes": 2,
+    },
+    "choices-objective": {
+        "data.source": "file",
+        "data.path": str(Path(__file__).parent / "data" / "choices.jsonl"),
+        "data.partition": "iid",
+        "spsa.objective": "choices",
+        "spsa.difference": "forward",
+        "spsa.num_probes": 3,
     },
     "run-pool-adam-lora-b-shared-median": {
         "spsa.seed_pool": 6,
@@ -321,7 +330,8 @@ REPLAY_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.parametrize(
-    "variant", ["run-pool-momentum", "run-pool-adam-lora-b-shared-median", "sparse", "forward", "lora-b"]
+    "variant",
+    ["run-pool-momentum", "run-pool-adam-lora-b-shared-median", "sparse", "forward", "lora-b", "choices-objective"],
 )
 def test_two_processes_with_1_and_2_threads_replay_to_the_same_hash(tmp_path, variant):
     """Fresh processes with 1 and 2 torch threads replay the committed log of a variant and end with

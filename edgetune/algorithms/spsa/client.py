@@ -12,7 +12,7 @@ from torch import nn
 
 from edgetune.algorithms.base import ClientContext, ReplyRejected
 from edgetune.algorithms.spsa import pool as poolmod
-from edgetune.algorithms.spsa.local import DIFFERENCES, Lane, local_steps
+from edgetune.algorithms.spsa.local import DIFFERENCES, OBJECTIVES, Lane, local_steps
 from edgetune.algorithms.spsa.log import decode_log, probe_key
 from edgetune.algorithms.spsa.replica import Replica, SpaceSpec, replica_for
 from edgetune.comm import wire
@@ -40,6 +40,7 @@ PLAN_SCHEMA: dict[str, type] = {
     "scope": str,
     "norm": str,
     "diff": str,
+    "obj": str,
     "opt": str,
     "pkey": bytes,
     "sparse": float,
@@ -63,8 +64,8 @@ def check_plan(plan: Payload) -> None:
     wire.require(plan, PLAN_SCHEMA, where="round plan")
     if not (1 <= plan["K"] and 1 <= plan["P"] and plan["K"] * plan["P"] <= MAX_SCALARS):
         raise WireError(f"round plan asks for {plan['K']} x {plan['P']} probes")
-    if plan["codec"] not in SCALAR_CODECS or plan["diff"] not in DIFFERENCES:
-        raise WireError("round plan: unknown codec or difference")
+    if plan["codec"] not in SCALAR_CODECS or plan["diff"] not in DIFFERENCES or plan["obj"] not in OBJECTIVES:
+        raise WireError("round plan: unknown codec, difference or objective")
     if plan["dirs"] not in {"per-site", "shared"} or plan["scope"] not in {"round", "run"}:
         raise WireError("round plan: unknown directions or pool scope")
     if plan["norm"] not in {"mean", "sqrt"} or not 0.0 <= plan["sparse"] < 1.0 or plan["pool"] < 0:
@@ -92,6 +93,10 @@ class SpsaClient:
     def __init__(self, cfg: RunConfig, ctx: ClientContext) -> None:
         self.cfg = cfg
         self.ctx = ctx
+        if cfg.spsa.objective == "choices":
+            # at start-up, not mid-round: every training example must be scorable by its candidates
+            for i in range(len(ctx.train_set)):
+                ctx.train_set.choice_row(i)
 
     def step(self, phase: str, msg: Payload, state: Payload) -> tuple[Payload, Payload]:
         if phase != "train":
@@ -174,7 +179,7 @@ class SpsaClient:
         for k in range(k_steps):
             key = schedule.derive(data_key, "data", site, r, k)
             idx = batch_indices(len(self.ctx.train_set), self.cfg.data.batch_size, key)
-            batches.append(self.ctx.train_set.batch(idx))
+            batches.append(self.ctx.train_set.batch(idx, choices=plan["obj"] == "choices"))
         keys = [
             [
                 probe_key(secret, run_id, r, site, k, p, plan["dirs"], plan["pool"], plan["scope"], plan["pkey"])

@@ -31,16 +31,20 @@ from torch import nn
 
 from edgetune.comm.codecs import SCALAR_CODECS
 from edgetune.crypto import keystream
-from edgetune.models.loss import answer_loss
+from edgetune.models.loss import objective_loss
 from edgetune.models.suffix import SuffixRunner
 
 DIFFERENCES = ("central", "forward")
+OBJECTIVES = ("answer", "choices")
+"""``spsa.objective``: what a probe's loss scores (``models/loss.py``: ``answer_loss``, ``choice_loss``)."""
 
 
 def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
-    """Mean next-token loss over the answer tokens of ``batch`` (labels -100 elsewhere)."""
+    """The probe loss of ``batch``: the choice cross-entropy when it carries candidate answers
+    (``TokenizedSet.batch(..., choices=True)``), else the mean next-token loss over its answer tokens.
+    """
     with torch.inference_mode():
-        return float(answer_loss(model, batch))
+        return float(objective_loss(model, batch))
 
 
 def _apply_all(

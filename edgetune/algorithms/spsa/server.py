@@ -177,6 +177,7 @@ class SpsaServer:
                 "scope": self.scfg.pool_scope,
                 "norm": self.scfg.normalizer,
                 "diff": self.scfg.difference,
+                "obj": self.scfg.objective,
                 "opt": self.space.optimizer.to_text(),
                 "pkey": self.space.pool_key,
                 "sparse": float(self.scfg.sparse_frac),
