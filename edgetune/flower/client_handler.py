@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 
 STATE_KEY = "edgetune"
 MAX_DOWN_BYTES = 1 << 30
+ERROR_TEXT_CHARS = 1000
+"""A site's error reply keeps this many characters: at most 4 bytes each in UTF-8, so with its
+framing it fits the 4096 bytes the server reads of an error (``federation.ERROR_PAYLOAD_BYTES``)."""
 
 _CLIENTS: dict[tuple[int, str], ClientHalf] = {}
 _WORKDIR: list[Path] = []
@@ -173,7 +176,7 @@ def _handle(msg: Message, context: Context, phase: str) -> Message:
         group = msg.metadata.group_id
         faults.point("site-before-reply", int(group.split("-")[-1]) if group.startswith("round-") else 0)
     except ValueError as err:
-        reply = {"error": f"{type(err).__name__}: {err}"}
+        reply = {"error": f"{type(err).__name__}: {err}"[:ERROR_TEXT_CHARS]}
     context.state[STATE_KEY] = ConfigRecord(state)
     return Message(to_content(wire.encode(reply)), reply_to=msg)
 

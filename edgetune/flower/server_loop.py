@@ -27,7 +27,7 @@ from edgetune.bundle import code_version
 from edgetune.comm.ledger import ByteLedger
 from edgetune.crypto import identity
 from edgetune.crypto.keys import Registry, load_registry
-from edgetune.federation import Failure, run_federation
+from edgetune.federation import ERROR_PAYLOAD_BYTES, Failure, run_federation
 from edgetune.flower.messages import MessageError, flower_bytes, from_content, to_content
 from edgetune.runs import RunRecorder, format_row, new_run_name
 
@@ -263,7 +263,9 @@ class FlowerTransport:
             return Failure(f"ClientApp error {reply.error.code}: {reply.error.reason}")
         self.ledger.add(round_idx, phase, site, "up", flower_bytes(reply), kind="flower")
         try:
-            return from_content(reply.content, max_bytes=self.max_reply_bytes(phase))
+            # up to ERROR_PAYLOAD_BYTES here, so a site's error text (longer than an spsa reply) reaches
+            # the round's decoding, which holds every non-error reply to the phase's own limit
+            return from_content(reply.content, max_bytes=max(self.max_reply_bytes(phase), ERROR_PAYLOAD_BYTES))
         except MessageError as err:
             return Failure(str(err))
 

@@ -12,7 +12,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from edgetune.comm import wire
 from edgetune.comm.ledger import ByteLedger
-from edgetune.federation import Failure
+from edgetune.federation import Failure, _decode_replies
 from edgetune.flower.messages import flower_bytes, from_content, to_content
 from edgetune.flower.server_loop import FlowerTransport, send_and_receive
 
@@ -217,3 +217,33 @@ def test_windowed_send_and_receive_returns_every_reply_with_a_bounded_window():
     ]
     assert [r.metadata.src_node_id for r in send_and_receive(slow, msgs, timeout_s=0.45, window=1)] == [100]
     assert slow.pushed == [100, 101]
+
+
+class ErrorGrid(FakeGrid):
+    """Every site answers with an error payload far longer than the phase's reply limit."""
+
+    def pull_messages(self, message_ids):
+        out = []
+        for mid in list(message_ids):
+            ready, msg = self.inbox.pop(mid, (None, None))
+            if ready is not None:
+                text = f"ValueError: site {msg.metadata.dst_node_id}: example 7 has no choices " + "x" * 300
+                reply = Message(to_content(wire.encode({"error": text})), reply_to=msg)
+                reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
+                out.append(reply)
+        return out
+
+
+def test_a_sites_error_text_longer_than_its_reply_limit_reaches_the_round_log():
+    """spsa replies are capped at about 100 bytes; a site's error must not be dropped as an oversized
+    reply, while a normal reply over the limit still is (federation's decoding)."""
+    grid = ErrorGrid({100: 0.0, 101: 0.0})
+    transport = FlowerTransport(
+        grid, ByteLedger(), {"site-0": 100, "site-1": 101}, lambda phase: 104, quorum=2, grace_s=0.0, poll_s=0.01
+    )
+    out = transport.exchange(1, "train", _blobs(2), timeout_s=10)
+    replies, failed = _decode_replies(out, 104)
+    assert replies == {}
+    assert failed["site-0"].startswith("site error: ValueError: site 100: example 7 has no choices")
+    big = {"site-0": wire.encode({"codes": b"x" * 200})}
+    assert "exceeds the limit of 104" in _decode_replies(big, 104)[1]["site-0"]
