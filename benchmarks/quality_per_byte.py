@@ -14,7 +14,8 @@ site). The task picks the spsa recipe whose ``data.*`` and ``eval.*`` keys every
 
 ``spsa`` runs the task's spsa recipe; ``spsa-v1`` is the same with the spsa settings edgetune had
 before the levers of issue 11 (attention projections, central differences, one probe, K = 4 steps,
-fresh directions, lr 1e-4). ``central-lora`` and ``central-mezo`` are the centralised references
+fresh directions, lr 1e-4); ``spsa-choices`` is the recipe with ``spsa.objective = "choices"`` (the
+candidate-answer cross-entropy; ``triage`` only). ``central-lora`` and ``central-mezo`` are the centralised references
 of ``benchmarks/central_refs.py`` on the pooled site data (no bytes); ``--rounds-for`` gives their
 step count too (``central-mezo=300``), else ``--central-steps``. ``--append`` adds this call's rows to
 those already in ``--out`` (a row of the same algorithm, seed, model and task is replaced), so a slow
@@ -89,6 +90,7 @@ DEFAULT_PLOT = Path("benchmarks") / "results" / "quality_per_byte.png"
 ALGORITHMS = (
     "spsa",
     "spsa-v1",
+    "spsa-choices",
     "kavg",
     "lowrank-fedavg",
     "lowrank-exact",
@@ -113,6 +115,9 @@ SPSA_V1 = {
     "spsa.optimizer": "sgd",
 }
 """spsa's settings before issue 11 (the demo recipe of 2026-11-25)."""
+SPSA_CHOICES = "spsa.objective=choices"
+"""``spsa-choices``: the task's spsa recipe trained on MeZO's classification objective (tasks whose
+rows list candidate answers: ``triage``)."""
 NUM_LAYERS = {"tiny": 2, "smollm2": 30}
 
 
@@ -137,9 +142,9 @@ def task_recipe(model: str, task: str) -> Path:
 def recipe_for(algorithm: str, model: str, task: str = "triage") -> tuple[Path, list[str]]:
     """The recipe file and the overrides that turn it into ``algorithm`` (see the module docstring)."""
     prefix = MODEL_PREFIX[model]
-    if algorithm in {"spsa", "spsa-v1"}:
-        extra = [f"{k}={_value(v)}" for k, v in SPSA_V1.items()] if algorithm == "spsa-v1" else []
-        return task_recipe(model, task), extra
+    if algorithm in {"spsa", "spsa-v1", "spsa-choices"}:
+        extra = {"spsa-v1": [f"{k}={_value(v)}" for k, v in SPSA_V1.items()], "spsa-choices": [SPSA_CHOICES]}
+        return task_recipe(model, task), extra.get(algorithm, [])
     if algorithm.startswith("lowrank-"):
         mode = algorithm.split("-", 1)[1]
         own = RECIPES / "lowrank" / f"{prefix}-{mode}.toml"

@@ -55,3 +55,14 @@ def test_append_keeps_other_rows_replaces_the_same_algorithm_and_seed_and_refuse
     out.write_text("{not json")
     with pytest.raises(SystemExit, match="not a quality_per_byte table"):
         qpb.previous_rows(out, "smollm2", "docs", [])
+
+
+def test_every_spsa_variant_runs_the_tasks_spsa_recipe_with_only_its_own_overrides():
+    """spsa, spsa-v1 and spsa-choices share the task's recipe; spsa-choices changes the objective and
+    nothing else."""
+    for model, task in (("smollm2", "triage"), ("tiny", "triage")):
+        recipe, extra = qpb.recipe_for("spsa", model, task)
+        assert extra == []
+        assert qpb.recipe_for("spsa-choices", model, task) == (recipe, ["spsa.objective=choices"])
+        v1_recipe, v1_extra = qpb.recipe_for("spsa-v1", model, task)
+        assert v1_recipe == recipe and "spsa.objective=choices" not in v1_extra and v1_extra

@@ -94,7 +94,7 @@ class SpsaClient:
         self.cfg = cfg
         self.ctx = ctx
         if cfg.spsa.objective == "choices":
-            # at start-up, not mid-round: every training example must be scorable by its candidates
+            # when the client is built, before any probe: every training example must be scorable by its candidates
             for i in range(len(ctx.train_set)):
                 ctx.train_set.choice_row(i)
 
