@@ -260,6 +260,7 @@ def _curve(rows: Sequence[dict[str, Any]], forwards_each: float) -> list[dict[st
                 "cum_train_s": wall,
                 "heldout_loss": r.get("heldout_loss"),
                 "accuracy": r.get("accuracy"),
+                "choice_loss": r.get("choice_loss"),
             }
         )
     return out
@@ -379,6 +380,7 @@ def run_central(
             "cum_train_s": p["train_s"],
             "heldout_loss": p.get("heldout_loss"),
             "accuracy": p.get("accuracy"),
+            "choice_loss": p.get("choice_loss"),
         }
         for p in ref["curve"]
     ]
