@@ -42,9 +42,6 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 CHAT_ROLES = ("system", "user", "assistant")
 """Roles a ``messages`` row may use."""
 
-CHOICE_SEPARATOR = "\n"
-"""Separates an example's candidate answers in its ``choices`` (and ``mc_choices``) field."""
-
 
 def format_prompt(
     tokenizer: Any, instruction: str, system: str | None = None, answer_prefix: str = "", *, template: str | None = None
@@ -278,17 +275,6 @@ def encode_example(tokenizer: Any, example: Mapping[str, Any], max_length: int) 
     return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
 
 
-def choices_of(example: Mapping[str, str], field: str = "choices") -> list[str]:
-    """The candidate answers of ``example`` (its ``choices`` field, newline-separated)."""
-    raw = example.get(field)
-    if not isinstance(raw, str) or not raw.strip():
-        raise ValueError(f"example has no choices: {str(example.get('instruction', ''))[:80]!r}")
-    choices = [c for c in raw.split(CHOICE_SEPARATOR) if c]
-    if len(set(choices)) != len(choices) or example["response"] not in choices:
-        raise ValueError(f"example's choices must be distinct and include its response: {choices!r}")
-    return choices
-
-
 class TokenizedSet:
     """Examples tokenised once, served as right-padded training batches.
 
@@ -371,33 +357,13 @@ class TokenizedSet:
         its response), when two candidates start with the same token (their first tokens cannot
         tell them apart), or when truncation left no prompt before the answer.
         """
-        if i in self._choices:
-            return self._choices[i]
-        ex = self._examples[i]
-        where = ex.get("where") or f"example {i}"
-        if "messages" in ex:
-            raise ValueError(f"{where}: the choices objective needs instruction/response rows, not messages")
-        try:
-            cands = choices_of(ex)
-        except ValueError as err:
-            why = "the choices objective needs every training example's candidates"
-            raise ValueError(f"{where}: {err} ({why})") from None
-        prefix = ex.get("answer_prefix") or ""
-        firsts = [encode_answer(self._tokenizer, c, prefix)[:1] for c in cands]
-        ids = [f[0] if f else -1 for f in firsts]
-        if -1 in ids or len(set(ids)) != len(ids):
-            clash = [c for c, t in zip(cands, ids) if ids.count(t) > 1 or t == -1]
-            raise ValueError(
-                f"{where}: candidates {clash!r} start with the same token (or none), so their first tokens "
-                "cannot rank them; the choices objective needs candidates that differ in their first token"
+        if i not in self._choices:
+            from edgetune.data.choices import choice_row  # (choices.py builds on this module)
+
+            ex = self._examples[i]
+            self._choices[i] = choice_row(
+                self._tokenizer, ex, self.input_ids[i], self.labels[i], ex.get("where") or f"example {i}"
             )
-        prompt_len = next(j for j, t in enumerate(self.labels[i]) if t != IGNORE_INDEX)
-        if prompt_len == 0:
-            raise ValueError(f"{where}: no prompt is left before the answer at data.max_length; raise it")
-        target = cands.index(ex["response"])
-        if self.input_ids[i][prompt_len] != ids[target]:
-            raise ValueError(f"{where}: the response's first token differs from its candidate's; check answer_prefix")
-        self._choices[i] = (ids, target, prompt_len - 1)
         return self._choices[i]
 
 

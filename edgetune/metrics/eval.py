@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
+from edgetune.data.choices import choices_of
 from edgetune.data.prompts import (
     IGNORE_INDEX,
     TokenizedSet,
-    choices_of,
     encode_answer,
     left_padded,
     pad_token_id,

@@ -20,7 +20,8 @@ from edgetune.algorithms.spsa.local import batch_loss, local_steps
 from edgetune.algorithms.spsa.pool import OptimizerSpec
 from edgetune.comm.wire import WireError
 from edgetune.config import ModelSection
-from edgetune.data.prompts import TokenizedSet, choices_of
+from edgetune.data.choices import choices_of
+from edgetune.data.prompts import TokenizedSet
 from edgetune.metrics.eval import choice_accuracy, evaluate
 from edgetune.models.load import load_model
 from edgetune.models.loss import answer_loss, choice_loss, objective_loss
