@@ -20,7 +20,7 @@ from edgetune.algorithms.lowrank import (
     is_refactor_round,
     rebound_lr,
 )
-from edgetune.algorithms.weights import select
+from edgetune.algorithms.weights import Screened, select
 from edgetune.comm import wire
 from edgetune.comm.tensors import decode_tensors, encode_tensors
 from edgetune.federation import run_federation, run_round
@@ -531,3 +531,26 @@ def test_clip_norm_bounds_the_product_change(tmp_path, mode, bound):
     assert not rejected and metrics["num_accepted"] == 3
     assert metrics["mean_delta_w_norm"] == pytest.approx(clip, rel=1e-6)
     assert 0 < moved <= bound * clip * (1 + 1e-5)
+
+
+def test_ab_groups_step_bound_is_per_tensor_so_an_a_site_and_a_b_site_may_both_count(tmp_path):
+    """In an AB round each tensor is averaged over the sites that trained it: an A-only site with factor
+    delta norm 3 and a B-only site with norm 4 give a step of norm 5, which the bound must allow (it was
+    max(3, 4) = 4, and on SmolLM2 such a round left a site out and failed its quorum). By hand: the bound
+    is sqrt(sum over tensors of the largest squared delta norm), here 5."""
+    cfg = _cfg("ab-groups")
+    server, transport, recorder, *_ = _federation(tmp_path, cfg, 4, "ab-bound")
+    run_round(cfg, server, transport, recorder, 1)
+    server.configure(2, "train", ["site-0", "site-1", "site-2", "site-3"])
+    by_train = {}
+    for s in ("site-0", "site-1", "site-2", "site-3"):
+        by_train.setdefault(server._plans[s]["train"], s)
+    a_site, b_site = by_train["lora_A"], by_train["lora_B"]
+    updates = {}
+    for site, norm_target in ((a_site, 3.0), (b_site, 4.0)):
+        idx = select(server.manifest, server._plans[site]["train"])
+        deltas = [torch.ones(server.shapes[i]) for i in idx]
+        total = math.sqrt(sum(float(d.pow(2).sum()) for d in deltas))
+        updates[site] = [d * (norm_target / total) for d in deltas]
+    screened = Screened(updates, {s: 0.0 for s in updates}, {s: 0.0 for s in updates}, {}, math.inf)
+    assert server.step_bound(2, screened) == pytest.approx(5.0, rel=1e-6)
