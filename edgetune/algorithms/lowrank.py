@@ -291,14 +291,13 @@ class LowrankServer(WeightsServer):
         factor_norms = [norm(d) for d in screened.updates.values()]
         applied = screening.applied_bound(factor_norms, self.kcfg.aggregator)
         if self.kcfg.aggregator == "mean":
-            # Each tensor is averaged over the sites that trained it (ab-groups: A over one group, B over
-            # the other), so the step is a convex combination per tensor, not of whole updates: its norm
-            # can exceed every site's (sqrt(a^2 + b^2) from an A-only and a B-only site). Per tensor it is
-            # at most the largest delta of that tensor.
-            full = [self.expand(d, self._plans[s]) for s, d in screened.updates.items()]
-            applied = math.sqrt(
-                sum(max(float(f[t].double().pow(2).sum()) for f in full) for t in range(len(self.shapes)))
-            )
+            # Each tensor is averaged over the sites that trained it (ab-groups), so the step can exceed
+            # every site's norm (sqrt(a^2 + b^2) from an A-only and a B-only site): bound it per tensor.
+            largest = [0.0] * len(self.shapes)
+            for s, d in screened.updates.items():
+                for i, t in zip(select(self.manifest, self._plans[s]["train"]), d):
+                    largest[i] = max(largest[i], float(t.double().pow(2).sum()))
+            applied = math.sqrt(sum(largest))
         return min(applied, screening.magnitude_bound(factor_norms))
 
     def round_metrics(self, round_idx: int, screened: Screened) -> dict[str, float]:

@@ -228,23 +228,8 @@ def choice_accuracy(
     field: str = "choices",
     on_batch: Callable[[int], None] | None = None,
 ) -> float:
-    """Fraction of examples whose response is the best-scored of its ``choices`` (or ``field``).
-
-    Parameters
-    ----------
-    model, tokenizer
-        A causal LM and its tokenizer.
-    examples
-        Example dicts with ``instruction``, ``response`` and ``choices`` (``choices_of``).
-    batch_size
-        Prompts (or candidate sequences) per forward pass.
-    max_length
-        Token limit per example, as in training.
-
-    Returns
-    -------
-    float
-        Correct / number of examples. Ties go to the candidate listed first.
+    """Fraction of examples whose response is the best-scored of its ``choices`` (or ``field``):
+    ``choice_scores(...)["accuracy"]``. Ties go to the candidate listed first.
     """
     return choice_scores(
         model, tokenizer, examples, batch_size=batch_size, max_length=max_length, field=field, on_batch=on_batch
@@ -261,12 +246,28 @@ def choice_scores(
     field: str = "choices",
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """Label accuracy and the held-out choice loss from one scoring pass (see ``choice_accuracy``).
+    """Label accuracy and the held-out choice loss from one scoring pass.
 
     Each example's candidates are scored by their first answer token's logit after the prompt
-    (the whole answer's log-likelihood where first tokens collide). ``accuracy``: the fraction whose
-    response scores highest; ``choice_loss``: the mean cross-entropy of the response among its
-    candidates' scores, the objective ``spsa.objective = "choices"`` trains (``models/loss.py``).
+    (the whole answer's log-likelihood where first tokens collide).
+
+    Parameters
+    ----------
+    model, tokenizer
+        A causal LM and its tokenizer.
+    examples
+        Example dicts with ``instruction``, ``response`` and ``choices`` (``choices_of``).
+    batch_size
+        Prompts (or candidate sequences) per forward pass.
+    max_length
+        Token limit per example, as in training.
+
+    Returns
+    -------
+    dict[str, float]
+        ``accuracy``: the fraction whose response scores highest (ties go to the candidate listed
+        first); ``choice_loss``: the mean cross-entropy of the response among its candidates' scores,
+        the objective ``spsa.objective = "choices"`` trains (``models/loss.py``).
     """
     _check(examples, batch_size)
     first_token: list[list[int]] = []
