@@ -2,13 +2,14 @@
 
 Usage (from the repository root)::
 
-    python -m benchmarks.spsa_sweep [--recipe recipes/spsa/smollm2-135m-4c.toml] [--rounds 4]
-        [--sites 4] [--factors lr,eps,num_probes,batch_size,seed_pool] [--timeout 3600]
+    python -m benchmarks.spsa_sweep [--recipe recipes/spsa/smollm2-135m-4c.toml] [--rounds 8]
+        [--eval-every 4] [--sites 4] [--factors lr,num_probes,seed_pool,eps,batch_size] [--timeout 3600]
         [--out benchmarks/results/spsa_sweep.json] [--plot benchmarks/results/spsa_sweep.png]
 
 Every run is ``python -m edgetune.inproc RECIPE key=value ... --sites N`` in a fresh subprocess (as in
-``quality_per_byte``), with deterministic secrets, the recipe's data and held-out set, accuracy after
-every round, and exactly one factor changed from the recipe:
+``quality_per_byte``), with deterministic secrets, the recipe's data and held-out set, held-out loss and
+accuracy every ``--eval-every`` rounds (and after round 0 and the last round), and exactly one factor
+changed from the recipe:
 
 ========== =========================================================
 factor     values (x: the recipe's value)
@@ -17,14 +18,19 @@ lr         x/4, x/2, x, 2x, 4x
 eps        2^-9, 2^-7, 2^-5
 num_probes 8, 16, 32, 64      (lr scaled with P / P_recipe: same step per probe)
 batch_size 4, 8, 16
-seed_pool  0 (fresh directions), 64, 256, 1024 (run scope; the recipe's optimizer)
+seed_pool  0 (fresh directions), 64, 256, 1024, x (run scope; the recipe's optimizer)
 ========== =========================================================
 
 From each run's ``metrics.jsonl``: held-out loss and accuracy after round 0 and the last round, the best
-accuracy over rounds, uplink payload bytes per site per round, and the run's wall time. The table says
-which value of each factor reached the best final accuracy (ties: lower held-out loss); the recipe's
-comment cites the row it was set from. Wall times are comparable only within one invocation on a quiet
-machine; the JSON records the load average.
+accuracy over the evaluated rounds, the held-out choice loss (the right label's cross-entropy among the
+row's candidates: a graded score that moves before accuracy does; triage data only), uplink payload
+bytes per site per round, and the run's wall time. The table says which value of each factor reached
+the best final accuracy (ties: lower held-out loss) and which the lowest final choice loss; one held-out
+report is 1.04 points of accuracy on the triage demo, and two runs that differ only in their probe
+directions have ended 7 points apart, so differences of a few points are noise. The recipe's comment
+cites the rows it was set from. Factors run in the order given (the most telling first), and the JSON is
+rewritten after every run, so a sweep cut short keeps what it finished. Wall times are comparable only
+within one invocation on a quiet machine; the JSON records the load average.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = ROOT / "recipes" / "spsa" / "smollm2-135m-4c.toml"
 DEFAULT_OUT = Path("benchmarks") / "results" / "spsa_sweep.json"
 DEFAULT_PLOT = Path("benchmarks") / "results" / "spsa_sweep.png"
-FACTORS = ("lr", "eps", "num_probes", "batch_size", "seed_pool")
+FACTORS = ("lr", "num_probes", "seed_pool", "eps", "batch_size")
 
 
 def variations(flat: dict[str, Any], factor: str) -> list[tuple[str, dict[str, Any]]]:
@@ -69,14 +75,28 @@ def variations(flat: dict[str, Any], factor: str) -> list[tuple[str, dict[str, A
         optimizer = s.optimizer if s.pool_scope == "run" else "sgd"
         out += [
             (f"S={n}", {"spsa.seed_pool": n, "spsa.pool_scope": "run", "spsa.optimizer": optimizer})
-            for n in (64, 256, 1024)
+            for n in sorted({64, 256, 1024} | ({s.seed_pool} if s.pool_scope == "run" and s.seed_pool else set()))
         ]
         return out
     raise ValueError(f"unknown factor {factor!r}; one of {FACTORS}")
 
 
+def run_key(flat: dict[str, Any], overrides: dict[str, Any]) -> str:
+    """What a run changes from the recipe: values equal to the recipe's are dropped, so every factor's
+    "x" (lr x1, P 16 with lr x1, the recipe's eps, batch and pool) is one run."""
+    return json.dumps({k: v for k, v in overrides.items() if flat.get(k) != v}, sort_keys=True)
+
+
 def run_one(
-    recipe: Path, label: str, overrides: dict[str, Any], *, rounds: int, sites: int, runs_dir: Path, timeout_s: float
+    recipe: Path,
+    label: str,
+    overrides: dict[str, Any],
+    *,
+    rounds: int,
+    sites: int,
+    runs_dir: Path,
+    timeout_s: float,
+    eval_every: int = 1,
 ) -> dict[str, Any]:
     name = f"sweep-{uuid.uuid4().hex[:8]}"
     fixed = {
@@ -84,8 +104,8 @@ def run_one(
         "run.num_sites": sites,
         "run.min_sites": sites,
         "crypto.deterministic_secrets": True,
-        "eval.every_rounds": 1,
-        "eval.accuracy_every_rounds": 1,
+        "eval.every_rounds": eval_every,
+        "eval.accuracy_every_rounds": eval_every,
         "run.dir": str(runs_dir),
         "run.name": name,
     }
@@ -109,6 +129,7 @@ def run_one(
     trained = [r for r in rows if r["round"] > 0]
     accs = [r["accuracy"] for r in rows if r.get("accuracy") is not None]
     losses = [r["heldout_loss"] for r in rows if r.get("heldout_loss") is not None]
+    choice = [r["choice_loss"] for r in rows if r.get("choice_loss") is not None]
     return {
         "benchmark": "spsa_sweep",
         "label": label,
@@ -122,13 +143,22 @@ def run_one(
         "accuracy_first": accs[0] if accs else None,
         "accuracy_last": accs[-1] if accs else None,
         "accuracy_best": max(accs) if accs else None,
+        "choice_loss_first": choice[0] if choice else None,
+        "choice_loss_last": choice[-1] if choice else None,
         "uplink_bytes_per_site_round": (
             sum(r["uplink_bytes"] for r in trained) / (sites * len(trained)) if trained else None
         ),
         "wall_s": time.time() - t0,
         "load_avg_1m": [load0, os.getloadavg()[0]],
         "curve": [
-            {"round": r["round"], "heldout_loss": r.get("heldout_loss"), "accuracy": r.get("accuracy")} for r in rows
+            {
+                "round": r["round"],
+                "heldout_loss": r.get("heldout_loss"),
+                "accuracy": r.get("accuracy"),
+                "choice_loss": r.get("choice_loss"),
+            }
+            for r in rows
+            if r.get("heldout_loss") is not None
         ],
         "log_tail": "" if code == 0 else log_path.read_text()[-2000:],
     }
@@ -137,7 +167,7 @@ def run_one(
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [
         f"{'factor':<11} {'value':<14} {'ok':>3} {'loss 0':>7} {'loss R':>7} {'acc 0':>6} {'acc R':>6} "
-        f"{'acc best':>8} {'up B/site/rnd':>13} {'wall s':>7}"
+        f"{'acc best':>8} {'choice R':>8} {'up B/site/rnd':>13} {'wall s':>7}"
     ]
     for r in rows:
 
@@ -146,6 +176,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
         losses = f"{f(r['heldout_loss_first'], '.4f'):>7} {f(r['heldout_loss_last'], '.4f'):>7}"
         accs = f"{f(r['accuracy_first'], '.3f'):>6} {f(r['accuracy_last'], '.3f'):>6} {f(r['accuracy_best'], '.3f'):>8}"
+        accs += f" {f(r.get('choice_loss_last'), '.4f'):>8}"
         lines.append(
             f"{r['factor']:<11} {r['label']:<14} {'yes' if r['ok'] else 'NO':>3} {losses} {accs} "
             f"{f(r['uplink_bytes_per_site_round'], '.0f'):>13} {r['wall_s']:>7.0f}"
@@ -156,6 +187,10 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
             best = max(ok, key=lambda r: (r["accuracy_last"], -r["heldout_loss_last"]))
             acc, loss = best["accuracy_last"], best["heldout_loss_last"]
             lines.append(f"best {factor}: {best['label']} (accuracy {acc:.3f}, loss {loss:.4f})")
+            graded = [r for r in ok if r.get("choice_loss_last") is not None]
+            if graded:
+                low = min(graded, key=lambda r: r["choice_loss_last"])
+                lines.append(f"lowest choice loss, {factor}: {low['label']} ({low['choice_loss_last']:.4f})")
     return "\n".join(lines)
 
 
@@ -166,18 +201,25 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     factors = list(dict.fromkeys(r["factor"] for r in rows))
-    fig, axes = plt.subplots(1, len(factors), figsize=(3.2 * len(factors), 3.4), dpi=120, squeeze=False)
-    for ax, factor in zip(axes[0], factors):
+    fig, axes = plt.subplots(2, len(factors), figsize=(3.2 * len(factors), 6.4), dpi=120, squeeze=False)
+    for col, factor in enumerate(factors):
         rs = [r for r in rows if r["factor"] == factor and r["ok"]]
         labels = [r["label"] for r in rs]
+        ax = axes[0][col]
         ax.plot(labels, [r["accuracy_last"] for r in rs], "o-", label="accuracy (last round)")
         ax.plot(labels, [r["accuracy_first"] for r in rs], "k:", label="accuracy (round 0)")
         ax.set_title(factor)
-        ax.tick_params(axis="x", rotation=45, labelsize=7)
         ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
+        ax = axes[1][col]
+        ax.plot(labels, [r.get("choice_loss_last") for r in rs], "s-", color="C1", label="choice loss (last round)")
+        ax.plot(labels, [r.get("choice_loss_first") for r in rs], "k:", label="choice loss (round 0)")
+        for a in axes[:, col]:
+            a.tick_params(axis="x", rotation=45, labelsize=7)
+            a.grid(alpha=0.3)
     axes[0][0].set_ylabel("held-out label accuracy")
+    axes[1][0].set_ylabel("held-out choice loss (nats)")
     axes[0][0].legend(fontsize=7)
+    axes[1][0].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -187,7 +229,8 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.spsa_sweep", description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE)
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--eval-every", type=int, default=4, help="held-out loss and accuracy every N rounds")
     parser.add_argument("--sites", type=int, default=4)
     parser.add_argument("--factors", default=",".join(FACTORS))
     parser.add_argument("--timeout", type=float, default=3600.0)
@@ -206,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         done: dict[str, dict[str, Any]] = {}
         for factor in factors:
             for label, overrides in variations(flat, factor):
-                key = json.dumps(overrides, sort_keys=True)
+                key = run_key(flat, overrides)
                 row = (
                     dict(done[key])
                     if key in done
@@ -218,6 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         sites=args.sites,
                         runs_dir=runs_dir,
                         timeout_s=args.timeout,
+                        eval_every=args.eval_every,
                     )
                 )
                 done[key] = row

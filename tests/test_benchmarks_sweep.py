@@ -1,0 +1,94 @@
+"""benchmarks/spsa_sweep.py: one factor at a time, the per-probe step kept, verdicts and metrics read back."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from benchmarks import spsa_sweep
+from edgetune.config import load_recipe
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "spsa" / "smollm2-135m-4c.toml"
+
+
+@pytest.mark.parametrize("factor", spsa_sweep.FACTORS)
+def test_variations_change_one_factor_and_include_the_recipes_value(factor):
+    flat = load_recipe(RECIPE)
+    values = spsa_sweep.variations(flat, factor)
+    assert len({json.dumps(o, sort_keys=True) for _, o in values}) == len(values)
+    for _label, overrides in values:
+        # every override is a key of this factor's (probes move lr with them; the pool moves its optimizer)
+        allowed = {
+            "lr": {"spsa.lr"},
+            "num_probes": {"spsa.num_probes", "spsa.lr"},
+            "seed_pool": {"spsa.seed_pool", "spsa.pool_scope", "spsa.optimizer"},
+            "eps": {"spsa.eps"},
+            "batch_size": {"data.batch_size"},
+        }[factor]
+        assert set(overrides) <= allowed
+    key = {"lr": "spsa.lr", "num_probes": "spsa.num_probes", "seed_pool": "spsa.seed_pool", "eps": "spsa.eps",
+           "batch_size": "data.batch_size"}[factor]  # fmt: skip
+    assert flat[key] in [o.get(key) for _, o in values]
+
+
+def test_num_probes_keep_the_step_per_probe():
+    flat = load_recipe(RECIPE)
+    lr, probes = flat["spsa.lr"], flat["spsa.num_probes"]
+    for _, o in spsa_sweep.variations(flat, "num_probes"):
+        assert o["spsa.lr"] / o["spsa.num_probes"] == pytest.approx(lr / probes)
+
+
+def test_the_recipes_own_values_are_one_run():
+    flat = load_recipe(RECIPE)
+    keys = [spsa_sweep.run_key(flat, o) for f in spsa_sweep.FACTORS for _, o in spsa_sweep.variations(flat, f)]
+    assert keys.count("{}") == len(spsa_sweep.FACTORS)  # one "x" per factor, all the same run
+    assert len(set(keys)) == len(keys) - len(spsa_sweep.FACTORS) + 1
+
+
+def _row(factor, label, acc, loss, choice):
+    return {
+        "factor": factor, "label": label, "ok": True, "heldout_loss_first": 2.6, "heldout_loss_last": loss,
+        "accuracy_first": 0.25, "accuracy_last": acc, "accuracy_best": acc, "choice_loss_last": choice,
+        "uplink_bytes_per_site_round": 104.0, "wall_s": 10.0,
+    }  # fmt: skip
+
+
+def test_table_names_the_best_accuracy_with_ties_to_lower_loss_and_the_lowest_choice_loss():
+    rows = [
+        _row("lr", "lr=0.3", 0.30, 1.5, 1.9),
+        _row("lr", "lr=0.6", 0.30, 1.4, 2.1),  # same accuracy, lower loss: best
+        _row("lr", "lr=1.2", 0.28, 1.3, 1.7),  # lowest choice loss
+        {**_row("lr", "lr=2.4", 0.9, 0.1, 0.1), "ok": False},  # failed runs never win
+    ]
+    table = spsa_sweep.format_table(rows)
+    assert "best lr: lr=0.6 (accuracy 0.300, loss 1.4000)" in table
+    assert "lowest choice loss, lr: lr=1.2 (1.7000)" in table
+
+
+def test_run_one_reads_the_runs_metrics_and_asks_for_the_evaluation_cadence(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_run(cmd, **kwargs):
+        seen["cmd"] = cmd
+        name = next(a.split("=", 1)[1] for a in cmd if a.startswith("run.name="))
+        run = tmp_path / name.strip('"')
+        run.mkdir()
+        rows = [
+            {"round": 0, "heldout_loss": 2.6, "accuracy": 0.25, "choice_loss": 3.9},
+            {"round": 1, "uplink_bytes": 416},
+            {"round": 2, "uplink_bytes": 416, "heldout_loss": 1.9, "accuracy": 0.31, "choice_loss": 2.2},
+        ]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(spsa_sweep.subprocess, "run", fake_run)
+    row = spsa_sweep.run_one(
+        RECIPE, "lr=0.6", {"spsa.lr": 0.6}, rounds=2, sites=4, runs_dir=tmp_path, timeout_s=10, eval_every=2
+    )
+    assert "eval.every_rounds=2" in seen["cmd"] and "eval.accuracy_every_rounds=2" in seen["cmd"]
+    assert row["ok"] and row["accuracy_last"] == 0.31 and row["choice_loss_last"] == 2.2
+    assert row["choice_loss_first"] == 3.9 and row["uplink_bytes_per_site_round"] == 104.0
+    assert [p["round"] for p in row["curve"]] == [0, 2]  # rounds without an evaluation are not curve points
