@@ -151,8 +151,12 @@ def build_client(
     data_path: str = "",
     namespace: str = "",
     partitioner: Partitioner = flower_partitioner,
+    state_dir: Path | None = None,
 ) -> ClientHalf:
     """One site's client half (model shared per process, unless ``namespace`` separates it).
+
+    ``state_dir``: where the site keeps its state between rounds (default ``site_state_dir``;
+    portable simulated sites use a folder their Context refills, ``flower/portable.py``).
 
     ``partitioner`` splits ``data.path`` across simulated sites (``edgetune/data/sources.py``).
 
@@ -169,6 +173,6 @@ def build_client(
         workdir=workdir,
         site_keys=keymod.load_site(site_kit),
         replica_namespace=namespace,
-        state_dir=site_state_dir(cfg, site_id),
+        state_dir=site_state_dir(cfg, site_id) if state_dir is None else state_dir,
     )
     return ALGORITHMS[cfg.algorithm].client_cls(cfg, ctx)

@@ -159,8 +159,9 @@ def simulate(
             help="GPUs Flower reserves per simulated site, e.g. 0.25 (default: the recipe's run.gpus_per_site)"
         ),
     ] = -1.0,
+    ray_address: Annotated[str, typer.Option(help="Ray cluster host:port for the sites (default: $RAY_ADDRESS)")] = "",
 ) -> None:
-    """Simulate N sites on this machine with Flower's simulation engine (offline)."""
+    """Simulate N sites with Flower's simulation engine (offline), on this machine or a Ray cluster."""
     from edgetune import simulate as sim
 
     extra: dict[str, Any] = {"num_rounds": rounds} if rounds else {}
@@ -172,7 +173,9 @@ def simulate(
         flat, cfg, run_dir = sim.prepare(flat, cfg, sites)
     if engine == Engine.flower:
         with _failing(ValueError, sim.SimulationError):
-            code = sim.simulate_flower(flat, cfg, cfg.run.num_sites, cpus_per_site, run_dir)
+            code = sim.simulate_flower(
+                flat, cfg, cfg.run.num_sites, cpus_per_site, run_dir, ray_address=sim.ray_cluster(ray_address)
+            )
     else:
         code = sim.simulate_inproc(cfg, cfg.run.num_sites, run_dir)
     print_summary(run_dir)

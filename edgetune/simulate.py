@@ -84,29 +84,39 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-LOCAL_ONLY = (
-    "edgetune simulate runs every simulated site on this machine: site kits and site state live on its disk, "
-    "so a Ray cluster (multi-node simulation) is not supported (docs/many-machines.md). Unset RAY_ADDRESS "
-    "(it is {addr!r}), or federate several machines as a real deployment (edgetune server / edgetune site)"
+NOT_PORTABLE = (
+    "a Ray cluster ({addr!r}) runs simulated sites on other machines, where neither the server's run folder "
+    "(site kits) nor this machine's cache (site state) exists: that needs run.portable_sites = true, which "
+    "this run sets to false (docs/many-machines.md)"
 )
 
 
-def refuse_ray_cluster() -> None:
-    """``ValueError`` when ``RAY_ADDRESS`` names a Ray cluster (see ``flwr_env``)."""
-    addr = os.environ.get("RAY_ADDRESS", "")
-    if addr not in ("", "local"):
-        raise ValueError(LOCAL_ONLY.format(addr=addr))
+def ray_cluster(address: str = "") -> str:
+    """The Ray cluster a simulation runs on: ``address``, else ``RAY_ADDRESS``; "" (or ``local``) for none."""
+    addr = address or os.environ.get("RAY_ADDRESS", "")
+    return "" if addr in ("", "local") else addr
 
 
-def flwr_env(flwr_home: Path) -> dict[str, str]:
+def with_cluster(flat: dict[str, Any], address: str) -> dict[str, Any]:
+    """``flat`` for a simulation on the Ray cluster ``address`` ("": on this machine): portable sites
+    (``run.portable_sites``: kits and site state travel with the run, ``flower/portable.py``), unless the
+    recipe or ``--set`` turned them off, which is refused (``ValueError``).
+    """
+    if not address:
+        return flat
+    if flat.get("run.portable_sites") is False:
+        raise ValueError(NOT_PORTABLE.format(addr=address))
+    return {**flat, "run.portable_sites": True}
+
+
+def flwr_env(flwr_home: Path, ray_address: str = "") -> dict[str, str]:
     """Environment for a simulated run: a private Flower home, offline, free ports for the local SuperLink.
 
-    ``RAY_ADDRESS=local``: Flower's Ray backend calls ``ray.init()`` without an address, which attaches to a
-    Ray cluster started on this machine (``ray start``) or named by ``RAY_ADDRESS``, and site actors on other
-    machines would not find their kits. A simulation always starts its own local Ray instead; a
-    ``RAY_ADDRESS`` naming a cluster is refused (``ValueError``) rather than ignored.
+    Flower's Ray backend calls ``ray.init()`` without an address, which attaches to a Ray cluster started
+    on this machine (``ray start``) or named by ``RAY_ADDRESS``. A simulation runs on the cluster
+    ``ray_address`` when one is given (with portable sites, ``with_cluster``) and otherwise always starts
+    its own local Ray (``RAY_ADDRESS=local``), whatever the caller's environment says.
     """
-    refuse_ray_cluster()
     env = os.environ.copy()
     bin_dir = str(Path(sys.executable).parent)
     env.update(
@@ -116,7 +126,7 @@ def flwr_env(flwr_home: Path) -> dict[str, str]:
         FLWR_DISABLE_UPDATE_CHECK="1",
         HF_HUB_OFFLINE="1",
         RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
-        RAY_ADDRESS="local",
+        RAY_ADDRESS=ray_address or "local",
         FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(_free_port()),
         FLWR_LOCAL_CONTROL_API_PORT=str(_free_port()),
         PATH=bin_dir + os.pathsep + env.get("PATH", ""),
@@ -163,16 +173,22 @@ def sim_status(run_id: int, env: dict[str, str], root: Path) -> str:
         return "unknown"
 
 
-def simulate_flower(flat: dict[str, Any], cfg: cfgmod.RunConfig, sites: int, cpus: float, run_dir: Path) -> int:
+def simulate_flower(
+    flat: dict[str, Any], cfg: cfgmod.RunConfig, sites: int, cpus: float, run_dir: Path, ray_address: str = ""
+) -> int:
     """Run ``flwr run`` on Flower's simulation engine and follow the run; return an exit code.
 
-    ``ValueError``: bad resources; ``SimulationError``: Flower did not start the run (its output printed).
+    ``ray_address``: a Ray cluster to run the sites on (``ray_cluster``; "": a private local Ray).
+    ``ValueError``: bad resources or config; ``SimulationError``: Flower did not start the run (its output printed).
     """
     fed_config = federation_config(sites, cpus, cfg.run.gpus_per_site)
-    refuse_ray_cluster()
+    if ray_address:
+        flat = with_cluster(flat, ray_address)
+        cfg = cfgmod.from_run_config(flat)
+        console.print(f"Ray cluster {ray_address}: sites get their kits and keep their state through the run")
     flwr_home = Path(tempfile.mkdtemp(prefix="edgetune-flwr-"))
     root = project.write_app_folder(flwr_home / "app", cfg)
-    env = flwr_env(flwr_home)
+    env = flwr_env(flwr_home, ray_address)
     run_cfg = flwr_home / "run-config.toml"
     run_cfg.write_text(cfgmod.to_toml(with_sim_in_flight(flat, cpus)))
     table = RoundTable(f"edgetune simulate · {run_dir.name} · {cfg.algorithm} · {sites} sites", cfg.num_rounds)

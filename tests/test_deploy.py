@@ -162,20 +162,29 @@ def test_the_supernodes_whole_process_group_is_stopped(tmp_path):
         pytest.fail("the SuperNode's child outlived the site")
 
 
-def test_a_simulation_never_attaches_to_a_ray_cluster(tmp_path, monkeypatch):
+def test_a_simulation_attaches_to_a_ray_cluster_only_with_portable_sites(tmp_path, monkeypatch):
     """Flower's Ray backend calls ray.init() without an address, which joins a cluster started with
-    `ray start` on this machine or named by RAY_ADDRESS; simulated sites need this machine's disk, so the
-    simulation pins RAY_ADDRESS=local and refuses a cluster address with a message naming it."""
+    `ray start` on this machine or named by RAY_ADDRESS. Without a cluster address the simulation pins
+    RAY_ADDRESS=local whatever the environment says; with one, sites must be portable (their kits and
+    state travel with the run), and turning that off is refused naming the address."""
     from edgetune import simulate
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert simulate.flwr_env(tmp_path)["RAY_ADDRESS"] == "local"
+    assert simulate.ray_cluster() == "" and simulate.flwr_env(tmp_path)["RAY_ADDRESS"] == "local"
     monkeypatch.setenv("RAY_ADDRESS", "local")
-    assert simulate.flwr_env(tmp_path)["RAY_ADDRESS"] == "local"
+    assert simulate.ray_cluster() == "" and simulate.flwr_env(tmp_path)["RAY_ADDRESS"] == "local"
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.7:6379")
+    assert simulate.ray_cluster() == "10.0.0.7:6379"
+    assert simulate.ray_cluster("10.0.0.8:6379") == "10.0.0.8:6379"  # --ray-address wins
+    assert simulate.flwr_env(tmp_path, "10.0.0.7:6379")["RAY_ADDRESS"] == "10.0.0.7:6379"
+    assert simulate.with_cluster({}, "10.0.0.7:6379")["run.portable_sites"] is True
+    assert simulate.with_cluster({}, "") == {}
     with pytest.raises(ValueError, match="10.0.0.7:6379"):
-        simulate.flwr_env(tmp_path)
-    result = CliRunner().invoke(cli.app, ["simulate", RECIPE, "--sites", "2", "--set", f"run.dir={tmp_path}/runs"])
+        simulate.with_cluster({"run.portable_sites": False}, "10.0.0.7:6379")
+    result = CliRunner().invoke(
+        cli.app,
+        ["simulate", RECIPE, "--sites", "2", "--set", f"run.dir={tmp_path}/runs", "--set", "run.portable_sites=false"],
+    )
     output = " ".join(result.output.split())
-    assert result.exit_code == 1 and "Ray cluster" in output and "RAY_ADDRESS" in output
+    assert result.exit_code == 1 and "run.portable_sites" in output and "10.0.0.7:6379" in output
     assert not any((tmp_path / "runs").glob("*/metrics.jsonl"))  # refused before any run started

@@ -116,6 +116,11 @@ class RunConfig:
             )
         if self.algorithm == "lowrank" and self.model.trainable.strip() != "lora":
             raise ValueError("algorithm = 'lowrank' trains LoRA factors: set model.trainable = 'lora'")
+        if self.run.portable_sites and self.crypto.keys_dir:
+            raise ValueError(
+                "run.portable_sites hands each simulated site a kit the server generated for the run; with "
+                f"crypto.keys_dir = {self.crypto.keys_dir!r} sites keep their own kits: unset one of them"
+            )
         _check_bounds(self)
         _check_trim(self)
         lr_sched = schedules.parse(self.spsa.lr_schedule, key="spsa.lr_schedule")

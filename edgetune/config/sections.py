@@ -50,6 +50,12 @@ class RunSection:
     """Simulation: GPUs Flower's backend reserves per simulated site (fractional ``num-gpus``
     client resources: 0.25 puts four sites on each GPU). 0: simulated sites run on the CPU
     unless ``model.device`` names a GPU explicitly."""
+    portable_sites: bool = False
+    """Simulation: each simulated site gets its key kit from the server in the hello exchange and
+    carries its state between rounds in Flower's Context, instead of reading both from the disk its
+    actor runs on, so sites may run on any machine of a Ray cluster (``flower/portable.py``).
+    ``edgetune simulate`` turns it on when ``RAY_ADDRESS`` names a cluster. Only kits the server
+    generated for the run are handed out (refused with ``crypto.keys_dir``)."""
     track: str = ""
     """Also export the per-round metrics to experiment trackers: ``tensorboard`` (event files in
     ``<run>/tensorboard``; needs the tensorboard package), ``wandb`` (needs wandb; offline unless

@@ -2,9 +2,10 @@
 
 Simulation nodes know only ``partition-id``/``num-partitions``: they are ``site-<partition-id>``
 and find their key kit under the folder the server names in ``query.hello`` (all simulated
-sites share one file system). Deployment nodes are started by ``edgetune site`` with
-``site-id``, ``kit-dir`` and ``data-path`` in their node config and never take a kit path from
-the server.
+sites share one file system), or, with ``run.portable_sites`` (a Ray cluster), are handed the kit
+in the hello exchange and carry it and their state in Flower's Context (``flower/portable.py``).
+Deployment nodes are started by ``edgetune site`` with ``site-id``, ``kit-dir`` and ``data-path``
+in their node config and never take a kit or a kit path from the server.
 
 A site's per-run state (e.g. the envelope replay guard) lives in ``context.state`` as a
 ConfigRecord, so Flower keeps it between rounds.
@@ -26,7 +27,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from edgetune import faults
 from edgetune.bundle import check_version
 from edgetune.comm import wire
-from edgetune.flower import presence
+from edgetune.flower import portable, presence
 from edgetune.flower.messages import from_content, to_content
 
 if TYPE_CHECKING:
@@ -68,6 +69,10 @@ def identity(context: Context, kit_root: str = "") -> dict[str, Any]:
 def hello(msg: Message, context: Context) -> Message:
     """Answer ``query.hello``: this node's site id and, for the server's challenge, a proof made with the
     site's own agreement key (``crypto/identity.py``); remember the simulation kit root.
+
+    A portable simulated site (``run.portable_sites``) answers the first hello with its site id only;
+    the server's second hello carries the site's kit (``kit_names``/``kit_files``), which the node
+    keeps in its Context and proves with. A deployed site refuses a kit from the server.
     """
     from edgetune.crypto import identity as proof_of
     from edgetune.crypto.keys import load_site
@@ -76,10 +81,16 @@ def hello(msg: Message, context: Context) -> Message:
     kit_root = str(query.get("kit_root", ""))
     me = identity(context, kit_root)
     check_version(str(msg.content["hello"].get("edgetune", "")), me["site"])  # the FAB runs this site's edgetune
-    context.state["edgetune-hello"] = ConfigRecord({"kit_root": kit_root})
+    if "kit_names" in query:
+        if "site-id" in context.node_config or not portable.enabled(context.run_config):
+            raise ValueError(f"site {me['site']}: the server sent a key kit; this site keeps its own and refuses it")
+        context.state[portable.KIT_KEY] = portable.record(query.get("kit_names"), query.get("kit_files"))
+        me["kit"] = str(portable.kit_folder(context, me["site"]))
+    else:
+        context.state["edgetune-hello"] = ConfigRecord({"kit_root": kit_root})
     answer: dict[str, Any] = {"site": me["site"]}
     challenge = query.get("challenge")
-    if isinstance(challenge, bytes):
+    if isinstance(challenge, bytes) and me["kit"]:
         keys = load_site(Path(me["kit"]))
         if keys.site_id != me["site"]:
             raise ValueError(f"kit {me['kit']} is for site {keys.site_id!r}, this node is {me['site']!r}")
@@ -144,15 +155,31 @@ def _client(context: Context) -> ClientHalf:
     me = identity(context, kit_root)
     key = (context.run_id, me["site"])
     if key not in _CLIENTS:
-        if "site-id" not in context.node_config:
+        state_dir = None
+        if _portable(context):
+            me["kit"] = str(portable.kit_folder(context, me["site"]))
+            state_dir = portable.state_folder(context, me["site"])
+        elif "site-id" not in context.node_config:
             require_local_kit(me)
         cfg = cfgmod.from_run_config(_run_config(context))
         if not _WORKDIR:
             _WORKDIR.append(process_workdir(cfg))
         _CLIENTS[key] = build_client(
-            cfg, me["site"], me["index"], me["num"], Path(me["kit"]), workdir=_WORKDIR[0], data_path=me["data"]
+            cfg,
+            me["site"],
+            me["index"],
+            me["num"],
+            Path(me["kit"]),
+            workdir=_WORKDIR[0],
+            data_path=me["data"],
+            state_dir=state_dir,
         )
     return _CLIENTS[key]
+
+
+def _portable(context: Context) -> bool:
+    """A simulated site whose kit and state travel in its Context (``flower/portable.py``)."""
+    return "site-id" not in context.node_config and portable.enabled(context.run_config)
 
 
 def handle(msg: Message, context: Context, phase: str) -> Message:
@@ -171,6 +198,13 @@ def _handle(msg: Message, context: Context, phase: str) -> Message:
         payload = wire.decode(from_content(msg.content, max_bytes=MAX_DOWN_BYTES), max_bytes=MAX_DOWN_BYTES)
         if "site-host" in context.node_config:
             reply, state = _on_site_host(context, phase, payload, state)
+        elif _portable(context):
+            site = identity(context)["site"]
+            portable.load_state(context, site)  # this actor may not have run the site's last message
+            try:
+                reply, state = _client(context).step(phase, payload, state)
+            finally:
+                portable.save_state(context, site)
         else:
             reply, state = _client(context).step(phase, payload, state)
         group = msg.metadata.group_id

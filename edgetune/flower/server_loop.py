@@ -28,6 +28,7 @@ from edgetune.comm.ledger import ByteLedger
 from edgetune.crypto import identity
 from edgetune.crypto.keys import Registry, load_registry
 from edgetune.federation import ERROR_PAYLOAD_BYTES, Failure, run_federation
+from edgetune.flower import portable
 from edgetune.flower.messages import MessageError, flower_bytes, from_content, to_content
 from edgetune.runs import RunRecorder, format_row, new_run_name
 
@@ -115,8 +116,10 @@ class FlowerTransport:
         kit_root: str = "",
         registry: Registry | None = None,
         in_flight: int = 0,
+        kits: Callable[[str], ConfigRecord] | None = None,
     ) -> None:
         self.grid = grid
+        self.kits = kits
         self.in_flight = in_flight
         self.ledger = ledger
         self.node_of = node_of
@@ -139,7 +142,14 @@ class FlowerTransport:
             refused: set[int] = set()
             try:
                 found = discover_sites(
-                    self.grid, new, self.kit_root, self.registry, timeout_s=30.0, refused=refused, window=self.in_flight
+                    self.grid,
+                    new,
+                    self.kit_root,
+                    self.registry,
+                    timeout_s=30.0,
+                    refused=refused,
+                    window=self.in_flight,
+                    kits=self.kits,
                 )
             except RuntimeError:
                 found = {}
@@ -274,6 +284,15 @@ def _log(line: str) -> None:
     print(f"[edgetune] {line}", file=sys.stderr, flush=True)
 
 
+def _hello(node: int, fields: dict[str, Any]) -> Message:
+    return Message(
+        RecordDict({"hello": ConfigRecord({**fields, "edgetune": code_version()})}),
+        dst_node_id=node,
+        message_type=HELLO,
+        group_id="hello",
+    )
+
+
 def discover_sites(
     grid: Grid,
     node_ids: list[int],
@@ -282,6 +301,7 @@ def discover_sites(
     timeout_s: float,
     refused: set[int] | None = None,
     window: int = 0,
+    kits: Callable[[str], ConfigRecord] | None = None,
 ) -> dict[str, int]:
     """Ask every node which site it is, and believe only the answers proved with that site's key.
 
@@ -292,50 +312,55 @@ def discover_sites(
     the lowest node id keeps the site, the other is logged and left out. Raises only when no node
     proved a site at all. ``refused`` collects the nodes whose answer was a false or malformed claim.
     ``window``: at most this many questions in flight (``send_and_receive``; 0: all at once).
+
+    ``kits`` (portable simulated sites, ``flower/portable.py``): a node that answers with a site
+    but no proof is asked again with that site's kit (``kits(site)``) and a new challenge, and must
+    prove the site with the kit it was handed.
     """
     refused = set() if refused is None else refused
     challenges = {n: identity.new_challenge() for n in node_ids}
-    msgs = [
-        Message(
-            RecordDict(
-                {
-                    "hello": ConfigRecord(
-                        {"kit_root": kit_root, "challenge": challenges[n][1], "edgetune": code_version()}
-                    )
-                }
-            ),
-            dst_node_id=n,
-            message_type=HELLO,
-            group_id="hello",
-        )
-        for n in node_ids
-    ]
+    msgs = [_hello(n, {"kit_root": kit_root, "challenge": challenges[n][1]}) for n in node_ids]
     provers: dict[str, list[int]] = {}
-    for reply in send_and_receive(grid, msgs, timeout_s, window):
-        node = reply.metadata.src_node_id
-        if node not in challenges:
-            _log(f"hello answer from node {node}, which was not asked: ignored")
-            continue
-        if reply.has_error():
-            _log(f"node {node} failed hello: {reply.error.reason}")
-            continue
-        try:
-            answer = reply.content["hello"]
-            site, proof = answer["site"], answer.get("proof")
-        except (KeyError, TypeError, AttributeError):
-            _log(f"node {node}: malformed hello answer: left out")
-            refused.add(node)
-            continue
-        if not isinstance(site, str) or site not in registry.sites:
-            _log(f"node {node} claims site {str(site)[:80]!r}, which has no registered key: left out")
-            refused.add(node)
-            continue
-        secret, challenge = challenges[node]
-        if not identity.verify(secret, challenge, registry.sites[site], site, node, proof):
-            _log(f"node {node} claims site {site!r} but cannot prove it with that site's key: left out")
-            refused.add(node)
-            continue
-        provers.setdefault(site, []).append(node)
+    claims: dict[int, str] = {}
+
+    def judge(replies: list[Message], asked: dict[int, tuple[Any, bytes]]) -> None:
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if node not in asked:
+                _log(f"hello answer from node {node}, which was not asked: ignored")
+                continue
+            if reply.has_error():
+                _log(f"node {node} failed hello: {reply.error.reason}")
+                continue
+            try:
+                answer = reply.content["hello"]
+                site, proof = answer["site"], answer.get("proof")
+            except (KeyError, TypeError, AttributeError):
+                _log(f"node {node}: malformed hello answer: left out")
+                refused.add(node)
+                continue
+            if not isinstance(site, str) or site not in registry.sites:
+                _log(f"node {node} claims site {str(site)[:80]!r}, which has no registered key: left out")
+                refused.add(node)
+                continue
+            if proof is None and kits is not None and node not in claims:
+                claims[node] = site  # portable: hand it the kit of the site it claims, then check its proof
+                continue
+            secret, challenge = asked[node]
+            if not identity.verify(secret, challenge, registry.sites[site], site, node, proof):
+                _log(f"node {node} claims site {site!r} but cannot prove it with that site's key: left out")
+                refused.add(node)
+                continue
+            provers.setdefault(site, []).append(node)
+
+    judge(send_and_receive(grid, msgs, timeout_s, window), challenges)
+    if claims and kits is not None:
+        second = {n: identity.new_challenge() for n in claims}
+        msgs = [
+            _hello(n, {"challenge": second[n][1], **{f"kit_{k}": v for k, v in kits(claims[n]).items()}})
+            for n in sorted(claims)
+        ]
+        judge(send_and_receive(grid, msgs, timeout_s, window), second)
     node_of: dict[str, int] = {}
     for site, nodes in sorted(provers.items()):
         node_of[site] = min(nodes)
@@ -357,6 +382,11 @@ def run(grid: Grid, context: Context) -> dict[str, Any]:
     run_dir = Path(cfg.run.dir).expanduser().resolve() / new_run_name(cfg)
     node_ids = wait_for_nodes(grid, cfg.run.num_sites, timeout_s=max(60.0, cfg.run.round_timeout_s))
     kit_root = str(keys_dir_for(cfg, run_dir) / "sites")
+    kits = None
+    if cfg.run.portable_sites:  # sites get their kit in the hello exchange, never a path on this disk
+        sites_dir = Path(kit_root)
+        kits = lambda site: portable.pack(sites_dir / site, only=portable.KIT_FILES)  # noqa: E731
+        kit_root = ""
     # Keys must exist before any site looks for its kit: generate (simulation) before hello.
     from edgetune.build import ensure_sim_keys
 
@@ -365,7 +395,7 @@ def run(grid: Grid, context: Context) -> dict[str, Any]:
         ensure_sim_keys(cfg, run_dir, provisional)
     registry = load_registry(keys_dir_for(cfg, run_dir))
     node_of = discover_sites(
-        grid, node_ids, kit_root, registry, timeout_s=cfg.run.round_timeout_s, window=cfg.run.in_flight
+        grid, node_ids, kit_root, registry, timeout_s=cfg.run.round_timeout_s, window=cfg.run.in_flight, kits=kits
     )
     site_ids = sorted(node_of)
     server, tokenizer, evaluate = build_server(cfg, run_dir, site_ids)
@@ -381,6 +411,7 @@ def run(grid: Grid, context: Context) -> dict[str, Any]:
         kit_root=kit_root,
         registry=registry,
         in_flight=cfg.run.in_flight,
+        kits=kits,
     )
     summary = run_federation(cfg, server, transport, recorder, evaluate, tokenizer)
     acked = transport.goodbye()
