@@ -82,7 +82,7 @@ def hello(msg: Message, context: Context) -> Message:
     me = identity(context, kit_root)
     check_version(str(msg.content["hello"].get("edgetune", "")), me["site"])  # the FAB runs this site's edgetune
     if "kit_names" in query:
-        if "site-id" in context.node_config or not portable.enabled(context.run_config):
+        if not _portable(context):
             raise ValueError(f"site {me['site']}: the server sent a key kit; this site keeps its own and refuses it")
         context.state[portable.KIT_KEY] = portable.record(query.get("kit_names"), query.get("kit_files"))
         me["kit"] = str(portable.kit_folder(context, me["site"]))
@@ -109,13 +109,13 @@ def bye(msg: Message, context: Context) -> Message:
 
 def require_local_kit(me: dict[str, Any]) -> None:
     """A simulated site reads its key kit from the server's run folder: refuse clearly when that
-    folder is not on this machine (a simulation spread over a Ray cluster, docs/many-machines.md).
+    folder is not on this machine (a Ray cluster without portable sites, docs/many-machines.md).
     """
     if me["kit"] and not Path(me["kit"]).is_dir():
         raise ValueError(
             f"simulated site {me['site']}: its key kit {me['kit']} (in the server's run folder) is not on this "
-            "machine. Simulation across several machines (a Ray cluster) is not supported: every simulated site "
-            "must see the server's disk. Deploy sites with `edgetune site` instead (docs/many-machines.md)."
+            "machine. On a Ray cluster run `edgetune simulate --ray-address HOST:PORT`, which makes sites portable "
+            "(run.portable_sites: kits and state travel with the run; docs/many-machines.md)."
         )
 
 

@@ -27,7 +27,9 @@ import atexit
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from flwr.app import ConfigRecord, Context
 
@@ -42,10 +44,9 @@ KIT_FILES = ("agreement.key", "server.pub", "site.json")
 _ROOT: list[Path] = []
 
 
-def enabled(run_config: object) -> bool:
-    """Whether the run's config asks for portable simulated sites."""
-    value = run_config.get(RUN_KEY, False) if hasattr(run_config, "get") else False
-    return value is True or str(value).lower() == "true"
+def enabled(run_config: Mapping[str, Any]) -> bool:
+    """Whether the run's config (Flower's ``context.run_config``) asks for portable simulated sites."""
+    return run_config.get(RUN_KEY) is True
 
 
 def local_root() -> Path:

@@ -52,6 +52,12 @@ def _overrides(tmp: Path, algorithm: str) -> list[str]:
     ]
 
 
+def _run(module: str, args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """``python -m module args...`` from the repository root, output captured."""
+    cmd = [sys.executable, "-m", module, *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def _last(run_root: Path) -> dict:
     (metrics,) = run_root.glob("*/metrics.jsonl")
     return json.loads(metrics.read_text().splitlines()[-1])
@@ -64,25 +70,11 @@ def test_sites_on_two_nodes_reach_the_in_process_state(cluster, recipe, tmp_path
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "EDGETUNE_CACHE": str(tmp_path / "server"), "COLUMNS": "160"}
     env.pop("RAY_ADDRESS", None)
     sets = [a for o in _overrides(tmp_path / "ray", algorithm) for a in ("--set", o)]
-    out = subprocess.run(
-        [sys.executable, "-m", "edgetune.cli", "simulate", recipe, "--sites", str(SITES), "--ray-address", address]
-        + sets,
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
+    out = _run("edgetune.cli", ["simulate", recipe, "--sites", str(SITES), "--ray-address", address, *sets], env, 1200)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "sites get their kits and keep their state through the run" in out.stdout
-    ref = subprocess.run(
-        [sys.executable, "-m", "edgetune.inproc", recipe, *_overrides(tmp_path / "inproc", algorithm)]
-        + ["--sites", str(SITES)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    ref = _run(
+        "edgetune.inproc", [recipe, *_overrides(tmp_path / "inproc", algorithm), "--sites", str(SITES)], env, 600
     )
     assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-2000:]
     got, want = _last(tmp_path / "ray" / "runs" / algorithm), _last(tmp_path / "inproc" / "runs" / algorithm)
@@ -97,14 +89,9 @@ def test_sites_on_two_nodes_reach_the_in_process_state(cluster, recipe, tmp_path
 def test_a_cluster_without_portable_sites_is_refused(cluster, tmp_path):
     address, _ = cluster
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "EDGETUNE_CACHE": str(tmp_path / "server")}
-    out = subprocess.run(
-        [sys.executable, "-m", "edgetune.cli", "simulate", "recipes/spsa/tiny-4c.toml", "--sites", "2"]
-        + ["--ray-address", address, "--set", "run.portable_sites=false", "--set", f"run.dir={tmp_path / 'runs'}"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    args = ["simulate", "recipes/spsa/tiny-4c.toml", "--sites", "2", "--ray-address", address]
+    out = _run(
+        "edgetune.cli", [*args, "--set", "run.portable_sites=false", "--set", f"run.dir={tmp_path / 'runs'}"], env, 300
     )
     text = " ".join((out.stdout + out.stderr).split())
     assert out.returncode == 1 and "run.portable_sites" in text and address in text
