@@ -273,10 +273,36 @@ class Job:
     @property
     def key(self) -> str:
         """Fingerprint of the resolved configuration: runs with equal keys are the same run."""
-        from edgetune.config import flatten, from_run_config, load_recipe
+        return config_key(self.recipe, self.overrides)
 
-        flat = flatten(from_run_config({**load_recipe(self.recipe), **self.overrides}))
-        return hashlib.sha256(json.dumps(sorted(flat.items()), default=str).encode()).hexdigest()[:12]
+    @property
+    def command(self) -> str:
+        """The command line as stored in the run's row (``row_key`` reads it back)."""
+        words = [str(self.recipe.relative_to(ROOT)), *(f"{k}={_value(v)}" for k, v in self.overrides.items())]
+        return "python -m edgetune.inproc " + " ".join(words) + f" --sites {SITES}"
+
+
+def config_key(recipe: Path, overrides: dict[str, Any]) -> str:
+    """Fingerprint of a recipe plus overrides, as resolved into a ``RunConfig`` (defaults filled in)."""
+    from edgetune.config import flatten, from_run_config, load_recipe
+
+    flat = flatten(from_run_config({**load_recipe(recipe), **overrides}))
+    return hashlib.sha256(json.dumps(sorted(flat.items()), default=str).encode()).hexdigest()[:12]
+
+
+def row_key(row: dict[str, Any]) -> str | None:
+    """The configuration fingerprint of a stored run row, read back from its command line; None when
+    the row has no parseable command (or its recipe is gone)."""
+    from edgetune.config.recipes import parse_override
+
+    words = str(row.get("command", "")).split()
+    if words[:3] != ["python", "-m", "edgetune.inproc"] or len(words) < 4 or "--sites" not in words:
+        return None
+    try:
+        over = dict(parse_override(w) for w in words[4 : words.index("--sites")])
+        return config_key(ROOT / words[3], over)
+    except (ValueError, OSError):
+        return None
 
 
 def jobs_for(
@@ -511,9 +537,7 @@ def run_job(job: Job, runs_dir: Path, *, timeout_s: float, threads: int, keep: b
         "wall_s": record["wall_s"],
         "recipe": str(job.recipe.relative_to(ROOT)),
         "overrides": dict(job.spec.resolved(job.model)[1].items()),
-        "command": "python -m edgetune.inproc "
-        + " ".join([str(job.recipe.relative_to(ROOT)), *(f"{k}={_value(v)}" for k, v in job.overrides.items())])
-        + f" --sites {SITES}",
+        "command": job.command,
     }
     row["ok"] = record["exit_code"] == 0 and row["rounds_completed"] == job.rounds
     if not row["ok"] and log_path.is_file():
@@ -1250,6 +1274,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return row
 
+        # --append: a run already on record under another name with the same configuration and seed
+        # (the K = 4 kavg run is also dppf's baseline) is read back, not run again
+        stored = {(row_key(r), r["seed"]): r for r in kept if r.get("ok")}
+        for key, j in list(unique.items()):
+            same = stored.get((j.key, j.seed))
+            if same is not None:
+                results[key] = {k: v for k, v in same.items() if k not in ("run", "label", "group")}
+                print(
+                    f"{j.spec.name} seed {j.seed}: same configuration as {same['run']}, not run again", file=sys.stderr
+                )
+                del unique[key]
         with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
             futures = {pool.submit(one, j): key for key, j in unique.items()}
             for fut in concurrent.futures.as_completed(futures):

@@ -5,6 +5,7 @@ Usage (from the repository root)::
     python -m benchmarks.spsa_sweep [--recipe recipes/spsa/smollm2-135m-4c.toml] [--rounds 8]
         [--eval-every 4] [--sites 4] [--factors lr,num_probes,seed_pool,eps,batch_size] [--timeout 3600]
         [--out benchmarks/results/spsa_sweep.json] [--plot benchmarks/results/spsa_sweep.png]
+        [--threads 0] [--append]
 
 Every run is ``python -m edgetune.inproc RECIPE key=value ... --sites N`` in a fresh subprocess (as in
 ``quality_per_byte``), with deterministic secrets, the recipe's data and held-out set, held-out loss and
@@ -29,7 +30,8 @@ the best final accuracy (ties: lower held-out loss) and which the lowest final c
 report is 1.04 points of accuracy on the triage demo, and two runs that differ only in their probe
 directions have ended 7 points apart, so differences of a few points are noise. The recipe's comment
 cites the rows it was set from. Factors run in the order given (the most telling first), and the JSON is
-rewritten after every run, so a sweep cut short keeps what it finished. Wall times are comparable only
+rewritten after every run, so a sweep cut short keeps what it finished; ``--append`` reads it back, keeps
+the finished runs of the same recipe, rounds and sites, and runs only the missing ones. Wall times are comparable only
 within one invocation on a quiet machine; the JSON records the load average.
 """
 
@@ -87,6 +89,28 @@ def run_key(flat: dict[str, Any], overrides: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in overrides.items() if flat.get(k) != v}, sort_keys=True)
 
 
+def previous_runs(out: Path, flat: dict[str, Any], recipe: Path, rounds: int, sites: int) -> dict[str, dict[str, Any]]:
+    """``--append``: the finished runs in ``out`` by ``run_key``, only those of the same recipe, rounds and
+    sites (anything else would not be comparable); a file that is not a sweep's result list is an error."""
+    if not out.is_file():
+        return {}
+    try:
+        rows = json.loads(out.read_text())
+        if not isinstance(rows, list) or not all(isinstance(r, dict) and "overrides" in r for r in rows):
+            raise ValueError("expected a JSON list of sweep rows")
+    except ValueError as err:
+        raise SystemExit(f"--append: {out} is not a spsa_sweep results file ({err})") from err
+    same = [
+        r
+        for r in rows
+        if r.get("ok")
+        and r.get("rounds") == rounds
+        and r.get("sites") == sites
+        and Path(str(r.get("recipe", ""))).resolve() == recipe.resolve()
+    ]
+    return {run_key(flat, r["overrides"]): r for r in same}
+
+
 def run_one(
     recipe: Path,
     label: str,
@@ -97,6 +121,7 @@ def run_one(
     runs_dir: Path,
     timeout_s: float,
     eval_every: int = 1,
+    threads: int = 0,
 ) -> dict[str, Any]:
     name = f"sweep-{uuid.uuid4().hex[:8]}"
     fixed = {
@@ -113,6 +138,8 @@ def run_one(
     cmd = [sys.executable, "-m", "edgetune.inproc", str(recipe), *sets, "--sites", str(sites)]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     t0, load0 = time.time(), os.getloadavg()[0]
     log_path = runs_dir / f"{name}.log"
     with open(log_path, "w") as log:
@@ -237,6 +264,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--keep-runs", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--plot", type=Path, default=DEFAULT_PLOT)
+    parser.add_argument("--threads", type=int, default=0, help="OMP/MKL threads per run (0: torch's default)")
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="keep --out's finished runs of the same recipe, rounds and sites; run only what is missing",
+    )
     args = parser.parse_args(argv)
     from edgetune.config import load_recipe
 
@@ -246,10 +279,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="edgetune-sweep-") as tmp:
         runs_dir = (args.keep_runs or Path(tmp)).resolve()
         runs_dir.mkdir(parents=True, exist_ok=True)
-        done: dict[str, dict[str, Any]] = {}
-        for factor in factors:
+        done = previous_runs(args.out, flat, args.recipe, args.rounds, args.sites) if args.append else {}
+        # --append keeps the earlier factors' finished runs in the table and the plot, without running theirs
+        earlier = [f for f in dict.fromkeys(r["factor"] for r in done.values()) if f not in factors]
+        for factor in earlier + factors:
             for label, overrides in variations(flat, factor):
                 key = run_key(flat, overrides)
+                if factor in earlier and key not in done:
+                    continue
                 row = (
                     dict(done[key])
                     if key in done
@@ -262,6 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         runs_dir=runs_dir,
                         timeout_s=args.timeout,
                         eval_every=args.eval_every,
+                        threads=args.threads,
                     )
                 )
                 done[key] = row

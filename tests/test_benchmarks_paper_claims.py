@@ -304,3 +304,34 @@ def test_append_keeps_earlier_runs_replaces_rerun_ones_and_rejudges_the_claims(t
     out.write_text('{"not": "a list"}')
     with pytest.raises(SystemExit, match="not a paper_claims results file"):
         pc.main([*args, "--groups", "deft", "--runs", "deft"])
+
+
+def test_append_reads_back_a_run_of_the_same_configuration_under_another_name(tmp_path, monkeypatch):
+    """The K = 4 kavg run is also the dppf group's baseline: once on record (with its command line), a
+    later --append call that needs the same configuration reads it back instead of running it again;
+    a run whose command differs in any resolved setting (K = 16) still runs."""
+    out, png = tmp_path / "claims.json", tmp_path / "claims.png"
+    k4 = pc.jobs_for("smollm2", [0], ["kavg"], only=["kavg-K4"])[0]
+    baseline = pc.jobs_for("smollm2", [0], ["dppf"], only=["kavg"])[0]
+    assert baseline.key == k4.key and baseline.command != k4.command  # same run, spelled differently
+    stored = {**_file_row("kavg", [5.0, 4.0, 3.9, 3.85]), "seed": 0, "command": baseline.command}
+    out.write_text(json.dumps([stored]))
+    assert pc.row_key(stored) == k4.key
+    assert pc.row_key({**stored, "command": baseline.command.replace("run.seed=0", "run.seed=1")}) != k4.key
+    assert pc.row_key({**stored, "command": "python -m edgetune.inproc gone.toml --sites 4"}) is None
+    assert pc.row_key({"command": "something else"}) is None
+    started = []
+
+    def fake_run(job, runs_dir, **kwargs):
+        started.append(job.spec.name)
+        return {**_file_row(job.spec.name, [5.0, 4.2, 4.1, 4.0]), "seed": 0, "command": job.command}
+
+    monkeypatch.setattr(pc, "run_job", fake_run)
+    monkeypatch.setattr(pc, "plot", lambda rows, path: None)
+    args = ["--model", "smollm2", "--out", str(out), "--plot", str(png), "--append", "--groups", "kavg"]
+    assert pc.main([*args, "--runs", "kavg-K4,kavg-K16"]) == 0
+    assert started == ["kavg-K16"]
+    runs = {r["run"]: r for r in json.loads(out.read_text()) if r["kind"] == "run"}
+    assert sorted(runs) == ["kavg", "kavg-K16", "kavg-K4"]
+    assert runs["kavg-K4"]["heldout_loss_last"] == 3.85 and runs["kavg-K4"]["group"] == "kavg"
+    assert runs["kavg-K4"]["command"] == baseline.command  # what actually ran, not a command never run

@@ -92,3 +92,42 @@ def test_run_one_reads_the_runs_metrics_and_asks_for_the_evaluation_cadence(tmp_
     assert row["ok"] and row["accuracy_last"] == 0.31 and row["choice_loss_last"] == 2.2
     assert row["choice_loss_first"] == 3.9 and row["uplink_bytes_per_site_round"] == 104.0
     assert [p["round"] for p in row["curve"]] == [0, 2]  # rounds without an evaluation are not curve points
+
+
+def test_append_keeps_finished_comparable_runs_and_runs_only_the_missing_ones(tmp_path, monkeypatch):
+    """--append: a sweep cut short goes on where it stopped. Finished runs of the same recipe, rounds
+    and sites are read back (an earlier factor stays in the table without running its missing values);
+    a run of other rounds, a failed run, and the new factor's missing values run; a file that is not a
+    sweep's is refused."""
+    out, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    flat = load_recipe(RECIPE)
+
+    def stored(factor, label, overrides, **extra):
+        return {**_row(factor, label, 0.3, 1.5, 2.0), "overrides": overrides, "rounds": 2, "sites": 4,
+                "recipe": str(RECIPE), "accuracy_first": 0.25, **extra}  # fmt: skip
+
+    x = flat["spsa.lr"]
+    out.write_text(json.dumps([
+        stored("lr", "lr=x/4", {"spsa.lr": x * 0.25}),
+        stored("lr", "lr=x", {"spsa.lr": x}),
+        stored("lr", "lr=2x", {"spsa.lr": x * 2.0}, rounds=3),  # another length: not comparable
+        stored("eps", "eps=2^-9", {"spsa.eps": 2.0**-9}, ok=False),  # failed: runs again
+    ]))  # fmt: skip
+    started = []
+
+    def fake_run_one(recipe, label, overrides, **kwargs):
+        started.append(label)
+        return {**stored("?", label, overrides), "ok": True, "curve": []}
+
+    monkeypatch.setattr(spsa_sweep, "run_one", fake_run_one)
+    args = ["--rounds", "2", "--sites", "4", "--out", str(out), "--plot", str(png), "--append"]
+    assert spsa_sweep.main([*args, "--factors", "eps"]) == 0
+    assert started == ["eps=2^-9", "eps=2^-5"]  # the recipe's eps is the finished lr=x run
+    rows = json.loads(out.read_text())
+    assert [(r["factor"], r["label"]) for r in rows] == [
+        ("lr", "lr=0.15"), ("lr", "lr=0.6"), ("eps", "eps=2^-9"), ("eps", "eps=2^-7"), ("eps", "eps=2^-5")
+    ]  # fmt: skip
+    assert png.is_file()
+    out.write_text('{"not": "a list"}')
+    with pytest.raises(SystemExit, match="not a spsa_sweep results file"):
+        spsa_sweep.main([*args, "--factors", "eps"])
