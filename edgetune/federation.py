@@ -178,6 +178,12 @@ def run_round(
                 break
         if committed:
             return metrics, failures, attempt
+    connected = len(transport.sites())
+    if connected < cfg.run.min_sites:
+        raise RoundFailed(
+            f"round {round_idx} cannot reach quorum: {connected} sites are connected, fewer than run.min_sites = "
+            f"{cfg.run.min_sites}; start more sites or lower run.min_sites"
+        )
     detail = "; ".join(f"{s}: {r}" for s, r in sorted(failures.items())) or "no site answered"
     raise RoundFailed(
         f"round {round_idx} did not reach quorum ({cfg.run.min_sites} sites) in {MAX_ROUND_ATTEMPTS} attempts: {detail}"

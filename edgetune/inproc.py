@@ -77,6 +77,11 @@ def build(
     # trained (Flower starts fresh processes per run; in-process runs must behave the same).
     from edgetune.models.load import clear_cache
 
+    if cfg.run.min_sites > num_sites:
+        raise ValueError(
+            f"run.min_sites = {cfg.run.min_sites} is more than the {num_sites} sites simulated here: no round could "
+            f"reach its quorum; set run.min_sites to {num_sites} or fewer, or simulate more sites"
+        )
     clear_cache()
     for spec in ALGORITHMS.values():
         spec.forget_process_state()

@@ -279,6 +279,7 @@ def test_spsa_eps_powers_of_two_accepted(eps: float):
         ({"num_rounds": 0}, "num_rounds must be >= 1"),
         ({"algorithm": "kavg2"}, "algorithm must be one of spsa"),
         ({"run.min_sites": 0}, "run.min_sites must be >= 1"),
+        ({"run.num_sites": 3, "run.min_sites": 4}, "run.min_sites = 4 is more than run.num_sites = 3"),
         ({"run.name": "a/b"}, "run.name must be a plain folder name"),
         ({"run.name": ".."}, "run.name must be a plain folder name"),
         ({"model.dtype": "int4"}, "model.dtype must be"),

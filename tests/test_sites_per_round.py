@@ -11,7 +11,7 @@ from conftest import tiny_flat
 
 from edgetune import config as cfgmod
 from edgetune import inproc
-from edgetune.federation import run_round, sample_sites
+from edgetune.federation import RoundFailed, run_round, sample_sites
 
 SITES = [f"site-{i}" for i in range(16)]
 
@@ -70,3 +70,18 @@ def test_federation_asks_only_the_sampled_sites(tmp_path):
         metrics, rejected, _ = run_round(cfg, server, transport, recorder, r)
         assert not rejected and metrics["num_accepted"] == 2
         assert asked[-1] == sorted(sample_sites(cfg, r, transport.sites()))
+
+
+def test_a_quorum_larger_than_the_sites_is_refused_with_the_numbers(tmp_path):
+    """run.min_sites above the sites there are can never commit: the config (num_sites), an in-process
+    run (its site count) and a round whose connected sites fell below the quorum each say so, with
+    the two numbers, instead of "no site answered" after three attempts."""
+    with pytest.raises(ValueError, match="run.min_sites = 3 is more than run.num_sites = 2"):
+        _cfg(**{"run.num_sites": 2, "run.min_sites": 3})
+    cfg = _cfg(**{"run.min_sites": 3, "num_rounds": 1})
+    with pytest.raises(ValueError, match="run.min_sites = 3 is more than the 2 sites simulated here"):
+        inproc.build(cfg, 2, run_dir=tmp_path / "a")
+    server, transport, recorder, *_ = inproc.build(cfg, 3, run_dir=tmp_path / "b")
+    transport.clients.pop(next(iter(transport.clients)))  # a site left before the round
+    with pytest.raises(RoundFailed, match="2 sites are connected, fewer than run.min_sites = 3"):
+        run_round(cfg, server, transport, recorder, 1)

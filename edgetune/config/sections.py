@@ -66,6 +66,11 @@ class RunSection:
             raise ValueError(f"run.num_sites must be >= 0, got {self.num_sites}")
         if self.min_sites < 1:
             raise ValueError(f"run.min_sites must be >= 1, got {self.min_sites}")
+        if self.num_sites and self.min_sites > self.num_sites:
+            raise ValueError(
+                f"run.min_sites = {self.min_sites} is more than run.num_sites = {self.num_sites}: no round could "
+                f"reach its quorum; set run.min_sites to {self.num_sites} or fewer"
+            )
         if self.round_timeout_s <= 0:
             raise ValueError(f"run.round_timeout_s must be > 0, got {self.round_timeout_s}")
         if self.quorum_grace_s < 0:

@@ -89,7 +89,7 @@ def test_sites_on_two_nodes_reach_the_in_process_state(cluster, recipe, tmp_path
 def test_a_cluster_without_portable_sites_is_refused(cluster, tmp_path):
     address, _ = cluster
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "EDGETUNE_CACHE": str(tmp_path / "server")}
-    args = ["simulate", "recipes/spsa/tiny-4c.toml", "--sites", "2", "--ray-address", address]
+    args = ["simulate", "recipes/spsa/tiny-4c.toml", "--sites", "3", "--ray-address", address]
     out = _run(
         "edgetune.cli", [*args, "--set", "run.portable_sites=false", "--set", f"run.dir={tmp_path / 'runs'}"], env, 300
     )
