@@ -115,10 +115,18 @@ def print_summary(run_dir: Path) -> None:
     if not path.exists():
         return
     s = json.loads(path.read_text())
+
+    def change(key: str, label: str, fmt: str) -> str:
+        first, last = s.get(f"{key}_first"), s.get(f"{key}_last")
+        if first is None or last is None:  # not evaluated in this run (eval.every_rounds = 0, no candidates)
+            return ""
+        return f"[bold]{label}[/] {first:{fmt}} → {last:{fmt}}   "
+
     console.print(
-        f"[bold]held-out loss[/] {s['heldout_loss_first']:.4f} → {s['heldout_loss_last']:.4f}   "
-        f"[bold]accuracy[/] {s['accuracy_first']:.3f} → {s['accuracy_last']:.3f}   "
-        f"[bold]uplink[/] {s['uplink_bytes_total']:,} B   [bold]downlink[/] {s['downlink_bytes_total']:,} B   "
+        change("heldout_loss", "held-out loss", ".4f")
+        + change("choice_loss", "choice loss", ".4f")
+        + change("accuracy", "accuracy", ".3f")
+        + f"[bold]uplink[/] {s['uplink_bytes_total']:,} B   [bold]downlink[/] {s['downlink_bytes_total']:,} B   "
         f"{s['wall_s']:.0f} s"
     )
     console.print(f"run folder: {run_dir}   checkpoint: {s.get('checkpoint')}")

@@ -105,6 +105,7 @@ class RunRecorder:
         """Write ``summary.json`` and the plot; return the summary."""
         evals = [r for r in self.rows if r.get("heldout_loss") is not None]
         accs = [r for r in self.rows if r.get("accuracy") is not None]
+        choices = [r for r in self.rows if r.get("choice_loss") is not None]
         train_rows = [r for r in self.rows if r["round"] > 0]
         summary: dict[str, Any] = {
             "algorithm": self.cfg.algorithm,
@@ -114,6 +115,8 @@ class RunRecorder:
             "heldout_loss_last": evals[-1]["heldout_loss"] if evals else None,
             "accuracy_first": accs[0]["accuracy"] if accs else None,
             "accuracy_last": accs[-1]["accuracy"] if accs else None,
+            "choice_loss_first": choices[0]["choice_loss"] if choices else None,
+            "choice_loss_last": choices[-1]["choice_loss"] if choices else None,
             "uplink_bytes_total": sum(r["uplink_bytes"] for r in train_rows),
             "downlink_bytes_total": sum(r["downlink_bytes"] for r in train_rows),
             "wall_s": round(time.time() - self.t_start, 1),

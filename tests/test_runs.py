@@ -70,3 +70,30 @@ def test_finish_draws_the_plot_and_writes_no_error(tmp_path, monkeypatch):
         "uplink + downlink": ([1, 592, 1776], [5.0, 4.5, 4.2]),
     }
     assert ax.get_xscale() == "log"
+
+
+def test_the_closing_summary_prints_what_was_measured_and_skips_what_was_not(tmp_path, capsys):
+    """The line `edgetune simulate` ends with: held-out loss, choice loss (graded, moves before accuracy)
+    and accuracy from first to last evaluated round; a metric the run never evaluated (no accuracy rounds,
+    no candidate answers) is left out instead of failing the command after a finished run."""
+    from edgetune.live import print_summary
+
+    rec = runs.RunRecorder(cfgmod.RunConfig(), tmp_path / "a")
+    rec.rows = [
+        {**_row(0, 2.63), "accuracy": 0.25, "choice_loss": 3.92},
+        _row(1, 2.0),
+        {**_row(2, 1.48), "accuracy": 0.26, "choice_loss": 1.88},
+    ]
+    summary = rec.finish({})
+    assert (summary["choice_loss_first"], summary["choice_loss_last"]) == (3.92, 1.88)
+    print_summary(tmp_path / "a")
+    out = " ".join(capsys.readouterr().out.split())
+    assert "held-out loss 2.6300 → 1.4800" in out and "choice loss 3.9200 → 1.8800" in out
+    assert "accuracy 0.250 → 0.260" in out and "uplink 184 B" in out
+
+    rec = runs.RunRecorder(cfgmod.RunConfig(), tmp_path / "b")
+    rec.rows = [_row(0, 5.0), _row(1, 4.5)]  # no accuracy, no choice loss
+    assert rec.finish({})["accuracy_first"] is None
+    print_summary(tmp_path / "b")
+    out = " ".join(capsys.readouterr().out.split())
+    assert "held-out loss 5.0000 → 4.5000" in out and "accuracy" not in out and "choice loss" not in out
