@@ -208,6 +208,8 @@ def new_project(
             flat.update({"data.source": "file", "data.path": data})
         if sites:
             flat["run.num_sites"] = sites
+            # the sites asked for are the federation: a larger quorum from the recipe could never commit
+            flat["run.min_sites"] = min(int(flat.get("run.min_sites", 1)), sites)
     else:
         flat = new_recipe(algorithm=algorithm or "spsa", model=model or "smollm2", data=data or "", sites=sites or 2)
         purpose = f"{flat['algorithm']} on {flat['model.path']}, {'your data' if data else 'the demo data'}."

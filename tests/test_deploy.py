@@ -183,7 +183,7 @@ def test_a_simulation_attaches_to_a_ray_cluster_only_with_portable_sites(tmp_pat
         simulate.with_cluster({"run.portable_sites": False}, "10.0.0.7:6379")
     result = CliRunner().invoke(
         cli.app,
-        ["simulate", RECIPE, "--sites", "2", "--set", f"run.dir={tmp_path}/runs", "--set", "run.portable_sites=false"],
+        ["simulate", RECIPE, "--sites", "3", "--set", f"run.dir={tmp_path}/runs", "--set", "run.portable_sites=false"],
     )
     output = " ".join(result.output.split())
     assert result.exit_code == 1 and "run.portable_sites" in output and "10.0.0.7:6379" in output

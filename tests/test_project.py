@@ -49,6 +49,7 @@ def test_new_project_from_a_shipped_recipe_and_refusals(tmp_path):
     folder = project.new_project(tmp_path / "a", from_recipe="spsa/tiny-4c", sites=2)
     recipe = cfgmod.load_recipe(folder / "recipe.toml")
     assert recipe["spsa.lr"] == 0.001 and recipe["run.num_sites"] == 2
+    assert recipe["run.min_sites"] == 2  # the recipe's quorum of 3 lowered to the 2 sites asked for
     with pytest.raises(ValueError, match="not empty"):
         project.new_project(folder)
     with pytest.raises(ValueError, match=r"no recipe 'spsa/huge'.*spsa/tiny-4c"):

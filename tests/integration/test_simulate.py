@@ -125,6 +125,8 @@ def test_failed_app_makes_simulate_exit_nonzero(tmp_path):
             f"run.dir={tmp_path / 'runs'}",
             "--set",
             f"crypto.keys_dir={tmp_path / 'missing'}",
+            "--set",
+            "run.min_sites=2",
         ],
         cwd=ROOT,
         env=_env(tmp_path),
