@@ -62,6 +62,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks import results_list
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 DEFAULT_OUT = {
@@ -1144,12 +1146,7 @@ def previous_results(
     """
     if not out.exists():
         return [], []
-    try:
-        entries = json.loads(out.read_text())
-        if not isinstance(entries, list) or not all(isinstance(e, dict) and "kind" in e for e in entries):
-            raise ValueError("expected a JSON list of rows with a 'kind'")
-    except ValueError as err:
-        raise SystemExit(f"--append: {out} is not a paper_claims results file ({err})") from err
+    entries = results_list(out, "paper_claims", "kind")
     metas = [e for e in entries if e["kind"] == "meta"]
     runs = [e for e in entries if e["kind"] == "run"]
     models = {e.get("model") for e in metas + runs} - {model}

@@ -49,6 +49,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks import results_list
 from benchmarks.quality_per_byte import _value  # one TOML-literal spelling for key=value overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,12 +95,7 @@ def previous_runs(out: Path, flat: dict[str, Any], recipe: Path, rounds: int, si
     sites (anything else would not be comparable); a file that is not a sweep's result list is an error."""
     if not out.is_file():
         return {}
-    try:
-        rows = json.loads(out.read_text())
-        if not isinstance(rows, list) or not all(isinstance(r, dict) and "overrides" in r for r in rows):
-            raise ValueError("expected a JSON list of sweep rows")
-    except ValueError as err:
-        raise SystemExit(f"--append: {out} is not a spsa_sweep results file ({err})") from err
+    rows = results_list(out, "spsa_sweep", "overrides")
     same = [
         r
         for r in rows
