@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
+
+CODE_PATHS = ("edgetune", "benchmarks", "recipes")
+"""What a benchmark's numbers depend on: a change there makes earlier results of other code."""
 
 
 def results_list(out: Path, benchmark: str, field: str) -> list[dict[str, Any]]:
@@ -17,3 +21,24 @@ def results_list(out: Path, benchmark: str, field: str) -> list[dict[str, Any]]:
     except ValueError as err:
         raise SystemExit(f"--append: {out} is not a {benchmark} results file ({err})") from err
     return rows
+
+
+def code_version(root: Path) -> str | None:
+    """The commit the code under ``root`` is at (12 hex digits), ``+dirty`` when ``CODE_PATHS`` have
+    uncommitted changes; None outside a git checkout (an installed copy). Results record it so a run
+    kept by ``--append`` can be told apart from one of today's code."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=30
+        )
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")

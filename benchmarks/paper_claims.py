@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks import results_list
+from benchmarks import code_version, results_list
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -473,12 +473,15 @@ def probe_checkpoint(run_dir: Path, env: dict[str, str], timeout_s: float, log_p
     }
 
 
-def run_job(job: Job, runs_dir: Path, *, timeout_s: float, threads: int, keep: bool) -> dict[str, Any]:
+def run_job(
+    job: Job, runs_dir: Path, *, timeout_s: float, threads: int, keep: bool, version: str | None = None
+) -> dict[str, Any]:
     """Run (or resume, or reuse) one job in a fresh subprocess; returns its row.
 
     A finished run leaves ``bench-run.json`` (exit status, wall time, the IMV probe) in its folder; with a
     kept ``runs_dir`` a later invocation rebuilds the row from it and ``metrics.jsonl`` without running
-    anything, and an interrupted run resumes from its last committed round.
+    anything, and an interrupted run resumes from its last committed round. ``version`` (the invocation's
+    ``benchmarks.code_version``) is recorded with a run it finishes; a reused run keeps the version it had.
     """
     name = f"pc-{job.spec.name}-{job.model}-s{job.seed}-{job.key}"
     run_dir = runs_dir / name
@@ -515,6 +518,7 @@ def run_job(job: Job, runs_dir: Path, *, timeout_s: float, threads: int, keep: b
         finished = code == 0 and done == job.rounds
         probe = probe_checkpoint(run_dir, env, timeout_s, log_path) if finished else {}
         record = {"exit_code": code, "timed_out": timed_out, "resumed": resumed, "wall_s": round(time.time() - t0, 1)}
+        record["code"] = version  # the invocation's code version (benchmarks.code_version)
         record["probe"] = probe
         if finished:
             record_path.write_text(json.dumps(record) + "\n")
@@ -540,6 +544,7 @@ def run_job(job: Job, runs_dir: Path, *, timeout_s: float, threads: int, keep: b
         "recipe": str(job.recipe.relative_to(ROOT)),
         "overrides": dict(job.spec.resolved(job.model)[1].items()),
         "command": job.command,
+        "code": record.get("code"),
     }
     row["ok"] = record["exit_code"] == 0 and row["rounds_completed"] == job.rounds
     if not row["ok"] and log_path.is_file():
@@ -982,6 +987,25 @@ def _fluctuation(r: Runs, name: str) -> float | None:
 # --------------------------------------------------------------------------------------------
 
 
+def other_code(runs: Sequence[dict[str, Any]], code: str | None) -> list[str]:
+    """Names of the finished ``runs`` not trained on ``code`` (another commit, or none on record)."""
+    return [r["run"] for r in runs if r.get("ok") and (code is None or r.get("code") != code)]
+
+
+def other_code_lines(runs: Sequence[dict[str, Any]], code: str | None) -> list[str]:
+    """The report's warning when a results file mixes runs of several code versions (``--append``)."""
+    if code is None and not any(r.get("code") for r in runs):
+        return ["The code version these runs were trained on was not recorded (results from before 2026-12-03)."]
+    names = other_code(runs, code)
+    if not names:
+        return []
+    return [
+        f"**Runs not trained on this file's code ({code or 'unknown'}), so possibly not comparable:** "
+        + ", ".join(names)
+        + "."
+    ]
+
+
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The verdicts and the runs of a results file as Markdown tables (``--report FILE``; docs/paper_claims.md)."""
     claims = [r for r in rows if r.get("kind") == "claim"]
@@ -997,6 +1021,7 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
             f"wall time {(e.get('wall_s_total') or 0) / 60:.0f} min" + (f"; {e['note']}" if e.get("note") else "") + "."
             for e in meta.get("earlier", [])
         ),
+        *other_code_lines(runs, meta.get("code")),
         "",
         "| claim | verdict | evidence |",
         "|---|---|---|",
@@ -1132,6 +1157,7 @@ def machine() -> dict[str, Any]:
         "torch_version": torch.__version__,
         "python": platform.python_version(),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "code": code_version(ROOT),
     }
 
 
@@ -1217,6 +1243,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     t0 = time.time()
     info = machine()
+    for line in other_code_lines(kept, info["code"]):
+        print(
+            f"--append keeps earlier runs: {line.replace('**', '')} Re-run them for results of one code version.",
+            file=sys.stderr,
+        )
     command = "python -m benchmarks.paper_claims " + " ".join(sys.argv[1:] if argv is None else argv)
     results: dict[tuple[str, int], dict[str, Any]] = {}
 
@@ -1261,7 +1292,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 row = skipped_row(job, f"was not started within the time available here ({args.budget_h:g} h)")
             else:
                 row = run_job(
-                    job, runs_dir, timeout_s=args.timeout, threads=args.threads, keep=args.runs_dir is not None
+                    job,
+                    runs_dir,
+                    timeout_s=args.timeout,
+                    threads=args.threads,
+                    keep=args.runs_dir is not None,
+                    version=info["code"],
                 )
             print(
                 f"{job.spec.name} seed {job.seed}: ok={row['ok']} loss {_f(row['heldout_loss_first'])} -> "

@@ -4,9 +4,12 @@ measurable here" for a run that did not finish) and the sharing of identical con
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 
 import pytest
 
+from benchmarks import code_version
 from benchmarks import paper_claims as pc
 
 
@@ -208,9 +211,11 @@ def test_a_run_trained_to_the_end_but_stopped_before_its_probe_is_probed_not_res
     monkeypatch.setattr(pc.subprocess, "run", no_training)
     monkeypatch.setattr(pc, "cleanup", lambda *a, **k: None)
     monkeypatch.setattr(pc, "probe_checkpoint", lambda d, *a, **k: probes.append(d) or {"imv_last": 2.5})
-    row = pc.run_job(job, tmp_path, timeout_s=60, threads=1, keep=True)
+    row = pc.run_job(job, tmp_path, timeout_s=60, threads=1, keep=True, version="abc123")
 
     assert probes == [run_dir]
+    assert row["code"] == "abc123"  # the code version the row was finished under, kept in bench-run.json
+    assert pc.run_job(job, tmp_path, timeout_s=60, threads=1, keep=True, version="other")["code"] == "abc123"
     assert row["ok"] and row["rounds_completed"] == job.rounds and row["exit_code"] == 0
     assert row["imv_last"] == 2.5 and row["uplink_bytes_total"] == 10 * job.rounds
     assert row["wall_s"] >= 123.0
@@ -335,3 +340,35 @@ def test_append_reads_back_a_run_of_the_same_configuration_under_another_name(tm
     assert sorted(runs) == ["kavg", "kavg-K16", "kavg-K4"]
     assert runs["kavg-K4"]["heldout_loss_last"] == 3.85 and runs["kavg-K4"]["group"] == "kavg"
     assert runs["kavg-K4"]["command"] == baseline.command  # what actually ran, not a command never run
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_code_version_names_the_commit_and_marks_uncommitted_code_changes(tmp_path):
+    assert code_version(tmp_path) is None  # not a checkout: nothing to name
+    (tmp_path / "edgetune").mkdir()
+    (tmp_path / "edgetune" / "a.py").write_text("x = 1\n")
+    (tmp_path / "README.md").write_text("readme\n")
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True)
+    sha = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert code_version(tmp_path) == sha
+    (tmp_path / "README.md").write_text("docs only\n")  # outside the code paths
+    (tmp_path / "edgetune" / "new.py").write_text("y = 2\n")  # untracked
+    assert code_version(tmp_path) == sha
+    (tmp_path / "edgetune" / "a.py").write_text("x = 2\n")
+    assert code_version(tmp_path) == sha + "+dirty"
+
+
+def test_the_report_names_runs_trained_on_other_code():
+    def rows(codes, meta_code):
+        extra = {"kind": "run", "rounds": 1, "heldout_loss_best": 4.0, "best_round": 1, "wall_s": 1.0}
+        runs = [{**_run(f"r{i}", [5.0, 4.0]), **extra, "code": c} for i, c in enumerate(codes)]
+        return [*runs, {"kind": "meta", "command": "x", "code": meta_code}]
+
+    assert "not trained on this file's code" not in pc.markdown(rows(["aaa", "aaa"], "aaa"))
+    report = pc.markdown(rows(["aaa", "bbb", None], "aaa"))
+    line = next(x for x in report.splitlines() if "not trained on this file's code (aaa)" in x)
+    assert "r1" in line and "r2" in line and "r0" not in line
+    assert "was not recorded" in pc.markdown(rows([None, None], None))
