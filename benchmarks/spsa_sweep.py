@@ -32,7 +32,8 @@ directions have ended 7 points apart, so differences of a few points are noise. 
 cites the rows it was set from. Factors run in the order given (the most telling first), and the JSON is
 rewritten after every run, so a sweep cut short keeps what it finished; ``--append`` reads it back, keeps
 the finished runs of the same recipe, rounds and sites, and runs only the missing ones. Wall times are comparable only
-within one invocation on a quiet machine; the JSON records the load average.
+within one invocation on a quiet machine; the JSON records the load average and, per run, the code version
+(``code``: ``benchmarks.code_version``); ``--append`` says which kept runs came from other code.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import results_list
+from benchmarks import code_version, results_list
 from benchmarks.quality_per_byte import _value  # one TOML-literal spelling for key=value overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +119,9 @@ def run_one(
     timeout_s: float,
     eval_every: int = 1,
     threads: int = 0,
+    version: str | None = None,
 ) -> dict[str, Any]:
+    """One sweep run in a subprocess: its row (``version``, the code it runs, is recorded as ``code``)."""
     name = f"sweep-{uuid.uuid4().hex[:8]}"
     fixed = {
         "num_rounds": rounds,
@@ -173,6 +176,7 @@ def run_one(
         ),
         "wall_s": time.time() - t0,
         "load_avg_1m": [load0, os.getloadavg()[0]],
+        "code": version,
         "curve": [
             {
                 "round": r["round"],
@@ -276,6 +280,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs_dir = (args.keep_runs or Path(tmp)).resolve()
         runs_dir.mkdir(parents=True, exist_ok=True)
         done = previous_runs(args.out, flat, args.recipe, args.rounds, args.sites) if args.append else {}
+        version = code_version(ROOT)
+        other = sorted(r["label"] for r in done.values() if r.get("code") != version)
+        if other:  # kept rows are not re-run: say when they come from other code than this call's
+            print(
+                f"--append keeps {len(other)} runs not trained on this code ({version}): {', '.join(other)}",
+                file=sys.stderr,
+            )
         # --append keeps the earlier factors' finished runs in the table and the plot, without running theirs
         earlier = [f for f in dict.fromkeys(r["factor"] for r in done.values()) if f not in factors]
         for factor in earlier + factors:
@@ -296,6 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         timeout_s=args.timeout,
                         eval_every=args.eval_every,
                         threads=args.threads,
+                        version=version,
                     )
                 )
                 done[key] = row

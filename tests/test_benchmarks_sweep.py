@@ -86,15 +86,17 @@ def test_run_one_reads_the_runs_metrics_and_asks_for_the_evaluation_cadence(tmp_
 
     monkeypatch.setattr(spsa_sweep.subprocess, "run", fake_run)
     row = spsa_sweep.run_one(
-        RECIPE, "lr=0.6", {"spsa.lr": 0.6}, rounds=2, sites=4, runs_dir=tmp_path, timeout_s=10, eval_every=2
-    )
+        RECIPE, "lr=0.6", {"spsa.lr": 0.6}, rounds=2, sites=4, runs_dir=tmp_path, timeout_s=10, eval_every=2,
+        version="abc123",
+    )  # fmt: skip
+    assert row["code"] == "abc123"  # the code version the run was trained on
     assert "eval.every_rounds=2" in seen["cmd"] and "eval.accuracy_every_rounds=2" in seen["cmd"]
     assert row["ok"] and row["accuracy_last"] == 0.31 and row["choice_loss_last"] == 2.2
     assert row["choice_loss_first"] == 3.9 and row["uplink_bytes_per_site_round"] == 104.0
     assert [p["round"] for p in row["curve"]] == [0, 2]  # rounds without an evaluation are not curve points
 
 
-def test_append_keeps_finished_comparable_runs_and_runs_only_the_missing_ones(tmp_path, monkeypatch):
+def test_append_keeps_finished_comparable_runs_and_runs_only_the_missing_ones(tmp_path, monkeypatch, capsys):
     """--append: a sweep cut short goes on where it stopped. Finished runs of the same recipe, rounds
     and sites are read back (an earlier factor stays in the table without running its missing values);
     a run of other rounds, a failed run, and the new factor's missing values run; a file that is not a
@@ -123,6 +125,8 @@ def test_append_keeps_finished_comparable_runs_and_runs_only_the_missing_ones(tm
     args = ["--rounds", "2", "--sites", "4", "--out", str(out), "--plot", str(png), "--append"]
     assert spsa_sweep.main([*args, "--factors", "eps"]) == 0
     assert started == ["eps=2^-9", "eps=2^-5"]  # the recipe's eps is the finished lr=x run
+    # the kept runs carry no code version: the call says they may come from other code
+    assert "--append keeps 2 runs not trained on this code" in capsys.readouterr().err
     rows = json.loads(out.read_text())
     assert [(r["factor"], r["label"]) for r in rows] == [
         ("lr", "lr=0.15"), ("lr", "lr=0.6"), ("eps", "eps=2^-9"), ("eps", "eps=2^-7"), ("eps", "eps=2^-5")
