@@ -172,6 +172,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _relative(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it (results stay readable on another clone)."""
+    full = path.resolve()
+    return str(full.relative_to(ROOT)) if full.is_relative_to(ROOT) else str(full)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.head_space", description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE)
@@ -213,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     rows.append({
-        "kind": "meta", "recipe": str(args.recipe), "label_rows": n_rows, "hidden": int(held[0].shape[1]),
+        "kind": "meta", "recipe": _relative(args.recipe), "label_rows": n_rows, "hidden": int(held[0].shape[1]),
         "train_reports": [len(s[3]) for s in sites], "heldout_reports": len(held[3]),
         "features_s": round(t_features, 1), "wall_s": round(time.time() - t0, 1), "code": code_version(ROOT),
         "command": "python -m benchmarks.head_space " + " ".join(sys.argv[1:] if argv is None else argv),
