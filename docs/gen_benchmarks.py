@@ -138,6 +138,24 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def run_all_steps(benchmarks: Path) -> set[str]:
+    """Names ``benchmarks/run_all.py`` accepts in ``--only``: the first argument of each ``Step(...)`` (read with
+    ``ast``); a script outside them is run only on its own, so the page offers no ``run_all`` line for it.
+    """
+    path = benchmarks / "run_all.py"
+    if not path.is_file():
+        return set()
+    return {
+        node.args[0].value
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call)
+        and getattr(node.func, "id", None) == "Step"
+        and node.args
+        and isinstance(node.args[0], ast.Constant)
+        and isinstance(node.args[0].value, str)
+    }
+
+
 def section(name: str, results: Path, script: Path | None, rel_results: str) -> list[str]:
     """One benchmark's section."""
     lines = [f"## {name}", ""]
@@ -145,7 +163,8 @@ def section(name: str, results: Path, script: Path | None, rel_results: str) -> 
         what = describe(script)
         if what:
             lines += [what, ""]
-        lines += [f"Run: `python -m benchmarks.{name}` (or `python -m benchmarks.run_all --only {name}`).", ""]
+        also = f" (or `python -m benchmarks.run_all --only {name}`)" if name in run_all_steps(script.parent) else ""
+        lines += [f"Run: `python -m benchmarks.{name}`{also}.", ""]
     path = results / f"{name}.json"
     if not path.is_file():
         lines += [f"*Not yet run*: no `{rel_results}/{name}.json`.", ""]

@@ -122,3 +122,16 @@ def test_mkdocs_build_strict_succeeds_offline(tmp_path):
     for page in site.rglob("*.html"):
         fetched = re.findall(r"<(?:script|link|img)\b[^>]*\b(?:src|href)=\"(https?://[^\"]+)", page.read_text())
         assert not fetched, f"{page.relative_to(site)} loads {fetched}"
+
+
+def test_every_run_all_command_the_benchmarks_page_offers_is_a_step_run_all_accepts():
+    """The page said `run_all --only spsa_sweep` (and four more) for scripts run_all does not know: it
+    refuses them. The offered names must be exactly run_all's steps that have a page section."""
+    from benchmarks import run_all
+
+    steps = {s.name for s in run_all.plan(False, "")} | {s.name for s in run_all.OPT_IN}
+    assert _gen().run_all_steps(ROOT / "benchmarks") == steps
+    page = (DOCS / "benchmarks.md").read_text()
+    offered = set(re.findall(r"run_all --only (\w+)", page))
+    assert offered and offered <= steps
+    assert "run_all --only spsa_sweep" not in page and "python -m benchmarks.spsa_sweep" in page
