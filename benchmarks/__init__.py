@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,3 +43,9 @@ def code_version(root: Path) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def other_code(rows: Sequence[dict[str, Any]], code: str | None, name: str) -> list[str]:
+    """The ``name`` field of the finished ``rows`` not trained on ``code`` (another commit, or none on record:
+    an unknown version is never taken for the same one)."""
+    return [r[name] for r in rows if r.get("ok") and (code is None or r.get("code") != code)]

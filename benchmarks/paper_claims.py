@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks import code_version, results_list
+from benchmarks import code_version, other_code, results_list
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -987,16 +987,11 @@ def _fluctuation(r: Runs, name: str) -> float | None:
 # --------------------------------------------------------------------------------------------
 
 
-def other_code(runs: Sequence[dict[str, Any]], code: str | None) -> list[str]:
-    """Names of the finished ``runs`` not trained on ``code`` (another commit, or none on record)."""
-    return [r["run"] for r in runs if r.get("ok") and (code is None or r.get("code") != code)]
-
-
 def other_code_lines(runs: Sequence[dict[str, Any]], code: str | None) -> list[str]:
     """The report's warning when a results file mixes runs of several code versions (``--append``)."""
     if code is None and not any(r.get("code") for r in runs):
         return ["The code version these runs were trained on was not recorded (results from before 2026-12-03)."]
-    names = other_code(runs, code)
+    names = other_code(runs, code, "run")
     if not names:
         return []
     return [

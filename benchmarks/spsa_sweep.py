@@ -50,7 +50,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import code_version, results_list
+from benchmarks import code_version, other_code, results_list
 from benchmarks.quality_per_byte import _value  # one TOML-literal spelling for key=value overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -281,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs_dir.mkdir(parents=True, exist_ok=True)
         done = previous_runs(args.out, flat, args.recipe, args.rounds, args.sites) if args.append else {}
         version = code_version(ROOT)
-        other = sorted(r["label"] for r in done.values() if r.get("code") != version)
+        other = sorted(other_code(list(done.values()), version, "label"))
         if other:  # kept rows are not re-run: say when they come from other code than this call's
             print(
                 f"--append keeps {len(other)} runs not trained on this code ({version}): {', '.join(other)}",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import json
 import math
 import sys
@@ -138,22 +139,25 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def run_all_steps(benchmarks: Path) -> set[str]:
+@functools.cache
+def run_all_steps(benchmarks: Path) -> frozenset[str]:
     """Names ``benchmarks/run_all.py`` accepts in ``--only``: the first argument of each ``Step(...)`` (read with
     ``ast``); a script outside them is run only on its own, so the page offers no ``run_all`` line for it.
     """
     path = benchmarks / "run_all.py"
     if not path.is_file():
-        return set()
-    return {
-        node.args[0].value
-        for node in ast.walk(ast.parse(path.read_text()))
-        if isinstance(node, ast.Call)
-        and getattr(node.func, "id", None) == "Step"
-        and node.args
-        and isinstance(node.args[0], ast.Constant)
-        and isinstance(node.args[0].value, str)
-    }
+        return frozenset()
+    return frozenset(
+        {
+            node.args[0].value
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Call)
+            and getattr(node.func, "id", None) == "Step"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        }
+    )
 
 
 def section(name: str, results: Path, script: Path | None, rel_results: str) -> list[str]:
