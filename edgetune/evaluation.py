@@ -49,6 +49,8 @@ def load_checkpoint(checkpoint: Path, cfg: cfgmod.RunConfig) -> tuple[Any, Any]:
 
     device = resolve_device(cfg.model.device)
     model: Any
+    if cfg.model.trainable.strip() == "label-head":
+        return _load_label_head_checkpoint(checkpoint, cfg)
     if (checkpoint / "adapter_config.json").is_file():
         from peft import PeftModel
 
@@ -73,6 +75,38 @@ def load_checkpoint(checkpoint: Path, cfg: cfgmod.RunConfig) -> tuple[Any, Any]:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer
+
+
+def _load_label_head_checkpoint(checkpoint: Path, cfg: cfgmod.RunConfig) -> tuple[Any, Any]:
+    """A label-head run's checkpoint as the label-head model: the base model plus the checkpoint's delta
+    (``label_head.safetensors``), so the state hash covers the delta as the server computed it. The plain
+    output layer saved for ``from_pretrained`` must be exactly that model's merged head, else refused.
+    """
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    from edgetune.models.labelhead import load_label_head, merged_head
+    from edgetune.models.load import load_model
+
+    model, tokenizer = load_model(cfgmod.ModelSection(**{**cfg.model.__dict__, "quantize": "none"}), seed=cfg.run.seed)
+    load_label_head(checkpoint, model)
+    saved = None
+    for path in sorted(checkpoint.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            if "lm_head.weight" in f.keys():
+                saved = f.get_tensor("lm_head.weight")
+    with merged_head(model) as plain, torch.no_grad():
+        merged = plain.get_output_embeddings().weight.detach().cpu()
+        if saved is None or saved.shape != merged.shape or not torch.equal(saved.to(merged.dtype), merged):
+            raise ValueError(
+                f"{checkpoint}: its output layer (lm_head.weight) is not the base model's plus its label_head delta: "
+                "the checkpoint changed after the run, or the base model differs; refusing to evaluate it"
+            )
+    if (checkpoint / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
 
 
 def _check_files(checkpoint: Path) -> None:

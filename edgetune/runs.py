@@ -90,9 +90,13 @@ class RunRecorder:
 
     def checkpoint(self, model: Any, tokenizer: Any, round_idx: int, extra: dict[str, Any]) -> Path:
         """Write ``checkpoints/round-NNNN`` atomically; keep the newest ``run.keep_checkpoints``."""
+        from edgetune.models.labelhead import label_head_of, merged_head, save_label_head  # (imports torch)
 
         def fill(tmp: Path) -> None:
-            model.save_pretrained(tmp, safe_serialization=True)
+            with merged_head(model) as plain:  # a label head is saved as a plain output layer
+                plain.save_pretrained(tmp, safe_serialization=True)
+            if label_head_of(model) is not None:
+                save_label_head(tmp, model)  # and as itself: edgetune eval rebuilds and checks the plain weights
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             info = {"round": round_idx, "algorithm": self.cfg.algorithm, **extra}

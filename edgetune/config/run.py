@@ -116,6 +116,26 @@ class RunConfig:
             )
         if self.algorithm == "lowrank" and self.model.trainable.strip() != "lora":
             raise ValueError("algorithm = 'lowrank' trains LoRA factors: set model.trainable = 'lora'")
+        if self.model.trainable.strip() == "label-head" and not self.model.head_labels:
+            if self.data.source != "triage":
+                raise ValueError(
+                    "model.trainable = 'label-head' needs model.head_labels: your task's labels, comma-separated "
+                    "(and model.head_prefix, the text each answer follows, if your rows have an answer_prefix)"
+                )
+            from edgetune.data import triage
+
+            labels = ",".join(triage.CATEGORIES)
+            model = dataclasses.replace(self.model, head_labels=labels, head_prefix=triage.ANSWER_PREFIX)
+            object.__setattr__(self, "model", model)
+        if (
+            self.model.trainable.strip() == "label-head"
+            and self.algorithm == "spsa"
+            and self.spsa.objective != "choices"
+        ):
+            raise ValueError(
+                "model.trainable = 'label-head' with spsa needs spsa.objective = 'choices': its probes score the "
+                "label tokens from cached features; the answer objective would cost a full forward pass per probe"
+            )
         if self.run.portable_sites and self.crypto.keys_dir:
             raise ValueError(
                 "run.portable_sites hands each simulated site a kit the server generated for the run; with "

@@ -113,7 +113,16 @@ class ModelSection:
     trainable: str = "q_proj,k_proj,v_proj,o_proj"
     """``all``, ``lora`` (LoRA adapters on ``target_modules``; A and B train), ``lora-b`` (LoRA
     adapters, only B trains: A keeps its keyed initialisation, which every replica derives from
-    ``run.seed``, so A is never sent), or comma-separated substrings of parameter names."""
+    ``run.seed``, so A is never sent), ``label-head`` (a delta on the output rows of the first tokens
+    of ``head_labels``, everything else frozen: ``models/labelhead.py``), or comma-separated substrings
+    of parameter names."""
+    head_labels: str = ""
+    """With ``trainable = "label-head"``: the task's labels (candidate answers), comma-separated; the
+    head rows of their first answer tokens train. Empty with ``data.source = "triage"``: its ten
+    categories. Every training example's candidates must be among them."""
+    head_prefix: str = ""
+    """The text the answer follows in the prompt (``answer_prefix`` of the rows, ``Category:`` for
+    triage; filled in with the labels), which decides how a label's first token is tokenised."""
     target_modules: str = "q_proj,v_proj"
     """LoRA target modules (comma-separated), used when ``trainable`` is ``lora`` or ``lora-b``."""
     lora_rank: int = 8
@@ -167,6 +176,8 @@ class ModelSection:
         if self.autocast not in {"none", "bf16", "fp16"}:
             raise ValueError(f"model.autocast must be none, bf16 or fp16, got {self.autocast!r}")
         _ = self.lora_layer_list  # validates the spelling
+        if self.trainable.strip() == "label-head" and self.head_labels and len(self.head_label_list) < 2:
+            raise ValueError(f"model.head_labels needs at least two labels, got {self.head_labels!r}")
 
     @property
     def target_module_list(self) -> tuple[str, ...]:
@@ -186,6 +197,10 @@ class ModelSection:
         if not 0 <= lo <= hi:
             raise ValueError(f"model.lora_layers must be a range 0 <= first <= last, got {self.lora_layers!r}")
         return tuple(range(lo, hi + 1))
+
+    @property
+    def head_label_list(self) -> tuple[str, ...]:
+        return split_csv(self.head_labels)
 
     @property
     def trainable_patterns(self) -> tuple[str, ...]:

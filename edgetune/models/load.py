@@ -137,7 +137,8 @@ def _torch_dtype(name: str) -> torch.dtype | str:
 def load_model(cfg: ModelSection, *, seed: int = 0) -> tuple[nn.Module, Any]:
     """Load a fresh (model, tokenizer) on ``cfg.device`` in ``cfg.dtype``, eval mode.
 
-    LoRA adapters are added when ``cfg.trainable`` is ``lora`` or ``lora-b``; only the parameters
+    LoRA adapters are added when ``cfg.trainable`` is ``lora`` or ``lora-b``, a label head
+    (``models/labelhead.py``) when it is ``label-head``; only the parameters
     ``cfg.trainable`` names keep ``requires_grad`` (the trainable manifest).
     ``cfg.quantize`` loads 4/8-bit base weights (bitsandbytes, CUDA), ``cfg.gradient_checkpointing``
     turns on activation recomputation for training.
@@ -189,6 +190,12 @@ def load_model(cfg: ModelSection, *, seed: int = 0) -> tuple[nn.Module, Any]:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.trainable.strip() in {"lora", "lora-b"}:
         model = _add_lora(model, cfg, seed)
+    elif cfg.trainable.strip() == "label-head":
+        from edgetune.models.labelhead import add_label_head, label_token_ids
+
+        if not cfg.head_labels:
+            raise ValueError("model.trainable = 'label-head' needs model.head_labels (the task's labels)")
+        add_label_head(model, label_token_ids(tokenizer, cfg.head_label_list, cfg.head_prefix))
     select_trainable(model, cfg.trainable_patterns)
     if cfg.quantize == "none":
         model = model.to(device=device)
@@ -215,6 +222,8 @@ def cached_model(cfg: ModelSection, *, seed: int = 0, namespace: str = "") -> tu
         cfg.quantize,
         cfg.gradient_checkpointing,
         cfg.lora_layers,
+        cfg.head_labels,
+        cfg.head_prefix,
         seed,
         namespace,
     )

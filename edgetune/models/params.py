@@ -61,7 +61,8 @@ def select_trainable(model: nn.Module, patterns: Iterable[str]) -> Manifest:
     """Mark parameters trainable by name and return their manifest.
 
     ``patterns`` holds ``all``, ``lora`` (parameters whose name contains ``lora_``), ``lora-b``
-    (``lora_B`` only) or substrings of parameter names. Everything else gets ``requires_grad = False``.
+    (``lora_B`` only), ``label-head`` (the label head's delta, ``models/labelhead.py``) or
+    substrings of parameter names. Everything else gets ``requires_grad = False``.
     Raises ``ValueError`` if nothing matches.
     """
     pats = tuple(patterns)
@@ -73,6 +74,8 @@ def select_trainable(model: nn.Module, patterns: Iterable[str]) -> Manifest:
             keep = "lora_" in name
         elif "lora-b" in pats:
             keep = "lora_B" in name
+        elif "label-head" in pats:
+            keep = name.endswith(".label_delta")
         else:
             keep = any(p in name for p in pats)
         param.requires_grad_(keep)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import tiny_flat
+from test_spsa_variants import LABEL_HEAD
 
 from edgetune import config as cfgmod
 from edgetune import inproc
@@ -40,10 +41,13 @@ def _inner_reply(client, msg, blob):
         ("forward", "cpu,cpu", "all"),
         ("central", "cpu,cpu,cpu", "all"),  # 3 lanes, 5 probes: uneven shares
         ("forward", "cpu,cpu", "layers.1."),  # perturbed tensors in the top block: suffix runner per lane
+        ("forward", "cpu,cpu", "label-head"),  # cached features per lane (models/headcache.py)
     ],
 )
 def test_several_devices_send_the_same_bytes_and_hash_as_one(tmp_path, difference, devices, trainable):
     over = {"spsa.difference": difference, "spsa.num_probes": 5, "spsa.num_steps": 3, "model.trainable": trainable}
+    if trainable == "label-head":
+        over = {**LABEL_HEAD, **over}
     one = _cfg(**over)
     many = _cfg(**over, **{"model.device": devices})
     server, transport, recorder, *_ = inproc.build(one, 2, run_dir=tmp_path / "run")

@@ -27,6 +27,18 @@ from edgetune.federation import run_round
 from edgetune.models.load import load_model
 from edgetune.models.params import manifest_of, trainable_tensors
 
+LABEL_HEAD = {
+    "data.source": "file",
+    "data.path": str(Path(__file__).parent / "data" / "choices.jsonl"),
+    "data.partition": "iid",
+    "model.trainable": "label-head",
+    "model.head_labels": "alpha,bravo,charlie,delta,echo",
+    "spsa.objective": "choices",
+    "spsa.difference": "forward",
+    "spsa.lr": 0.05,
+}
+"""The label-head space (models/labelhead.py) with its cached-feature probes (models/headcache.py)."""
+
 VARIANTS = {
     "forward": {"spsa.difference": "forward", "spsa.num_probes": 3},
     "sqrt-normalizer": {"spsa.normalizer": "sqrt", "spsa.num_probes": 2},
@@ -56,6 +68,13 @@ VARIANTS = {
         "spsa.difference": "forward",
         "spsa.num_probes": 3,
     },
+    "label-head-run-pool": {
+        **LABEL_HEAD,
+        "spsa.num_steps": 6,
+        "spsa.num_probes": 4,
+        "spsa.seed_pool": 64,
+        "spsa.pool_scope": "run",
+    },  # fmt: skip
     "run-pool-adam-lora-b-shared-median": {
         "spsa.seed_pool": 6,
         "spsa.pool_scope": "run",
@@ -225,13 +244,15 @@ def test_run_pool_state_is_a_function_of_the_coefficients_alone(tmp_path):
     assert fresh.hash == server.state_hash() and fresh.applied == 6
 
 
-def test_site_that_missed_20_rounds_catches_up_from_coefficients(tmp_path):
+@pytest.mark.parametrize("space", ["all", "label-head"])
+def test_site_that_missed_20_rounds_catches_up_from_coefficients(tmp_path, space):
     """Run-scope pool: a site offline for 20 rounds gets the pool's coefficients (kilobytes, its
     digest signed in the envelope) instead of 20 rounds of log, and is accepted with the server's
     state. The snapshot is smaller than the log it replaces."""
     s = 16
     cfg = _cfg(
         **{
+            **(LABEL_HEAD if space == "label-head" else {}),
             "spsa.seed_pool": s,
             "spsa.pool_scope": "run",
             "spsa.optimizer": "momentum",
@@ -240,7 +261,7 @@ def test_site_that_missed_20_rounds_catches_up_from_coefficients(tmp_path):
             "num_rounds": 22,
         }
     )
-    server, transport, recorder, *_ = _federation(tmp_path, cfg, 3, "catchup")
+    server, transport, recorder, *_ = _federation(tmp_path, cfg, 3, f"catchup-{space}")
     transport.offline = {"site-2"}
     for r in range(1, 21):
         run_round(cfg, server, transport, recorder, r)
@@ -331,7 +352,15 @@ REPLAY_SCRIPT = textwrap.dedent(
 
 @pytest.mark.parametrize(
     "variant",
-    ["run-pool-momentum", "run-pool-adam-lora-b-shared-median", "sparse", "forward", "lora-b", "choices-objective"],
+    [
+        "run-pool-momentum",
+        "run-pool-adam-lora-b-shared-median",
+        "sparse",
+        "forward",
+        "lora-b",
+        "choices-objective",
+        "label-head-run-pool",
+    ],
 )
 def test_two_processes_with_1_and_2_threads_replay_to_the_same_hash(tmp_path, variant):
     """Fresh processes with 1 and 2 torch threads replay the committed log of a variant and end with
@@ -370,15 +399,19 @@ def test_two_processes_with_1_and_2_threads_replay_to_the_same_hash(tmp_path, va
     assert hashes[0] == hashes[1] == server.state_hash()
 
 
-def test_exported_delta_rebuilds_the_servers_weights_bitwise_and_refuses_tampering(tmp_path):
+@pytest.mark.parametrize("space", ["all", "label-head"])
+def test_exported_delta_rebuilds_the_servers_weights_bitwise_and_refuses_tampering(tmp_path, space):
     """edgetune export --delta: a file of S coefficients + metadata, 0600, which rebuilds from the
     base model exactly the run's final weights (full sha256); a changed coefficient is refused."""
     from safetensors.torch import load_file, save_file
 
     from edgetune.algorithms.spsa.delta import export_run_delta, load_delta, read_delta
 
-    cfg = _cfg(**{"spsa.seed_pool": 32, "spsa.pool_scope": "run", "spsa.optimizer": "momentum", "num_rounds": 4})
-    run_dir = tmp_path / "delta-run"
+    extra = LABEL_HEAD if space == "label-head" else {}
+    cfg = _cfg(
+        **{**extra, "spsa.seed_pool": 32, "spsa.pool_scope": "run", "spsa.optimizer": "momentum", "num_rounds": 4}
+    )
+    run_dir = tmp_path / f"delta-run-{space}"
     summary = inproc.run(cfg, 2, run_dir=run_dir)
     out = tmp_path / "model.delta"
     info = export_run_delta(run_dir, out)
@@ -388,9 +421,19 @@ def test_exported_delta_rebuilds_the_servers_weights_bitwise_and_refuses_tamperi
     assert loaded["state_sha256"] == summary["final_state_hash"] == info["state_sha256"]
     assert cfg2.spsa.seed_pool == 32
     n, meta = read_delta(out)
-    n[int(np.flatnonzero(n)[0])] += 1
     bad = tmp_path / "bad.delta"
+    # one coefficient moved by one quantum: too small to change fp32 weights, caught by the coefficients' digest
+    moved = n.copy()
+    moved[int(np.flatnonzero(n)[0])] += 1
+    save_file({"n": torch.from_numpy(moved)}, str(bad), metadata=meta)
+    with pytest.raises(ValueError, match="coefficients hash to"):
+        load_delta(bad)
+    # a recorded state hash that the coefficients do not rebuild (e.g. another base model)
+    save_file({"n": torch.from_numpy(n)}, str(bad), metadata={**meta, "state_sha256": "0" * 64})
+    with pytest.raises(ValueError, match="rebuilt weights hash to"):
+        load_delta(bad)
+    del meta["coefficients_sha256"]
     save_file({"n": torch.from_numpy(n)}, str(bad), metadata=meta)
-    with pytest.raises(ValueError, match="hash"):
+    with pytest.raises(ValueError, match="no coefficients_sha256"):
         load_delta(bad)
     assert load_file(str(out))["n"].dtype == torch.int64

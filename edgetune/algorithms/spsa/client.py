@@ -23,7 +23,8 @@ from edgetune.config import RunConfig
 from edgetune.crypto import envelope, guardfile, schedule
 from edgetune.crypto.envelope import EnvelopeError
 from edgetune.crypto.guardfile import ReplayGuard
-from edgetune.data.prompts import batch_indices
+from edgetune.data.prompts import TokenizedSet, batch_indices
+from edgetune.models.headcache import HeadRunner
 from edgetune.models.load import resolve_devices
 from edgetune.models.params import trainable_tensors
 from edgetune.models.suffix import SuffixRunner
@@ -195,7 +196,7 @@ class SpsaClient:
             ]
         )
         with replica.local() as work, torch.no_grad():
-            lanes = probe_lanes(replica, self.cfg.model.device, batches)
+            lanes = probe_lanes(replica, self.cfg.model.device, batches, self.ctx.train_set, plan["obj"])
             codes, _raw, loss = local_steps(
                 replica.model,
                 work,
@@ -208,16 +209,36 @@ class SpsaClient:
                 codec=plan["codec"],
                 difference=plan["diff"],
                 masks=replica.masks,
-                runner=SuffixRunner.for_model(replica.model, replica.manifest.names),
+                runner=probe_runner(replica, self.ctx.train_set, plan["obj"]),
                 extra_lanes=lanes,
             )
         return codes, loss
 
 
+def probe_runner(replica: Replica, train_set: TokenizedSet, objective: str) -> HeadRunner | SuffixRunner | None:
+    """What computes the probe losses cheaper than a full forward: cached features for a label head
+    (``models/headcache.py``), the upper blocks only for perturbations there (``models/suffix.py``).
+    """
+    return _runner(replica.model, replica.manifest.names, train_set, objective)
+
+
+def _runner(
+    model: nn.Module, names: tuple[str, ...], train_set: TokenizedSet | None, objective: str
+) -> HeadRunner | SuffixRunner | None:
+    head = None if train_set is None else HeadRunner.for_model(model, names, train_set, objective)
+    return head if head is not None else SuffixRunner.for_model(model, names)
+
+
 _LANE_MODELS: dict[tuple[int, int, str], nn.Module] = {}
 
 
-def probe_lanes(replica: Replica, device_spec: str, batches: list[dict[str, torch.Tensor]]) -> list[Lane]:
+def probe_lanes(
+    replica: Replica,
+    device_spec: str,
+    batches: list[dict[str, torch.Tensor]],
+    train_set: TokenizedSet | None = None,
+    objective: str = "answer",
+) -> list[Lane]:
     """Replicas of the site's model on the further devices of ``model.device`` (none for one device).
 
     The model is copied to each further device once per process; at every round its trainable
@@ -246,7 +267,7 @@ def probe_lanes(replica: Replica, device_spec: str, batches: list[dict[str, torc
                 work=work,
                 batches=[{k: v.to(dev) for k, v in b.items()} for b in batches],
                 masks=None if replica.masks is None else [m.to(dev) for m in replica.masks],
-                runner=SuffixRunner.for_model(model, replica.manifest.names),
+                runner=_runner(model, replica.manifest.names, train_set, objective),
             )
         )
     return lanes

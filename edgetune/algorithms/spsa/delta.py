@@ -2,8 +2,10 @@
 
 ``edgetune export RUN --delta FILE`` writes a safetensors file with one int64 tensor ``n`` (the S
 coefficients) and string metadata: the run id, round, the pool secret, the sparse fraction, the
-resolved run configuration (which names the public base model) and the full state hash. Loading
-it (``load_delta``, ``edgetune eval FILE``) rebuilds theta = theta_0 - q * sum_s n_s z_s from the
+resolved run configuration (which names the public base model), the full state hash and the
+coefficients' own sha256 (a change of one coefficient by one quantum can round away in fp32
+weights, so the state hash alone would not see it). Loading it (``load_delta``, ``edgetune eval
+FILE``) checks the coefficients' digest, rebuilds theta = theta_0 - q * sum_s n_s z_s from the
 base model and refuses the result unless its sha256 equals the recorded one, so the receiver
 holds bitwise the server's weights.
 
@@ -13,6 +15,7 @@ as with a checkpoint. It is written 0600.
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,7 @@ def write_delta(path: Path, *, cfg: cfgmod.RunConfig, run_id: bytes, replica: Re
         "run_id": run_id.hex(),
         "round": str(replica.applied),
         "state_sha256": replica.hash,
+        "coefficients_sha256": coefficients_sha256(replica.pool.n),
         "manifest": replica.manifest.digest(),
         "pool_key": pool_key.hex(),
         "pool_size": str(replica.pool.size),
@@ -58,6 +62,11 @@ def write_delta(path: Path, *, cfg: cfgmod.RunConfig, run_id: bytes, replica: Re
     return path.stat().st_size
 
 
+def coefficients_sha256(n: np.ndarray) -> str:
+    """sha256 of the coefficient vector (little-endian int64)."""
+    return hashlib.sha256(np.ascontiguousarray(n, dtype="<i8").tobytes()).hexdigest()
+
+
 def read_delta(path: Path) -> tuple[np.ndarray, dict[str, str]]:
     """The coefficients and metadata of a delta file (``ValueError`` naming the file if it is not one)."""
     from safetensors import safe_open
@@ -75,7 +84,16 @@ def read_delta(path: Path) -> tuple[np.ndarray, dict[str, str]]:
         raise ValueError(f"{path}: coefficient tensor does not match pool_size")
     if float(metadata["quantum"]) != poolmod.POOL_QUANTUM:
         raise ValueError(f"{path}: written with another coefficient quantum")
-    return n.numpy().astype(np.int64), metadata
+    coef = n.numpy().astype(np.int64)
+    recorded = metadata.get("coefficients_sha256")
+    if recorded is None:
+        raise ValueError(f"{path}: records no coefficients_sha256 (an older edgetune wrote it): export it again")
+    if coefficients_sha256(coef) != recorded:
+        raise ValueError(
+            f"{path}: its coefficients hash to {coefficients_sha256(coef)[:16]}, the file records {recorded[:16]} "
+            "(a damaged or altered file)"
+        )
+    return coef, metadata
 
 
 def load_delta(path: Path, *, workdir: Path | None = None) -> tuple[Any, Any, cfgmod.RunConfig, dict[str, Any]]:

@@ -31,6 +31,7 @@ from torch import nn
 
 from edgetune.comm.codecs import SCALAR_CODECS
 from edgetune.crypto import keystream
+from edgetune.models.headcache import HeadRunner
 from edgetune.models.loss import objective_loss
 from edgetune.models.suffix import SuffixRunner
 
@@ -68,7 +69,7 @@ class Lane:
     work: Sequence[torch.Tensor]
     batches: Sequence[dict[str, torch.Tensor]]
     masks: Sequence[torch.Tensor] | None = None
-    runner: SuffixRunner | None = None
+    runner: SuffixRunner | HeadRunner | None = None
 
 
 def local_steps(
@@ -84,7 +85,7 @@ def local_steps(
     codec: str,
     difference: str = "central",
     masks: Sequence[torch.Tensor] | None = None,
-    runner: SuffixRunner | None = None,
+    runner: SuffixRunner | HeadRunner | None = None,
     extra_lanes: Sequence[Lane] = (),
 ) -> tuple[bytes, np.ndarray, float]:
     """K SPSA steps of P probes on ``work`` (perturbed in place; the caller resets it).
@@ -109,7 +110,8 @@ def local_steps(
         Sparse masks (one per tensor, the work dtype), or None.
     runner
         When every perturbed tensor sits in the upper decoder blocks: probes rerun only those
-        (``models/suffix.py``; bitwise the same losses, fewer FLOPs). None: full forwards.
+        (``models/suffix.py``; bitwise the same losses, fewer FLOPs). For a label head: losses from
+        cached final hidden states (``models/headcache.py``). None: full forwards.
     extra_lanes
         Replicas on further devices of this site (``model.device = cuda:0,cuda:1``). Each step's
         P probes are shared round-robin (probe p on lane p mod G). Every lane performs the same
