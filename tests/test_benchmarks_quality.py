@@ -66,3 +66,37 @@ def test_every_spsa_variant_runs_the_tasks_spsa_recipe_with_only_its_own_overrid
         assert qpb.recipe_for("spsa-choices", model, task) == (recipe, ["spsa.objective=choices"])
         v1_recipe, v1_extra = qpb.recipe_for("spsa-v1", model, task)
         assert v1_recipe == recipe and "spsa.objective=choices" not in v1_extra and v1_extra
+
+
+def test_goal_ratios_read_accuracy_gains_upwards_and_name_the_spsa_run():
+    """For accuracy a gain is a rise; all_goal_ratios covers spsa and spsa-head, each metric it can read."""
+    fedavg = _row("lowrank-fedavg", [3.0, 2.0], 1_000_000, 10.0)
+    head = _row("spsa-head", [3.0, 2.95, 2.9], 2_000, 4.0)
+    for row, acc in ((fedavg, [0.25, 0.32]), (head, [0.25, 0.30, 0.40])):
+        for point, a in zip(row["curve"], acc):
+            point["accuracy"] = a
+    ratios = qpb.goal_ratios([head, fedavg], "spsa-head", "accuracy")
+    assert ratios["spsa_reached"] and ratios["spsa_round"] == 2 and ratios["spsa_algorithm"] == "spsa-head"
+    assert ratios["fedavg_first_round_gain"] == pytest.approx(0.07)
+    assert ratios["spsa_gain"] == pytest.approx(0.15) and ratios["bytes_ratio"] == pytest.approx(4_000 / 1_000_000)
+    goals = qpb.all_goal_ratios([head, fedavg])
+    assert [(g["spsa_algorithm"], g["metric"]) for g in goals] == [
+        ("spsa-head", "heldout_loss"),
+        ("spsa-head", "accuracy"),
+    ]
+    assert not goals[0]["spsa_reached"] and goals[0]["gain_ratio"] == pytest.approx(0.1 / 1.0)
+    assert qpb.goal_ratios([head, fedavg], "spsa") is None
+
+
+def test_spsa_head_runs_the_label_head_recipe_with_its_own_batch_and_counts_one_pass_per_site():
+    from edgetune.config import load_recipe
+
+    recipe, own = qpb.recipe_for("spsa-head", "smollm2", "triage")
+    assert recipe.name == "smollm2-135m-4c-head.toml" and own == ["data.batch_size=120"]
+    assert load_recipe(recipe)["model.trainable"] == "label-head"
+    with pytest.raises(ValueError, match="no label-head"):
+        qpb.recipe_for("spsa-head", "tiny", "triage")
+    flat = load_recipe(recipe, [*qpb.common_overrides("smollm2", 10, 4, 0, 1, "triage"), *own])
+    assert flat["data.batch_size"] == 120  # its own key wins over the shared ones
+    # 4 sites x 120 training reports in batches of 120: 4 forwards for the run, 0.4 per round over 10 rounds
+    assert qpb.forwards_per_round(flat, "smollm2", 4) == pytest.approx(0.4)
