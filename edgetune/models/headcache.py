@@ -15,7 +15,8 @@ than the step's batch).
 
 It serves the ``choices`` objective (the batch carries candidate answers); ``for_model`` returns None
 otherwise, and callers fall back to full forwards. Features are kept per process for the model object
-and the training set's tokens (``weakref``: they go with the model).
+and the training set's tokens (``weakref``: they go with the model), and, given a site's state folder,
+on disk for the site's other processes (``cached_features``).
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ import logging
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgetune.io import atomic_write_bytes
 from edgetune.models.labelhead import LabelHead, label_head_of
 from edgetune.models.loss import _plain
 
@@ -121,14 +124,78 @@ def compute_features(model: nn.Module, head: LabelHead, train_set: Any) -> Featu
     )
 
 
-def cached_features(model: nn.Module, head: LabelHead, train_set: Any) -> Features:
-    """``compute_features`` once per (model object, training set tokens) in this process."""
+_FROZEN: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+def frozen_digest(model: nn.Module) -> str:
+    """sha256 of every weight of ``model`` but the label head's delta (what the features depend on), once
+    per model object.
+    """
+    if model not in _FROZEN:
+        h = hashlib.sha256(b"edgetune-label-head-features-v1\0")
+        for name, t in model.state_dict().items():
+            if name.endswith(".label_delta"):
+                continue
+            t = t.detach().to("cpu").contiguous()
+            h.update(f"{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data.cast("B"))
+        _FROZEN[model] = h.hexdigest()
+    return _FROZEN[model]
+
+
+def _index(train_set: Any) -> dict[bytes, int]:
+    index: dict[bytes, int] = {}
+    for i, ids in enumerate(train_set.input_ids):
+        index.setdefault(_row_key(torch.tensor(ids, dtype=torch.int64)), i)
+    return index
+
+
+def _read(path: Path, train_set: Any, device: torch.device) -> Features | None:
+    """Features from a cache file, or None when it is missing or does not fit ``train_set``."""
+    from safetensors.torch import load
+
+    try:
+        t = load(path.read_bytes())
+        hidden, base, rows, target = (t[k].to(device) for k in ("hidden", "base", "rows", "target"))
+    except Exception:  # missing, truncated or foreign (safetensors raises its own error types): computed again
+        return None
+    n = len(train_set)
+    if hidden.dim() != 2 or hidden.shape[0] != n or base.shape != rows.shape or base.shape[0] != n:
+        return None
+    if target.shape != (n,) or not torch.isfinite(hidden).all():
+        return None
+    return Features(hidden=hidden, base=base, rows=rows, target=target, index=_index(train_set))
+
+
+def cached_features(model: nn.Module, head: LabelHead, train_set: Any, cache_dir: Path | None = None) -> Features:
+    """``compute_features`` once per (model object, training set tokens) in this process.
+
+    With ``cache_dir`` (a site's state folder) the features are also kept on disk, keyed by the frozen
+    weights' and the training set's digests, so another process of the same site (Flower's simulation
+    runs a site on whichever actor is free; a restarted site) reads them instead of a forward pass over
+    its training set. A file that does not fit is computed again and replaced.
+    """
     per_model = _CACHE.setdefault(model, {})
     key = dataset_digest(train_set)
-    if key not in per_model:
-        log.info("label head: caching the final hidden states of %d training examples", len(train_set))
-        per_model[key] = compute_features(model, head, train_set)
-    return per_model[key]
+    if key in per_model:
+        return per_model[key]
+    path = None
+    if cache_dir is not None:
+        name = hashlib.sha256(f"{frozen_digest(model)}|{key}".encode()).hexdigest()[:32]
+        path = Path(cache_dir) / f"{name}.safetensors"
+        found = _read(path, train_set, head.delta.device)
+        if found is not None:
+            per_model[key] = found
+            return found
+    log.info("label head: caching the final hidden states of %d training examples", len(train_set))
+    feats = compute_features(model, head, train_set)
+    if path is not None:
+        from safetensors.torch import save
+
+        tensors = {"hidden": feats.hidden, "base": feats.base, "rows": feats.rows, "target": feats.target}
+        atomic_write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}), mode=0o600)
+    per_model[key] = feats
+    return feats
 
 
 class HeadRunner:
@@ -140,16 +207,18 @@ class HeadRunner:
         self._picked: tuple[torch.Tensor, ...] | None = None
 
     @classmethod
-    def for_model(cls, model: nn.Module, names: Sequence[str], train_set: Any, objective: str) -> HeadRunner | None:
+    def for_model(
+        cls, model: nn.Module, names: Sequence[str], train_set: Any, objective: str, cache_dir: Path | None = None
+    ) -> HeadRunner | None:
         """A runner when the only trainable tensor is the label head's delta and the objective is
-        ``choices``; else None (full forwards).
+        ``choices``; else None (full forwards). ``cache_dir``: keep the features on disk there too.
         """
         head = label_head_of(model)
         if head is None or objective != "choices" or _plain(model) is None:
             return None
         if len(names) != 1 or not names[0].endswith(".label_delta"):
             return None
-        return cls(head, cached_features(model, head, train_set))
+        return cls(head, cached_features(model, head, train_set, cache_dir))
 
     def capture(self, batch: dict[str, torch.Tensor]) -> float:
         """Select ``batch``'s rows from the cache; return their loss under the current delta."""

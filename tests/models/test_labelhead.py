@@ -227,3 +227,31 @@ def test_edgetune_eval_rebuilds_a_label_head_checkpoint_and_refuses_changed_weig
     save_file(head, str(ckpt / LABEL_HEAD_FILE))
     with pytest.raises(ValueError, match="changed after the run"):
         evaluate_checkpoint(ckpt)
+
+
+def test_features_on_disk_serve_another_process_and_a_damaged_or_foreign_file_is_recomputed(tmp_path, monkeypatch):
+    """With a cache folder, a second model object (another process of the site) reads the features from disk
+    instead of a forward pass; a truncated file is recomputed; other frozen weights get their own file."""
+    model, tok = _model()
+    data = TokenizedSet(tok, _examples(), 256)
+    names = manifest_of(model).names
+    calls = []
+    real = headcache.compute_features
+    monkeypatch.setattr(headcache, "compute_features", lambda *a: calls.append(1) or real(*a))
+    first = HeadRunner.for_model(model, names, data, "choices", tmp_path).features
+    files = sorted(tmp_path.glob("*.safetensors"))
+    assert len(calls) == 1 and len(files) == 1
+    other, _ = _model()  # a fresh model object: what another actor process holds
+    again = HeadRunner.for_model(other, names, data, "choices", tmp_path).features
+    assert len(calls) == 1 and torch.equal(again.hidden, first.hidden) and torch.equal(again.base, first.base)
+    assert again.index == first.index and torch.equal(again.rows, first.rows)
+    files[0].write_bytes(files[0].read_bytes()[:100])  # truncated
+    third, _ = _model()
+    assert torch.equal(HeadRunner.for_model(third, names, data, "choices", tmp_path).features.hidden, first.hidden)
+    assert len(calls) == 2 and len(sorted(tmp_path.glob("*.safetensors"))) == 1
+    changed, _ = _model()
+    with torch.no_grad():
+        changed.get_input_embeddings().weight.mul_(1.01)  # another base model: another file, not the old features
+    feats = HeadRunner.for_model(changed, names, data, "choices", tmp_path).features
+    assert len(calls) == 3 and len(sorted(tmp_path.glob("*.safetensors"))) == 2
+    assert not torch.equal(feats.hidden, first.hidden)

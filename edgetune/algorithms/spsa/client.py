@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -170,6 +171,10 @@ class SpsaClient:
         )
         return {"blob": blob}, {"run": run_id, "guard": guard.to_bytes()}
 
+    def _features_dir(self) -> Path | None:
+        """Where this site keeps its label-head features on disk (its state folder), or None."""
+        return None if self.ctx.state_dir is None else Path(self.ctx.state_dir) / "label-head-features"
+
     def _local_round(
         self, replica: Replica, secret: bytes, run_id: bytes, r: int, plan: Payload
     ) -> tuple[bytes, float]:
@@ -209,23 +214,30 @@ class SpsaClient:
                 codec=plan["codec"],
                 difference=plan["diff"],
                 masks=replica.masks,
-                runner=probe_runner(replica, self.ctx.train_set, plan["obj"]),
+                runner=probe_runner(replica, self.ctx.train_set, plan["obj"], self._features_dir()),
                 extra_lanes=lanes,
             )
         return codes, loss
 
 
-def probe_runner(replica: Replica, train_set: TokenizedSet, objective: str) -> HeadRunner | SuffixRunner | None:
+def probe_runner(
+    replica: Replica, train_set: TokenizedSet, objective: str, features_dir: Path | None = None
+) -> HeadRunner | SuffixRunner | None:
     """What computes the probe losses cheaper than a full forward: cached features for a label head
-    (``models/headcache.py``), the upper blocks only for perturbations there (``models/suffix.py``).
+    (``models/headcache.py``; also on disk in ``features_dir``), the upper blocks only for perturbations
+    there (``models/suffix.py``).
     """
-    return _runner(replica.model, replica.manifest.names, train_set, objective)
+    return _runner(replica.model, replica.manifest.names, train_set, objective, features_dir)
 
 
 def _runner(
-    model: nn.Module, names: tuple[str, ...], train_set: TokenizedSet | None, objective: str
+    model: nn.Module,
+    names: tuple[str, ...],
+    train_set: TokenizedSet | None,
+    objective: str,
+    features_dir: Path | None = None,
 ) -> HeadRunner | SuffixRunner | None:
-    head = None if train_set is None else HeadRunner.for_model(model, names, train_set, objective)
+    head = None if train_set is None else HeadRunner.for_model(model, names, train_set, objective, features_dir)
     return head if head is not None else SuffixRunner.for_model(model, names)
 
 
