@@ -181,7 +181,9 @@ def cached_features(model: nn.Module, head: LabelHead, train_set: Any, cache_dir
         return per_model[key]
     path = None
     if cache_dir is not None:
-        name = hashlib.sha256(f"{frozen_digest(model)}|{key}".encode()).hexdigest()[:32]
+        # the label rows a candidate maps to depend on the head's token ids (model.head_labels), not in state_dict
+        ids = ",".join(str(t) for t in head.token_ids.tolist())
+        name = hashlib.sha256(f"{frozen_digest(model)}|{key}|{ids}".encode()).hexdigest()[:32]
         path = Path(cache_dir) / f"{name}.safetensors"
         found = _read(path, train_set, head.delta.device)
         if found is not None:

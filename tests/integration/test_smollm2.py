@@ -72,3 +72,36 @@ def test_spsa_round_on_smollm2_keeps_sites_bitwise_in_sync(tmp_path):
     params = dict(model.named_parameters())
     trained = [params[e.name].data for e in server.replica.manifest]
     assert sha256_tensors(trained) == rows[-1]["state_hash"]
+
+
+def test_label_head_on_smollm2_learns_the_triage_categories_and_its_checkpoint_loads_untied(tmp_path):
+    """The demo's space on the real model, shortened: one site, three rounds of 60 local steps. The held-out
+    choice loss falls; the checkpoint loads with transformers alone (SmolLM2 ties its head to the input
+    embeddings: the saved head is untied, the embeddings keep the base weights) and scores like the server."""
+    from transformers import AutoModelForCausalLM
+
+    from edgetune.models.labelhead import label_head_of
+
+    flat = tiny_flat(
+        **{
+            "model.path": "smollm2", "model.trainable": "label-head", "data.source": "triage",
+            "data.batch_size": 120, "data.max_length": 128, "num_rounds": 3,
+            "spsa.objective": "choices", "spsa.difference": "forward", "spsa.num_steps": 60, "spsa.num_probes": 8,
+            "spsa.lr": 0.0015, "spsa.eps": 2.0**-10, "eval.num_examples": 32, "eval.batch_size": 16,
+            "eval.every_rounds": 3,
+        }
+    )  # fmt: skip
+    cfg = cfgmod.from_run_config(flat)
+    server, transport, recorder, evaluate, tok = inproc.build(cfg, 1, run_dir=tmp_path / "run", separate_replicas=True)
+    summary = run_federation(cfg, server, transport, recorder, evaluate, tok)
+    assert summary["rounds_completed"] == 3
+    assert summary["choice_loss_last"] < summary["choice_loss_first"] - 0.5, summary
+    assert recorder.ledger.per_site(round_idx=3, direction="up") == {"site-0": 480 + spsa.reply_overhead_bytes(480)}
+    model = server.replica.model
+    assert label_head_of(model) is not None and model.config.tie_word_embeddings
+    loaded = AutoModelForCausalLM.from_pretrained(recorder.dir / "checkpoints" / "round-0003", local_files_only=True)
+    assert not loaded.config.tie_word_embeddings
+    x = tok("Fault report from the plant: the pump whines.\nWhich category?", return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(loaded(**x).logits, model(**x).logits, atol=1e-4)
+    assert torch.equal(loaded.get_input_embeddings().weight, model.get_input_embeddings().weight)

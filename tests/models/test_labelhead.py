@@ -255,3 +255,16 @@ def test_features_on_disk_serve_another_process_and_a_damaged_or_foreign_file_is
     feats = HeadRunner.for_model(changed, names, data, "choices", tmp_path).features
     assert len(calls) == 3 and len(sorted(tmp_path.glob("*.safetensors"))) == 2
     assert not torch.equal(feats.hidden, first.hidden)
+
+
+def test_features_on_disk_are_not_shared_between_label_sets(tmp_path):
+    """Two label-head configurations over the same model and data (other model.head_labels order) map the
+    candidates to other delta rows: each gets its own file, and its rows point at its own labels."""
+    data_model, tok = _model()
+    data = TokenizedSet(tok, _examples(), 256)
+    names = manifest_of(data_model).names
+    first = HeadRunner.for_model(data_model, names, data, "choices", tmp_path).features
+    reordered, _ = _model(labels="echo,delta,charlie,bravo,alpha")
+    second = HeadRunner.for_model(reordered, names, data, "choices", tmp_path).features
+    assert len(sorted(tmp_path.glob("*.safetensors"))) == 2
+    assert torch.equal(second.rows, 4 - first.rows) and torch.equal(second.hidden, first.hidden)
