@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.edgetune-installed
 TORCH_CPU ?= torch==2.13.0
-DEMO_RECIPE ?= recipes/spsa/smollm2-135m-4c.toml
+DEMO_RECIPE ?= recipes/spsa/smollm2-135m-4c-head.toml
 export HF_HUB_OFFLINE=1
 export FLWR_TELEMETRY_ENABLED=0
 export FLWR_DISABLE_UPDATE_CHECK=1

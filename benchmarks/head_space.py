@@ -1,4 +1,4 @@
-"""How far a label-head space could take the triage demo: a measurement for issue 11's next step.
+"""How far a label-head space could take the triage demo: the measurement that chose the demo's space (issue 11).
 
 Usage (from the repository root)::
 
@@ -19,9 +19,10 @@ later loss is a small matmul on it. On those cached features this script measure
   seed (the directions and nothing else differ).
 
 It is a simulation on cached features, not an edgetune run: no Flower, no codec (the scalars are not
-quantised), no bytes counted; it reports scalars per site per round. Its purpose is to say whether the
-space is worth building into spsa (a ``label-head`` trainable kind plus a per-site feature cache) before
-building it. Every random draw comes from a generator seeded here.
+quantised), no bytes counted; it reports scalars per site per round. Its purpose was to say whether the
+space is worth building into spsa before building it; it is built now (``model.trainable = "label-head"``,
+``models/labelhead.py`` and ``models/headcache.py``; ``recipes/spsa/smollm2-135m-4c-head.toml`` is the demo).
+Every random draw comes from a generator seeded here.
 """
 
 from __future__ import annotations
