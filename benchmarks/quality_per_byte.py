@@ -217,17 +217,19 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def forwards_per_round(flat: dict[str, Any], model: str, sites: int) -> float:
-    """Forward-pass equivalents of one round, all sites (see the module docstring)."""
+def forwards_per_round(flat: dict[str, Any], model: str, sites: int, unit_batch: int | None = None) -> float:
+    """Forward-pass equivalents of one round, all sites (see the module docstring); a forward pass is one
+    of ``unit_batch`` examples (the task's shared ``data.batch_size``; default: the run's own)."""
     from edgetune.config import from_run_config
 
     cfg = from_run_config(flat)
     if cfg.algorithm == "spsa" and cfg.model.trainable.strip() == "label-head":
         # probes score cached features (a matmul, no forward): the only forwards are each site's one pass
-        # over its training set (in batches of data.batch_size), spread here over the run's rounds
+        # over its training set, counted in batches of the task's size and spread over the run's rounds
         from edgetune.data.sources import site_examples
 
-        batches = sum(-(-len(site_examples(cfg, i, sites)) // cfg.data.batch_size) for i in range(sites))
+        unit = unit_batch or cfg.data.batch_size
+        batches = sum(-(-len(site_examples(cfg, i, sites)) // unit) for i in range(sites))
         return batches / cfg.num_rounds
     if cfg.algorithm == "spsa":
         s = cfg.spsa
@@ -318,7 +320,8 @@ def run_one(
     recipe, own = recipe_for(algorithm, model, task)
     name = f"qpb-{algorithm}-s{seed}-{uuid.uuid4().hex[:8]}"
     overrides = common_overrides(model, rounds, sites, seed, accuracy_every, task) + own  # own keys win
-    forwards_each = forwards_per_round(load_recipe(recipe, overrides), model, sites)
+    unit = int(load_recipe(task_recipe(model, task))["data.batch_size"])  # spsa-head's own batch is bigger
+    forwards_each = forwards_per_round(load_recipe(recipe, overrides), model, sites, unit)
     overrides += [f"run.dir={_value(str(runs_dir))}", f"run.name={_value(name)}"]
     cmd = [sys.executable, "-m", "edgetune.inproc", str(recipe), *overrides, "--sites", str(sites)]
     env = dict(os.environ, HF_HUB_OFFLINE="1")

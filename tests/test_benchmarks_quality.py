@@ -98,5 +98,7 @@ def test_spsa_head_runs_the_label_head_recipe_with_its_own_batch_and_counts_one_
         qpb.recipe_for("spsa-head", "tiny", "triage")
     flat = load_recipe(recipe, [*qpb.common_overrides("smollm2", 10, 4, 0, 1, "triage"), *own])
     assert flat["data.batch_size"] == 120  # its own key wins over the shared ones
-    # 4 sites x 120 training reports in batches of 120: 4 forwards for the run, 0.4 per round over 10 rounds
+    # 4 sites x 120 training reports, counted in the task's batches of 8: 60 forwards for the run, 6 per round
+    # over 10 rounds (in its own batches of 120 it would be 4)
+    assert qpb.forwards_per_round(flat, "smollm2", 4, unit_batch=8) == pytest.approx(6.0)
     assert qpb.forwards_per_round(flat, "smollm2", 4) == pytest.approx(0.4)
