@@ -60,3 +60,33 @@ def test_same_space_loads_and_another_run_id_is_not_found(tmp_path):
     rep.load(folder, RUN)
     assert rep.applied == 0 and rep.hash
     assert Replica.saved_round(folder, bytes(16), SPACES["dense"]) == -1
+
+
+def test_saved_state_of_another_parameter_layout_is_not_found(tmp_path):
+    """A run of the same id (a reused run name) that trained other tensors saved this state: saved_round
+    reports none (-1) for this replica's layout, and load still refuses it by name."""
+    folder = _saved(tmp_path, SPACES["dense"])  # the tiny model with every parameter trainable
+    model, _ = tiny_model_and_tokenizer(seed=0)
+    for name, param in model.named_parameters():
+        param.requires_grad_("layers.1." in name)
+    rep = spsa.Replica(model, tmp_path / "work-b", "disk")
+    rep.start_run(RUN, SPACES["dense"])
+    assert Replica.saved_round(folder, RUN, SPACES["dense"]) == 0  # (without a manifest: found)
+    assert Replica.saved_round(folder, RUN, SPACES["dense"], rep.manifest) == -1
+    with pytest.raises(ValueError, match="another parameter layout"):
+        rep.load(folder, RUN)
+
+
+def test_reusing_a_run_name_with_another_trainable_set_catches_up_instead_of_failing(tmp_path):
+    """Two runs named alike (same run id) on the same site cache, the second training other tensors: the
+    second's sites do not load the first's saved replica (every round used to fail with "saved state has
+    another parameter layout"); they catch up from the log and every round commits."""
+    from conftest import tiny_flat
+
+    from edgetune import config as cfgmod
+    from edgetune import inproc
+
+    for i, trainable in enumerate(("all", "layers.1.")):
+        cfg = cfgmod.from_run_config(tiny_flat(**{"model.trainable": trainable, "num_rounds": 3}))
+        summary = inproc.run(cfg, 2, run_dir=tmp_path / str(i) / "same-name", separate_replicas=True)
+        assert summary["rounds_completed"] == 3, trainable

@@ -137,7 +137,7 @@ class SpsaClient:
             self.ctx.model, run_id, self.ctx.workdir, self.cfg.spsa.round_start, self.ctx.replica_namespace, space
         )
         site_dir = self.ctx.store.run_folder(run_id.hex(), "spsa") if self.ctx.store.persistent else None
-        saved = Replica.saved_round(site_dir, run_id, space)
+        saved = Replica.saved_round(site_dir, run_id, space, replica.manifest)
         target = opened.round_idx - 1  # this round starts from theta after round r-1
         if site_dir is not None and replica.applied < saved <= target:
             replica.load(site_dir, run_id)  # a fresh process: continue from this site's saved state

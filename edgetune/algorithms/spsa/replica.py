@@ -283,9 +283,12 @@ class Replica:
                 old.unlink(missing_ok=True)
 
     @staticmethod
-    def saved_round(folder: Path | None, run_id: bytes, space: SpaceSpec | None = None) -> int:
+    def saved_round(
+        folder: Path | None, run_id: bytes, space: SpaceSpec | None = None, manifest: Manifest | None = None
+    ) -> int:
         """Round of the state saved in ``folder`` for ``run_id`` (-1 if none, or if it was saved under
-        another perturbation space than ``space``: a run of the same id with other spsa settings, whose
+        another perturbation space than ``space`` or another parameter layout than ``manifest``: a run of
+        the same id with other settings (run ids come from run names, which a user may reuse), whose
         state this one must not continue; the site then catches up from the log or a snapshot).
         """
         if folder is None or not (folder / "replica.json").is_file():
@@ -297,6 +300,8 @@ class Replica:
         if meta.get("run") != run_id.hex():
             return -1
         if space is not None and meta.get("space") != space.digest():
+            return -1
+        if manifest is not None and meta.get("manifest") != manifest.digest():
             return -1
         return int(meta["applied"])
 
