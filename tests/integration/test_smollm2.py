@@ -87,7 +87,7 @@ def test_label_head_on_smollm2_learns_the_triage_categories_and_its_checkpoint_l
             "model.path": "smollm2", "model.trainable": "label-head", "data.source": "triage",
             "data.batch_size": 120, "data.max_length": 128, "num_rounds": 3,
             "spsa.objective": "choices", "spsa.difference": "forward", "spsa.num_steps": 60, "spsa.num_probes": 8,
-            "spsa.lr": 0.0015, "spsa.eps": 2.0**-10, "eval.num_examples": 32, "eval.batch_size": 16,
+            "spsa.lr": 0.0015, "spsa.eps": 2.0**-10, "eval.num_examples": 16, "eval.batch_size": 16,
             "eval.every_rounds": 3,
         }
     )  # fmt: skip
