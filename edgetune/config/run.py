@@ -116,7 +116,8 @@ class RunConfig:
             )
         if self.algorithm == "lowrank" and self.model.trainable.strip() != "lora":
             raise ValueError("algorithm = 'lowrank' trains LoRA factors: set model.trainable = 'lora'")
-        if self.model.trainable.strip() == "label-head" and not self.model.head_labels:
+        label_head = self.model.trainable.strip() == "label-head"
+        if label_head and not self.model.head_labels:
             if self.data.source != "triage":
                 raise ValueError(
                     "model.trainable = 'label-head' needs model.head_labels: your task's labels, comma-separated "
@@ -127,11 +128,7 @@ class RunConfig:
             labels = ",".join(triage.CATEGORIES)
             model = dataclasses.replace(self.model, head_labels=labels, head_prefix=triage.ANSWER_PREFIX)
             object.__setattr__(self, "model", model)
-        if (
-            self.model.trainable.strip() == "label-head"
-            and self.algorithm == "spsa"
-            and self.spsa.objective != "choices"
-        ):
+        if label_head and self.algorithm == "spsa" and self.spsa.objective != "choices":
             raise ValueError(
                 "model.trainable = 'label-head' with spsa needs spsa.objective = 'choices': its probes score the "
                 "label tokens from cached features; the answer objective would cost a full forward pass per probe"

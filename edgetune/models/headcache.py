@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetune.io import atomic_write_bytes
-from edgetune.models.labelhead import LabelHead, label_head_of
+from edgetune.models.labelhead import LabelHead, is_delta, label_head_of
 from edgetune.models.loss import _plain
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,14 @@ def _row_key(ids: torch.Tensor) -> bytes:
     return ids.to(device="cpu", dtype=torch.int64).numpy().tobytes()
 
 
+def _index(train_set: Any) -> dict[bytes, int]:
+    """An example's tokens (as ``_row_key`` reads a batch row) -> its first index in ``train_set``."""
+    index: dict[bytes, int] = {}
+    for i, ids in enumerate(train_set.input_ids):
+        index.setdefault(_row_key(torch.tensor(ids, dtype=torch.int64)), i)
+    return index
+
+
 def dataset_digest(train_set: Any) -> str:
     """sha256 of a ``TokenizedSet``'s tokens and candidates: the feature cache's key for the data."""
     h = hashlib.sha256()
@@ -87,7 +95,6 @@ def compute_features(model: nn.Module, head: LabelHead, train_set: Any) -> Featu
     label_row = {int(t): r for r, t in enumerate(head.token_ids.tolist())}
     weight = head.weight
     hidden, scores, rows, target = [], [], [], []
-    index: dict[bytes, int] = {}
     most = max(len(train_set.choice_row(i)[0]) for i in range(len(train_set)))
     for start in range(0, len(train_set), CHUNK):
         idx = list(range(start, min(start + CHUNK, len(train_set))))
@@ -112,15 +119,13 @@ def compute_features(model: nn.Module, head: LabelHead, train_set: Any) -> Featu
                 scores.append(torch.cat([s, torch.full((pad,), float("-inf"), device=device)]))
                 rows.append(torch.tensor([label_row[t] for t in ids] + [0] * pad, dtype=torch.long))
                 target.append(tgt)
-                n = int(b["attention_mask"][j].sum())
-                index.setdefault(_row_key(b["input_ids"][j, :n]), i)
             hidden.append(h)
     return Features(
         hidden=torch.cat(hidden),
         base=torch.stack(scores),
         rows=torch.stack(rows).to(device),
         target=torch.tensor(target, dtype=torch.long, device=device),
-        index=index,
+        index=_index(train_set),
     )
 
 
@@ -134,20 +139,13 @@ def frozen_digest(model: nn.Module) -> str:
     if model not in _FROZEN:
         h = hashlib.sha256(b"edgetune-label-head-features-v1\0")
         for name, t in model.state_dict().items():
-            if name.endswith(".label_delta"):
+            if is_delta(name):
                 continue
             t = t.detach().to("cpu").contiguous()
             h.update(f"{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy().data.cast("B"))
         _FROZEN[model] = h.hexdigest()
     return _FROZEN[model]
-
-
-def _index(train_set: Any) -> dict[bytes, int]:
-    index: dict[bytes, int] = {}
-    for i, ids in enumerate(train_set.input_ids):
-        index.setdefault(_row_key(torch.tensor(ids, dtype=torch.int64)), i)
-    return index
 
 
 def _read(path: Path, train_set: Any, device: torch.device) -> Features | None:
@@ -218,7 +216,7 @@ class HeadRunner:
         head = label_head_of(model)
         if head is None or objective != "choices" or _plain(model) is None:
             return None
-        if len(names) != 1 or not names[0].endswith(".label_delta"):
+        if len(names) != 1 or not is_delta(names[0]):
             return None
         return cls(head, cached_features(model, head, train_set, cache_dir))
 

@@ -34,6 +34,11 @@ DELTA_NAME = "label_delta"
 """The parameter's attribute on ``LabelHead`` (its manifest name ends with ``lm_head.label_delta``)."""
 
 
+def is_delta(name: str) -> bool:
+    """Whether parameter ``name`` is a label head's delta (what ``model.trainable = "label-head"`` trains)."""
+    return name == DELTA_NAME or name.endswith("." + DELTA_NAME)
+
+
 class LabelHead(nn.Module):
     """The model's output layer plus a trainable delta on the rows of ``token_ids``."""
 
@@ -49,8 +54,9 @@ class LabelHead(nn.Module):
             raise ValueError(f"label-head token ids must be distinct ids below {weight.shape[0]}, got {ids[:12]}")
         self.head = head
         self.register_buffer("token_ids", torch.tensor(ids, dtype=torch.long, device=weight.device), persistent=False)
-        delta = torch.zeros(len(ids), weight.shape[1], dtype=torch.float32, device=weight.device)
-        setattr(self, DELTA_NAME, nn.Parameter(delta))
+        self.label_delta = nn.Parameter(
+            torch.zeros(len(ids), weight.shape[1], dtype=torch.float32, device=weight.device)
+        )
 
     @property
     def weight(self) -> torch.Tensor:
@@ -59,7 +65,7 @@ class LabelHead(nn.Module):
 
     @property
     def delta(self) -> torch.Tensor:
-        return getattr(self, DELTA_NAME)
+        return self.label_delta
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.head(hidden)

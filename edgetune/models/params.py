@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from edgetune.models import labelhead
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -75,7 +77,7 @@ def select_trainable(model: nn.Module, patterns: Iterable[str]) -> Manifest:
         elif "lora-b" in pats:
             keep = "lora_B" in name
         elif "label-head" in pats:
-            keep = name.endswith(".label_delta")
+            keep = labelhead.is_delta(name)
         else:
             keep = any(p in name for p in pats)
         param.requires_grad_(keep)

@@ -214,29 +214,25 @@ class SpsaClient:
                 codec=plan["codec"],
                 difference=plan["diff"],
                 masks=replica.masks,
-                runner=probe_runner(replica, self.ctx.train_set, plan["obj"], self._features_dir()),
+                runner=probe_runner(
+                    replica.model, replica.manifest.names, self.ctx.train_set, plan["obj"], self._features_dir()
+                ),
                 extra_lanes=lanes,
             )
         return codes, loss
 
 
 def probe_runner(
-    replica: Replica, train_set: TokenizedSet, objective: str, features_dir: Path | None = None
-) -> HeadRunner | SuffixRunner | None:
-    """What computes the probe losses cheaper than a full forward: cached features for a label head
-    (``models/headcache.py``; also on disk in ``features_dir``), the upper blocks only for perturbations
-    there (``models/suffix.py``).
-    """
-    return _runner(replica.model, replica.manifest.names, train_set, objective, features_dir)
-
-
-def _runner(
     model: nn.Module,
     names: tuple[str, ...],
     train_set: TokenizedSet | None,
     objective: str,
     features_dir: Path | None = None,
 ) -> HeadRunner | SuffixRunner | None:
+    """What computes the probe losses cheaper than a full forward: cached features for a label head
+    (``models/headcache.py``; also on disk in ``features_dir``), the upper blocks only for perturbations
+    there (``models/suffix.py``); None: full forwards.
+    """
     head = None if train_set is None else HeadRunner.for_model(model, names, train_set, objective, features_dir)
     return head if head is not None else SuffixRunner.for_model(model, names)
 
@@ -279,7 +275,7 @@ def probe_lanes(
                 work=work,
                 batches=[{k: v.to(dev) for k, v in b.items()} for b in batches],
                 masks=None if replica.masks is None else [m.to(dev) for m in replica.masks],
-                runner=_runner(model, replica.manifest.names, train_set, objective),
+                runner=probe_runner(model, replica.manifest.names, train_set, objective),
             )
         )
     return lanes
