@@ -41,6 +41,8 @@ from benchmarks import code_version
 from edgetune.config import from_run_config, load_recipe
 from edgetune.data.prompts import TokenizedSet
 from edgetune.data.sources import heldout_examples, site_examples
+from edgetune.models.headcache import compute_features
+from edgetune.models.labelhead import add_label_head, label_head_of
 from edgetune.models.load import load_model
 from edgetune.models.loss import _plain
 
@@ -53,35 +55,29 @@ Split = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 candidate's row in D (n, C) and the right candidate (n,)."""
 
 
-def features(recipe: Path, batch_size: int = 16) -> tuple[list[Split], Split, int]:
-    """Each site's training split and the held-out split on the frozen model, and the number of label rows."""
+def features(recipe: Path) -> tuple[list[Split], Split, int]:
+    """Each site's training split and the held-out split on the frozen model, and the number of label rows.
+
+    The label rows are the candidates' first tokens over all splits, in token-id order; the features are
+    those a label-head site caches (``models.headcache.compute_features``).
+    """
     cfg = from_run_config(load_recipe(recipe))
     model, tok = load_model(cfg.model, seed=cfg.run.seed)
     base = _plain(model)
     if base is None:
         raise SystemExit(f"{recipe}: the model's head is not a plain linear layer; this measurement needs one")
-    weight = base.get_output_embeddings().weight.detach().float()
     n_sites = cfg.run.num_sites
-    raw = []
-    for examples in [*(site_examples(cfg, s, n_sites) for s in range(n_sites)), heldout_examples(cfg, n_sites)]:
-        data = TokenizedSet(tok, examples, cfg.data.max_length)
-        hs, cs, ys = [], [], []
-        for start in range(0, len(data), batch_size):
-            b = data.batch(range(start, min(start + batch_size, len(data))), choices=True)
-            with torch.inference_mode():
-                out = base.get_decoder()(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
-            h = out.last_hidden_state.float()
-            hs.append(h[torch.arange(h.shape[0]), b["choice_pos"]])
-            cs.append(b["choice_ids"])
-            ys.append(b["choice_target"])
-        raw.append((torch.cat(hs), torch.cat(cs), torch.cat(ys)))
-    tokens = sorted({int(t) for _, c, _ in raw for t in c.flatten().tolist() if t >= 0})
-    row = {t: i for i, t in enumerate(tokens)}
+    sets = [
+        TokenizedSet(tok, examples, cfg.data.max_length)
+        for examples in [*(site_examples(cfg, s, n_sites) for s in range(n_sites)), heldout_examples(cfg, n_sites)]
+    ]
+    tokens = sorted({t for data in sets for i in range(len(data)) for t in data.choice_row(i)[0]})
+    head = label_head_of(add_label_head(base, tokens))
+    assert head is not None
     splits: list[Split] = []
-    for h, c, y in raw:
-        s0 = torch.einsum("nd,ncd->nc", h, weight[c.clamp(min=0)]).masked_fill(c < 0, float("-inf"))
-        rows = torch.tensor([[row.get(int(t), 0) for t in r] for r in c])
-        splits.append((h, s0, rows, y))
+    for data in sets:
+        f = compute_features(base, head, data)
+        splits.append((f.hidden, f.base, f.rows, f.target))
     return splits[:-1], splits[-1], len(tokens)
 
 
