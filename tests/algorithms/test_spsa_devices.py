@@ -9,11 +9,12 @@ from test_spsa_variants import LABEL_HEAD
 
 from edgetune import config as cfgmod
 from edgetune import inproc
-from edgetune.algorithms.spsa.client import SpsaClient
+from edgetune.algorithms.spsa.client import SpsaClient, probe_lanes
 from edgetune.comm import wire
 from edgetune.crypto import envelope
 from edgetune.crypto.guardfile import ReplayGuard
 from edgetune.federation import run_round
+from edgetune.models.headcache import HeadRunner
 
 
 def _cfg(**overrides):
@@ -68,6 +69,11 @@ def test_several_devices_send_the_same_bytes_and_hash_as_one(tmp_path, differenc
         replies[site] = SpsaClient(many, client.ctx).step("train", msg, {})[0]
     result = server.aggregate(2, "train", replies, min_sites=2)
     assert result.committed and not result.rejected
+    if trainable == "label-head":  # every lane scores from cached features, as the primary does
+        client = next(iter(transport.clients.values()))
+        rep = server.replica
+        lanes = probe_lanes(rep, devices, [], client.ctx.train_set, "choices")
+        assert lanes and all(isinstance(lane.runner, HeadRunner) for lane in lanes)
 
 
 def test_multi_device_federation_stays_in_sync(tmp_path):
