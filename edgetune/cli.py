@@ -325,7 +325,10 @@ def site(
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N (default: the recipe's)")] = "",
     devices: Annotated[
         str,
-        typer.Option(help="Several devices of this site, e.g. cuda:0,cuda:1: spsa spreads its probes across them"),
+        typer.Option(
+            help="Several devices of this site, e.g. cuda:0,cuda:1: spsa spreads its probes across them, "
+            "the other algorithms split each batch across them"
+        ),
     ] = "",
     model: Annotated[
         str,

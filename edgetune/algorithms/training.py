@@ -3,11 +3,22 @@
 kavg, lowrank, dppf and deft train the same way (``WeightsClient.train_plan``, ``weights.py``);
 lowrank's full-rank phase calls ``local_train`` on the adapted layers' dense weights. Nothing
 here survives a round: the optimizer is created per call.
+
+A site with several devices (``model.device = cuda:0,cuda:1``) trains data parallel in one
+process: each step's batch is split into micro-batches (at least one per device), the devices
+compute their micro-batches' gradients at once (one thread each, on a replica of the model), and
+the gradients are added on the first device in micro-batch order, the order one device
+accumulates them in. So G devices give bitwise the step of one device with as many micro-batches
+(``grad_accum_steps``); only the first device's optimizer steps, and the replicas get its updated
+tensors before the next step.
 """
 
 from __future__ import annotations
 
+import copy
+import weakref
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -29,6 +40,7 @@ def local_train(
     weight_decay: float = 0.0,
     grad_accum_steps: int = 1,
     autocast: str = "none",
+    replicas: Sequence[nn.Module] = (),
 ) -> list[float]:
     """K optimizer steps (one per batch) on ``params`` only; returns the K training losses.
 
@@ -38,6 +50,8 @@ def local_train(
     (``answer_loss`` is a mean over answer tokens) with a fraction of the activation memory.
     ``autocast`` (``bf16``/``fp16``) runs forward and backward under ``torch.autocast``; fp16
     adds a gradient scaler and needs CUDA.
+    ``replicas``: copies of ``model`` on the site's further devices (``device_replicas``); each
+    batch is then split into at least one micro-batch per device (module docstring).
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
     keep = {id(p) for p in params}
@@ -58,6 +72,10 @@ def local_train(
     was_training = model.training
     model.train()
     try:
+        if replicas:
+            return _parallel_steps(
+                model, params, batches, opt, scaler, amp_dtype, replicas, max(grad_accum_steps, 1 + len(replicas))
+            )
         for batch in batches:
             parts = micro_batches(batch, grad_accum_steps)
             total = sum(_answer_tokens(mb) for mb in parts)
@@ -86,6 +104,129 @@ def local_train(
         for p in frozen:
             p.requires_grad_(True)
     return losses
+
+
+def _parallel_steps(
+    model: nn.Module,
+    params: Sequence[torch.Tensor],
+    batches: Sequence[dict[str, torch.Tensor]],
+    opt: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    amp_dtype: torch.dtype | None,
+    replicas: Sequence[nn.Module],
+    num_parts: int,
+) -> list[float]:
+    """``local_train``'s steps with the micro-batches spread over ``model`` and its ``replicas``."""
+    models = [model, *replicas]
+    names = _names_of(model, params)
+    lane_params = [list(params)] + [[dict(r.named_parameters())[n] for n in names] for r in replicas]
+    _mirror(model, replicas)
+    devices = [next(m.parameters()).device for m in models]
+    if scaler is not None:
+        scaler.scale(torch.ones((), device=devices[0]))  # its scale exists before the lanes' threads use it
+
+    def part_grads(lane: int, part: dict[str, torch.Tensor], weight: float | None) -> tuple[float, list]:
+        """One micro-batch on one lane: its loss and its (weighted) gradients, taken off the lane."""
+        mb = {k: v.to(devices[lane]) for k, v in part.items()}
+        with torch.autocast(devices[lane].type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = answer_loss(models[lane], mb)
+        if not torch.isfinite(loss):
+            raise ValueError(f"local training loss is not finite ({float(loss)})")
+        weighted = loss if weight is None else loss * weight
+        (scaler.scale(weighted) if scaler is not None else weighted).backward()
+        grads = [p.grad for p in lane_params[lane]]
+        for p in lane_params[lane]:
+            p.grad = None
+        return float(loss.detach()), grads
+
+    losses = []
+    with ThreadPoolExecutor(max_workers=len(models)) as pool:
+        for step, batch in enumerate(batches):
+            if step:
+                with torch.no_grad():  # the replicas take the primary's tensors after its step
+                    for lane in lane_params[1:]:
+                        for q, p in zip(lane, params):
+                            q.copy_(p)
+            parts = micro_batches(batch, num_parts)
+            total = sum(_answer_tokens(mb) for mb in parts)
+            work = [(i, mb, _answer_tokens(mb)) for i, mb in enumerate(parts)]
+            work = [w for w in work if len(parts) == 1 or w[2] > 0]  # cut-away answers contribute nothing
+            shares = [1.0 if len(parts) == 1 else n / total for _, _, n in work]
+            done: list[tuple[float, list]] = []  # (loss, gradients) per micro-batch, in order
+            for start in range(0, len(work), len(models)):
+                wave = work[start : start + len(models)]
+                futures = [
+                    pool.submit(part_grads, lane, mb, None if len(parts) == 1 else shares[start + lane])
+                    for lane, (_, mb, _) in enumerate(wave)
+                ]
+                done += [f.result() for f in futures]
+            step_loss = 0.0
+            for p_i, p in enumerate(params):  # added in micro-batch order, as one device accumulates them
+                acc = None
+                for _, grads in done:
+                    g = grads[p_i]
+                    if g is None:
+                        continue
+                    g = g.to(p.device)
+                    acc = g if acc is None else acc + g
+                p.grad = acc
+            for (loss, _), share in zip(done, shares):
+                step_loss += loss * share
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(step_loss)
+    return losses
+
+
+def _names_of(model: nn.Module, params: Sequence[torch.Tensor]) -> list[str]:
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    missing = [i for i, p in enumerate(params) if id(p) not in by_id]
+    if missing:
+        raise ValueError(f"local training on several devices: tensor {missing[0]} is not a parameter of the model")
+    return [by_id[id(p)] for p in params]
+
+
+def _mirror(model: nn.Module, replicas: Sequence[nn.Module]) -> None:
+    """Every replica takes the model's parameters, buffers and requires_grad flags (a copy: bitwise)."""
+    ours = dict(model.named_parameters())
+    bufs = dict(model.named_buffers())
+    with torch.no_grad():
+        for r in replicas:
+            theirs = dict(r.named_parameters())
+            if theirs.keys() != ours.keys():
+                raise ValueError("local training on several devices: a replica has other parameters than the model")
+            for n, q in theirs.items():
+                q.copy_(ours[n])
+                q.requires_grad_(ours[n].requires_grad)
+            for n, b in r.named_buffers():
+                b.copy_(bufs[n])
+            r.train(model.training)
+
+
+_REPLICAS: weakref.WeakKeyDictionary[nn.Module, dict[str, nn.Module]] = weakref.WeakKeyDictionary()
+
+
+def device_replicas(model: nn.Module, devices: Sequence[torch.device]) -> list[nn.Module]:
+    """Copies of ``model`` on ``devices[1:]`` (made once per process and model; ``local_train``
+    sets their tensors from the model's at every call). None for one device.
+    """
+    if len(devices) < 2:
+        return []
+    first = next(model.parameters()).device
+    if devices[0].type != first.type:
+        raise ValueError(f"several devices: the model is on {first}, not on the first device {devices[0]}")
+    cache = _REPLICAS.setdefault(model, {})
+    out = []
+    for slot, dev in enumerate(devices[1:], start=1):
+        key = f"{slot}:{dev}"
+        if key not in cache:
+            cache[key] = copy.deepcopy(model).to(dev)
+        out.append(cache[key])
+    return out
 
 
 def _answer_tokens(batch: dict[str, torch.Tensor]) -> int:

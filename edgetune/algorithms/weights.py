@@ -38,6 +38,7 @@ from edgetune.comm.tensors import TENSOR_CODECS, decode_tensors, encode_tensors
 from edgetune.comm.wire import Payload, WireError
 from edgetune.config import KavgSection, RunConfig
 from edgetune.io import atomic_write_bytes, read_state_json, write_state_json
+from edgetune.models.load import resolve_devices
 from edgetune.models.params import Manifest, manifest_of, sha256_tensors, trainable_tensors
 from edgetune.schedules import parse as parse_schedule
 
@@ -404,6 +405,7 @@ class WeightsClient:
             # how a site fits the step into its memory is its own business: not in the plan
             grad_accum_steps=self.cfg.kavg.grad_accum_steps,
             autocast=self.cfg.model.autocast,
+            replicas=training.device_replicas(self.ctx.model, resolve_devices(self.cfg.model.device)),
         )
 
     def train_and_reply(self, plan: dict[str, Any], start: list[torch.Tensor]) -> Payload:

@@ -21,7 +21,7 @@ from edgetune.config.algorithms import (
     SpsaSection,
 )
 from edgetune.config.sections import CryptoSection, DataSection, EvalSection, ImvSection, ModelSection, RunSection
-from edgetune.config.values import Scalar, device_list
+from edgetune.config.values import Scalar
 
 INT_LIMITS: dict[str, tuple[int, int]] = {
     "num_rounds": (1, 1_000_000),
@@ -109,11 +109,6 @@ class RunConfig:
             raise ValueError(f"algorithm must be one of {', '.join(ALGORITHM_NAMES)}, got {self.algorithm!r}")
         if self.num_rounds < 1:
             raise ValueError(f"num_rounds must be >= 1, got {self.num_rounds}")
-        if len(device_list(self.model.device)) > 1 and self.algorithm != "spsa":
-            raise ValueError(
-                f"model.device = {self.model.device!r} names several devices, which only spsa uses (it spreads "
-                f"its probes); {self.algorithm} trains on one device: set model.device to one of them"
-            )
         if self.algorithm == "lowrank" and self.model.trainable.strip() != "lora":
             raise ValueError("algorithm = 'lowrank' trains LoRA factors: set model.trainable = 'lora'")
         label_head = self.model.trainable.strip() == "label-head"

@@ -109,7 +109,9 @@ class ModelSection:
     device: str = "auto"
     """``auto`` (cuda when available), ``cpu`` or ``cuda[:N]``; or several devices of one site,
     comma-separated (``cuda:0,cuda:1``): spsa spreads each step's probes across replicas on them
-    (same bytes and state hash as one device); the other algorithms refuse a list."""
+    (same bytes and state hash as one device); the other algorithms split each step's batch into
+    at least one micro-batch per device and add the gradients in micro-batch order (bitwise the
+    step of one device with as many micro-batches, ``kavg.grad_accum_steps``)."""
     trainable: str = "q_proj,k_proj,v_proj,o_proj"
     """``all``, ``lora`` (LoRA adapters on ``target_modules``; A and B train), ``lora-b`` (LoRA
     adapters, only B trains: A keeps its keyed initialisation, which every replica derives from

@@ -85,15 +85,6 @@ def test_multi_device_federation_stays_in_sync(tmp_path):
         assert not rejected and metrics["num_accepted"] == 2
 
 
-@pytest.mark.parametrize("algorithm", ["kavg", "lowrank", "dppf", "deft"])
-def test_device_list_is_refused_by_algorithms_that_train_on_one_device(algorithm):
-    flat = tiny_flat(**{"algorithm": algorithm, "model.device": "cpu,cpu"})
-    if algorithm == "lowrank":
-        flat["model.trainable"] = "lora"
-    with pytest.raises(ValueError, match="only spsa uses"):
-        cfgmod.from_run_config(flat)
-
-
 def test_auto_inside_a_device_list_is_refused():
     with pytest.raises(ValueError, match="'auto' cannot be part of a device list"):
         _cfg(**{"model.device": "auto,cpu"})
