@@ -82,7 +82,8 @@ def profile_inproc(sites: int, rounds: int, sets: Sequence[str], top: int = 25) 
     from edgetune import config as cfgmod
     from edgetune import inproc
 
-    flat = cfgmod.load_recipe(sim_scale.ROOT / sim_scale.DEFAULT_RECIPE, [f"run.min_sites={sites}", *sets])
+    recipe = sim_scale.ROOT / sim_scale.DEFAULT_RECIPE
+    flat = cfgmod.load_recipe(recipe, [f"run.min_sites={sites}", *sets], {"run.num_sites": sites})
     flat["num_rounds"] = rounds
     with tempfile.TemporaryDirectory(prefix="edgetune-many-sites-") as tmp:
         flat["run.dir"] = tmp

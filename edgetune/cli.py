@@ -101,8 +101,7 @@ def _load(recipe: Path, sets: list[str], extra: dict[str, Any]) -> tuple[dict[st
     from edgetune import tracking
 
     with _failing():
-        flat = cfgmod.load_recipe(recipe, sets)
-        flat.update(extra)
+        flat = cfgmod.load_recipe(recipe, sets, extra)
         flat = project.absolute_paths(flat, Path.cwd())
         cfg = cfgmod.from_run_config(flat)
         tracking.check_available(cfg)
@@ -165,6 +164,8 @@ def simulate(
     from edgetune import simulate as sim
 
     extra: dict[str, Any] = {"num_rounds": rounds} if rounds else {}
+    if sites:  # before the config is checked: a quorum of --sites sites is valid whatever the recipe's count
+        extra["run.num_sites"] = sites
     if gpus_per_site != -1.0:
         with _failing():
             extra["run.gpus_per_site"] = cfgmod.check_gpus_per_site(gpus_per_site, "--gpus-per-site")

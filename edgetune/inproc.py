@@ -118,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from edgetune.runs import format_row
 
-    cfg = cfgmod.from_run_config(cfgmod.load_recipe(args.recipe, args.overrides))
+    # the sites this run builds, before the quorum is checked against them
+    flat = cfgmod.load_recipe(args.recipe, args.overrides, {"run.num_sites": args.sites})
+    cfg = cfgmod.from_run_config(flat)
     summary = run(cfg, args.sites, on_row=lambda row: print(format_row(row), flush=True))
     print(summary)
     return 0

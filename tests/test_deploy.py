@@ -188,3 +188,23 @@ def test_a_simulation_attaches_to_a_ray_cluster_only_with_portable_sites(tmp_pat
     output = " ".join(result.output.split())
     assert result.exit_code == 1 and "run.portable_sites" in output and "10.0.0.7:6379" in output
     assert not any((tmp_path / "runs").glob("*/metrics.jsonl"))  # refused before any run started
+
+
+def test_a_quorum_of_all_the_sites_the_command_line_asks_for_is_valid(tmp_path):
+    """``--sites N`` counts before the config's quorum check: ``--set run.min_sites=N`` with N above the
+    recipe's run.num_sites (4) runs (it was refused as 'more than run.num_sites = 4', which broke the
+    documented 1000-site command and the many_sites benchmark), for ``edgetune simulate`` and for
+    ``python -m edgetune.inproc``; a quorum above --sites is still refused."""
+    from edgetune import inproc
+
+    argv = ["simulate", RECIPE, "--sites", "6", "--rounds", "1", "--engine", "inproc"]
+    sets = ["--set", "run.min_sites=6", "--set", f"run.dir={tmp_path}/runs"]
+    result = CliRunner().invoke(cli.app, argv + sets)
+    assert result.exit_code == 0, result.output
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    metrics = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"round": 1' in line]
+    assert metrics and '"num_accepted": 6' in metrics[0]
+    assert inproc.main([RECIPE, "num_rounds=1", "run.min_sites=5", f"run.dir={tmp_path}/in", "--sites", "5"]) == 0
+    result = CliRunner().invoke(cli.app, [*argv[:3], "5", *argv[4:], *sets])
+    flat = "".join(result.output.split())
+    assert result.exit_code == 1 and "run.min_sites=6ismorethanrun.num_sites=5" in flat

@@ -39,8 +39,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Read a recipe TOML file into dotted keys, apply ``key=value`` overrides, validate."""
+def load_recipe(
+    path: str | Path, overrides: list[str] | None = None, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Read a recipe TOML file into dotted keys, apply ``key=value`` overrides, then ``extra`` (dotted
+    keys set by command-line options, which win), and validate the result.
+    """
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"recipe {p} does not exist")
@@ -51,6 +55,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict[st
     for item in overrides or []:
         key, value = parse_override(item)
         flat[key] = value
+    flat.update(extra or {})
     from_run_config(flat)  # validate now, with the recipe's name in the traceback
     return flat
 
