@@ -324,6 +324,7 @@ def run_one(
     forwards_each = forwards_per_round(load_recipe(recipe, overrides), model, sites, unit)
     overrides += [f"run.dir={_value(str(runs_dir))}", f"run.name={_value(name)}"]
     cmd = [sys.executable, "-m", "edgetune.inproc", str(recipe), *overrides, "--sites", str(sites)]
+    _clear_features(model, sites)  # every run starts cold: its time includes the sites' feature passes
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     log_path = runs_dir / f"{name}.log"
@@ -360,6 +361,7 @@ def run_one(
         row["log_tail"] = log_path.read_text()[-3000:]
     if not keep:
         _cleanup(run_dir, model, sites)
+    _clear_features(model, sites)
     return row
 
 
@@ -506,6 +508,18 @@ def _cleanup(run_dir: Path, model: str, sites: int) -> None:
     for i in range(sites):
         shutil.rmtree(root / f"site-{i}" / run_hex, ignore_errors=True)
         shutil.rmtree(root / f"site-{i}" / "spsa" / run_hex, ignore_errors=True)
+
+
+def _clear_features(model: str, sites: int) -> None:
+    """Remove the label-head features the sites keep on disk (``models/headcache.py``): they outlive a
+    run (keyed by the frozen weights and the data, not the run), so a later run would skip the feature
+    pass and report less training time than a new site spends."""
+    from edgetune.config import ModelSection
+    from edgetune.models.folders import cache_root
+
+    root = cache_root(ModelSection(path=model)) / "sites"
+    for i in range(sites):
+        shutil.rmtree(root / f"site-{i}" / "label-head-features", ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -102,3 +102,22 @@ def test_spsa_head_runs_the_label_head_recipe_with_its_own_batch_and_counts_one_
     # over 10 rounds (in its own batches of 120 it would be 4)
     assert qpb.forwards_per_round(flat, "smollm2", 4, unit_batch=8) == pytest.approx(6.0)
     assert qpb.forwards_per_round(flat, "smollm2", 4) == pytest.approx(0.4)
+
+
+def test_every_run_starts_without_the_label_head_features_of_an_earlier_one():
+    """The sites' feature files outlive a run (keyed by weights and data, not by run), so a second
+    spsa-head run would skip its feature pass and report less training time: they are cleared for the
+    run's sites, and the sites' other state is left alone."""
+    from edgetune.config import ModelSection
+    from edgetune.models.folders import cache_root
+
+    root = cache_root(ModelSection(path="smollm2")) / "sites"
+    for i in range(3):
+        (root / f"site-{i}" / "label-head-features").mkdir(parents=True, exist_ok=True)
+        (root / f"site-{i}" / "label-head-features" / "k.safetensors").write_bytes(b"x")
+        (root / f"site-{i}" / "replay-guard").mkdir(parents=True, exist_ok=True)
+    qpb._clear_features("smollm2", 2)
+    assert not (root / "site-0" / "label-head-features").exists()
+    assert not (root / "site-1" / "label-head-features").exists()
+    assert (root / "site-2" / "label-head-features" / "k.safetensors").exists()  # not one of the run's sites
+    assert all((root / f"site-{i}" / "replay-guard").is_dir() for i in range(3))
