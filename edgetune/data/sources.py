@@ -23,11 +23,11 @@ from typing import Any, Protocol
 from edgetune.config import RunConfig
 from edgetune.crypto import schedule
 from edgetune.data import realtext
-from edgetune.data.demo import demo_heldout, demo_sites
+from edgetune.data.demo import demo_heldout, demo_site
 from edgetune.data.files import load_examples
 from edgetune.data.prompts import SYSTEM_PROMPT as DEMO_SYSTEM_PROMPT
 from edgetune.data.triage import SYSTEM_PROMPT as TRIAGE_SYSTEM_PROMPT
-from edgetune.data.triage import triage_heldout, triage_sites
+from edgetune.data.triage import triage_heldout, triage_site
 
 EVAL_FRACTION = 0.1
 
@@ -84,10 +84,10 @@ def site_examples(
     if not 0 <= site_index < num_sites:
         raise ValueError(f"site index {site_index} out of range for {num_sites} sites")
     if cfg.data.source == "demo":
-        sites = demo_sites(num_sites, facts_per_site=cfg.data.demo_facts, seed=cfg.run.seed)
-        return _with_system(cfg, list(sites[site_index].train))
+        site = demo_site(site_index, num_sites, facts_per_site=cfg.data.demo_facts, seed=cfg.run.seed)
+        return _with_system(cfg, list(site.train))
     if cfg.data.source == "triage":
-        return _with_system(cfg, list(triage_sites(num_sites, seed=cfg.run.seed)[site_index].train))
+        return _with_system(cfg, list(triage_site(site_index, num_sites, seed=cfg.run.seed).train))
     if cfg.data.source == "docs":
         return _with_system(cfg, realtext.docs_site(site_index, seed=cfg.run.seed))
     if partitioner is None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edgetune.crypto import schedule
-from edgetune.data.demo import CITIES, MACHINE_NUMBERS, MACHINE_TYPES, MAX_SITES, PLANT_KINDS
+from edgetune.data.demo import MACHINE_NUMBERS, MACHINE_TYPES, MAX_SITES, plant_name
 
 CATEGORIES_PER_SITE = 5
 """Teams (categories) each site routes its reports to."""
@@ -293,18 +293,33 @@ def triage_sites(
     """
     if not 1 <= num_sites <= MAX_SITES:
         raise ValueError(f"triage data: num_sites must be in 1..{MAX_SITES}, got {num_sites}")
+    return [
+        triage_site(i, num_sites, seed=seed, train_per_site=train_per_site, heldout_per_site=heldout_per_site)
+        for i in range(num_sites)
+    ]
+
+
+def triage_site(
+    site_idx: int,
+    num_sites: int,
+    *,
+    seed: int = 0,
+    train_per_site: int = TRAIN_REPORTS_PER_SITE,
+    heldout_per_site: int = HELDOUT_REPORTS_PER_SITE,
+) -> TriageSite:
+    """``triage_sites(num_sites, ...)[site_idx]``, built alone (a site's reports depend on its index
+    and the seed only).
+    """
+    if not 1 <= num_sites <= MAX_SITES:
+        raise ValueError(f"triage data: num_sites must be in 1..{MAX_SITES}, got {num_sites}")
     if train_per_site < 1 or heldout_per_site < 1:
         raise ValueError("triage data: train_per_site and heldout_per_site must be >= 1")
+    if not 0 <= site_idx < num_sites:
+        raise ValueError(f"triage data: site index {site_idx} out of range for {num_sites} sites")
     root = schedule.run_key(seed)
-    # The same keyed name permutation as the fact-recall demo: site i is the same plant in both.
-    name_order = schedule.permutation(schedule.derive(root, "data", "demo-names"), len(CITIES) * len(PLANT_KINDS))
-    sites = []
-    for site_idx in range(num_sites):
-        city, kind = divmod(int(name_order[site_idx]), len(PLANT_KINDS))
-        name = f"{CITIES[city]} {PLANT_KINDS[kind]} plant"
-        key = schedule.derive(root, "data", "triage-site", site_idx)
-        sites.append(_make_site(f"site-{site_idx}", name, key, train_per_site, heldout_per_site))
-    return sites
+    # The same keyed plant names as the fact-recall demo: site i is the same plant in both.
+    key = schedule.derive(root, "data", "triage-site", site_idx)
+    return _make_site(f"site-{site_idx}", plant_name(root, site_idx), key, train_per_site, heldout_per_site)
 
 
 def triage_heldout(num_sites: int, *, seed: int = 0) -> list[dict[str, str]]:

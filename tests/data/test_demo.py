@@ -154,3 +154,31 @@ def test_heldout_multiple_choice_holds_the_answer_and_three_answers_of_the_same_
         options = row["mc_choices"].split("\n")
         assert len(options) == len(set(options)) == MC_OPTIONS
         assert row["response"] in options and set(options) <= answers
+
+
+@pytest.mark.parametrize("source", ["demo", "triage"])
+def test_a_site_builds_its_own_data_alone_and_the_same_as_among_all(monkeypatch, source):
+    """A site's data depends on its index and the seed only; building site i alone gives exactly
+    demo_sites(N)[i] (triage too), and a site's examples (data.sources.site_examples, what every site
+    process calls) generate that one site, not all N (0.6 s per site at 1000 sites, once per site per
+    process: it made simulated rounds of many sites grow with the square of the sites)."""
+    from edgetune import config as cfgmod
+    from edgetune.data import demo, sources, triage
+
+    if source == "demo":
+        mod, build_all, build_one = demo, demo.demo_sites, demo.demo_site
+    else:
+        mod, build_all, build_one = triage, triage.triage_sites, triage.triage_site
+    for n in (1, 7, 40):
+        everything = build_all(n, seed=3)
+        for i in {0, n // 2, n - 1}:
+            assert build_one(i, n, seed=3) == everything[i]
+    with pytest.raises(ValueError, match="out of range"):
+        build_one(5, 5)
+    calls = []
+    real = mod._make_site
+    monkeypatch.setattr(mod, "_make_site", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    cfg = cfgmod.from_run_config({"model.path": "tiny", "data.source": source, "run.num_sites": 500})
+    examples = sources.site_examples(cfg, 321, 500)
+    assert calls == ["site-321"]
+    assert examples and {e["site"] for e in examples} == {"site-321"}
