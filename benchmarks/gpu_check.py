@@ -18,6 +18,10 @@ spsa_step_vs_forward, spsa_memory_vs_inference
     ``benchmarks.spsa_step`` on the attention projections: one spsa step (P=1, central) / one no-grad
     forward of the same batch (goal <= 2.1), and peak memory of an spsa round / of inference
     (``torch.cuda.max_memory_allocated`` on CUDA, each in its own process; goal <= 1.05).
+devices_match
+    A site on two devices (``cuda:0,cuda:1``; with one GPU, two copies on it) gives the state hash of
+    one device after a round of spsa and of lowrank (one device with as many micro-batches). Goal:
+    equal; ``repeatable`` says whether one device run twice agrees with itself.
 simulate_sites
     ``edgetune simulate recipes/spsa/tiny-4c.toml --sites 8 --gpus-per-site 0.125``: Flower's
     simulation engine puts 8 sites on one GPU with fractional resources; the run must finish.
@@ -78,8 +82,17 @@ def check_stream(device: str) -> dict[str, Any]:
     }
 
 
-def one_round(algorithm: str, model: str, device: str, dtype: str, workdir: Path) -> dict[str, Any]:
-    """One in-process round of ``algorithm`` with 2 sites; every reply must be accepted."""
+def one_round(
+    algorithm: str,
+    model: str,
+    device: str,
+    dtype: str,
+    workdir: Path,
+    extra: dict[str, Any] | None = None,
+    tag: str = "round",
+) -> dict[str, Any]:
+    """One in-process round of ``algorithm`` with 2 sites; every reply must be accepted.
+    ``extra``: further config keys; ``tag`` names the check (``<algorithm>_<tag>``) and its run folder."""
     from edgetune import config as cfgmod
     from edgetune import inproc
     from edgetune.federation import run_round
@@ -97,22 +110,52 @@ def one_round(algorithm: str, model: str, device: str, dtype: str, workdir: Path
         "data.batch_size": 4,
         "eval.num_examples": 8,
         "crypto.deterministic_secrets": True,
+        **(extra or {}),
     }
     cfg = cfgmod.from_run_config(flat)
     t0 = time.time()
-    server, transport, recorder, _evaluate, _tok = inproc.build(cfg, 2, run_dir=workdir / f"{algorithm}-round")
+    server, transport, recorder, _evaluate, _tok = inproc.build(cfg, 2, run_dir=workdir / f"{algorithm}-{tag}")
     metrics, rejected, _ = run_round(cfg, server, transport, recorder, 1)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     ok = not rejected and metrics.get("num_accepted", 0) == 2
     return {
-        "check": f"{algorithm}_round",
+        "check": f"{algorithm}_{tag}",
         "value": int(metrics.get("num_accepted", 0)),
         "goal": "2 sites accepted",
         "pass": ok,
         "state_hash": server.state_hash()[:16],
         "dtype": dtype,
         "rejected": rejected,
+        "wall_s": time.time() - t0,
+    }
+
+
+def devices_match(model: str, device: str, dtype: str, workdir: Path) -> dict[str, Any]:
+    """A site on two devices (``cuda:0,cuda:1``, or two copies on the one GPU) against one device, for
+    spsa (probes spread) and lowrank (micro-batches spread; one device with as many micro-batches):
+    equal state hashes after one round. Also reports whether one device repeated gives its own hash
+    again (CUDA backward kernels may add in varying order; then the two-device claim cannot hold either)."""
+    second = "cuda:1" if device.startswith("cuda") and torch.cuda.device_count() > 1 else device
+    both = f"{device},{second}"
+    hashes: dict[str, dict[str, str]] = {}
+    t0 = time.time()
+    for algorithm in ("spsa", "lowrank"):
+        kind = "float32" if algorithm == "spsa" else dtype
+        # the same run folder name under separate parents: the run id (which keys the streams) is equal
+        extra = {"kavg.grad_accum_steps": 2}
+        hashes[algorithm] = {
+            tag: one_round(algorithm, model, dev, kind, workdir / tag, extra, "devices")["state_hash"]
+            for tag, dev in (("one", device), ("again", device), ("two", both))
+        }
+    return {
+        "check": "devices_match",
+        "value": sum(h["two"] == h["one"] for h in hashes.values()),
+        "goal": "2 of 2 equal",
+        "pass": all(h["two"] == h["one"] for h in hashes.values()),
+        "devices": both,
+        "repeatable": {a: h["again"] == h["one"] for a, h in hashes.items()},
+        "hashes": hashes,
         "wall_s": time.time() - t0,
     }
 
@@ -229,6 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for algorithm in ("spsa", "lowrank"):
             dtype = "float32" if algorithm == "spsa" else args.dtype
             rows.append(one_round(algorithm, args.model, args.device, dtype, work))
+        rows.append(devices_match(args.model, args.device, args.dtype, work))
         rows.extend(spsa_ratios(args.model, args.device, args.repeats, args.batch_size))
         gpus = 1.0 / args.sites if args.device.startswith("cuda") else 0.0
         rows.append(simulate_sites(args.sites, gpus, args.device, args.sim_engine, work, args.sim_timeout))

@@ -45,6 +45,7 @@ def test_dry_run_makes_every_check_on_cpu(tmp_path):
         "stream_hash",
         "spsa_round",
         "lowrank_round",
+        "devices_match",
         "spsa_step_vs_forward",
         "spsa_memory_vs_inference",
         "simulate_sites",
@@ -53,6 +54,8 @@ def test_dry_run_makes_every_check_on_cpu(tmp_path):
     assert by["spsa_round"]["pass"] and by["lowrank_round"]["pass"], by
     assert (by["spsa_round"]["dtype"], by["lowrank_round"]["dtype"]) == ("float32", "bfloat16")  # spsa refuses bf16
     assert by["simulate_sites"]["pass"], by["simulate_sites"]["tail"]
+    devices = by["devices_match"]
+    assert devices["pass"] and devices["devices"] == "cpu,cpu" and all(devices["repeatable"].values()), devices
     assert by["spsa_step_vs_forward"]["value"] > 1.0  # a step runs two forwards
     memory = by["spsa_memory_vs_inference"]
     assert memory["value"] == memory["spsa_round_peak_mib"] / memory["forward_peak_mib"]
