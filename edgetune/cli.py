@@ -164,8 +164,7 @@ def simulate(
     from edgetune import simulate as sim
 
     extra: dict[str, Any] = {"num_rounds": rounds} if rounds else {}
-    if sites:  # before the config is checked: a quorum of --sites sites is valid whatever the recipe's count
-        extra["run.num_sites"] = sites
+    extra.update({"run.num_sites": sites} if sites else {})  # checked with the quorum: a quorum of --sites is valid
     if gpus_per_site != -1.0:
         with _failing():
             extra["run.gpus_per_site"] = cfgmod.check_gpus_per_site(gpus_per_site, "--gpus-per-site")
@@ -325,11 +324,7 @@ def site(
     num_sites: Annotated[int, typer.Option(help="With --demo-index: how many demo sites exist")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N (default: the recipe's)")] = "",
     devices: Annotated[
-        str,
-        typer.Option(
-            help="Several devices of this site, e.g. cuda:0,cuda:1: spsa spreads its probes across them, "
-            "the other algorithms split each batch across them"
-        ),
+        str, typer.Option(help="Devices of this site, e.g. cuda:0,cuda:1: probes or batches split across them")
     ] = "",
     model: Annotated[
         str,
