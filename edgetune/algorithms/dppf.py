@@ -169,6 +169,10 @@ class SiteCopy:
         older = self.files.newest_before("x", round_idx)
         if older is None:
             return None
+        if self.files.metadata("x", older).get("manifest") != self.manifest.digest():
+            # another run under this run id (a reused run name) trained other tensors: not this site's copy,
+            # so it starts from the global weights as a new site does (the next save replaces the file)
+            return None
         shapes = {e.name: e.shape for e in self.manifest}
         named = self.files.read("x", older, shapes, {"manifest": self.manifest.digest()})
         assert named is not None

@@ -81,6 +81,16 @@ class RoundFiles:
         named = {k: t.detach().to("cpu", torch.float32).contiguous() for k, t in tensors.items()}
         atomic_write_bytes(self.path(kind, round_idx), safetensors_bytes(named, metadata=dict(meta or {})))
 
+    def metadata(self, kind: str, round_idx: int) -> dict[str, str]:
+        """The string metadata a ``write`` stored with the file ({} when it has none)."""
+        with safe_open(str(self.path(kind, round_idx)), framework="pt") as f:
+            return dict(f.metadata() or {})
+
+    def shapes(self, kind: str, round_idx: int) -> dict[str, tuple[int, ...]]:
+        """The stored tensors' shapes, without reading them."""
+        with safe_open(str(self.path(kind, round_idx)), framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+
     def read(
         self, kind: str, round_idx: int, shapes: Mapping[str, tuple[int, ...]], meta: Mapping[str, str] | None = None
     ) -> dict[str, torch.Tensor] | None:

@@ -27,14 +27,26 @@ class SiteVectors:
     and ``res-<r>`` (e after round r). Files, not ``state``: phases may run in other processes.
     """
 
-    def __init__(self, files: RoundFiles, dim: int) -> None:
+    def __init__(self, files: RoundFiles, dim: int, layout: str = "") -> None:
         self.files = files
         self.dim = dim
+        self.layout = layout
+        """The trained tensors' manifest digest: a file of another layout is not this site's."""
 
     def save(self, kind: str, round_idx: int, vec: torch.Tensor) -> None:
-        self.files.write(kind, round_idx, {"v": vec})
+        self.files.write(kind, round_idx, {"v": vec}, {"layout": self.layout})
 
     def load(self, kind: str, round_idx: int) -> torch.Tensor | None:
+        """The vector, or None when there is none or it was stored for another layout (a run that
+        reused this run's name and trained other tensors: this site then starts afresh).
+        """
+        if not self.files.path(kind, round_idx).is_file():
+            return None
+        stored = self.files.metadata(kind, round_idx).get("layout")
+        if stored is not None and stored != self.layout:
+            return None
+        if stored is None and self.files.shapes(kind, round_idx).get("v", (self.dim,)) != (self.dim,):
+            return None  # written before files named their layout, by a run of another size
         found = self.files.read(kind, round_idx, {"v": (self.dim,)})
         return None if found is None else found["v"]
 
@@ -67,7 +79,7 @@ class DeftClient(WeightsClient):
 
     def vectors(self, run: str) -> SiteVectors:
         """The site's vector store for run ``run`` (hex id), in the per-site store."""
-        return SiteVectors(self.ctx.store.round_files(run, "deft"), self.dim)
+        return SiteVectors(self.ctx.store.round_files(run, "deft"), self.dim, self.manifest.digest())
 
     def step(self, phase: str, msg: Payload, state: Payload) -> tuple[Payload, Payload]:
         if phase == "norms":
