@@ -61,6 +61,8 @@ def local_train(
         raise ValueError(f"model.autocast = 'fp16' needs CUDA (this site trains on {device}); use bf16 or none")
     for p in frozen:
         p.requires_grad_(False)
+    for p in model.parameters():  # a call that failed mid-step (a non-finite loss) left its gradients
+        p.grad = None
     opt: torch.optim.Optimizer
     if optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -202,6 +204,7 @@ def _mirror(model: nn.Module, replicas: Sequence[nn.Module]) -> None:
             for n, q in theirs.items():
                 q.copy_(ours[n])
                 q.requires_grad_(ours[n].requires_grad)
+                q.grad = None
             for n, b in r.named_buffers():
                 b.copy_(bufs[n])
             r.train(model.training)

@@ -124,3 +124,21 @@ def test_a_run_with_two_devices_per_site_equals_one_device_with_two_micro_batche
     whole = _hash_after(tmp_path, "whole", tiny_flat(**base))
     assert two == one
     assert whole != one  # the micro-batch split matters (rounding), so the equality above says something
+
+
+@pytest.mark.parametrize("devices", [[torch.device("cpu")], CPU2])
+def test_gradients_left_by_a_failed_call_do_not_leak_into_the_next(devices):
+    """A call that stops mid-step (a non-finite loss raises) leaves gradients on the model and its
+    copies; the next call must not add them to its first step: it equals a clean call bitwise."""
+    clean, tok = _lora()
+    dirty, _ = _lora()
+    batches = _batches(tok, 2, 6)
+    replicas = training.device_replicas(dirty, devices)
+    for m in [dirty, *replicas]:
+        for p in m.parameters():
+            if p.requires_grad:
+                p.grad = torch.full_like(p, 7.0)
+    _, after_clean = _train(clean, batches, training.device_replicas(clean, devices), grad_accum_steps=2)
+    _, after_dirty = _train(dirty, batches, replicas, grad_accum_steps=2)
+    for a, b in zip(after_clean, after_dirty, strict=True):
+        assert torch.equal(a, b)
