@@ -64,6 +64,11 @@ def kit(tmp_path):
             ["site", "--kit", "{kit}", "--superlink", "127.0.0.1:9", "--demo-index", "0", "--leave-after-idle", "-5"],
             "--leave-after-idle must be >= 0 seconds, got -5",
         ),  # fmt: skip
+        (
+            ["site", "--kit", "{kit}", "--superlink", "127.0.0.1:9", "--demo-index", "0", "--quantize", "4bit"]
+            + ["--devices", "cuda:0,cuda:1"],
+            "--quantize 4bit with --devices",
+        ),  # fmt: skip
         (["server", RECIPE, "--keys", "{tmp}/nokeys"], "registry.json"),
         (["keys", "{tmp}/k", "--sites", " , "], "--sites names no site"),
         (["certs", "{tmp}/nokeys", "--hosts", "a"], "no site registry in"),

@@ -177,6 +177,11 @@ class ModelSection:
             )
         if self.autocast not in {"none", "bf16", "fp16"}:
             raise ValueError(f"model.autocast must be none, bf16 or fp16, got {self.autocast!r}")
+        if self.quantize != "none" and len(device_list(self.device)) > 1:
+            raise ValueError(
+                f"model.quantize = {self.quantize!r} with several devices ({self.device}): a site's copies on further "
+                "devices are not built for quantised base weights; use one device, or quantize = 'none'"
+            )
         _ = self.lora_layer_list  # validates the spelling
         if self.trainable.strip() == "label-head" and self.head_labels and len(self.head_label_list) < 2:
             raise ValueError(f"model.head_labels needs at least two labels, got {self.head_labels!r}")

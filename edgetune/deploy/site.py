@@ -87,6 +87,8 @@ def run_site(
             device = ",".join(device_list(devices))
         except ValueError as err:
             raise DeployError(f"--devices: {err}") from err
+        if quantize not in ("", "none"):
+            raise DeployError(f"--quantize {quantize} with --devices: quantised base weights train on one device")
     if leave_after_idle < 0:
         raise DeployError(f"--leave-after-idle must be >= 0 seconds, got {leave_after_idle:g}")
     state.mkdir(parents=True, exist_ok=True)

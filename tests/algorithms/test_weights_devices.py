@@ -142,3 +142,11 @@ def test_gradients_left_by_a_failed_call_do_not_leak_into_the_next(devices):
     _, after_dirty = _train(dirty, batches, replicas, grad_accum_steps=2)
     for a, b in zip(after_clean, after_dirty, strict=True):
         assert torch.equal(a, b)
+
+
+def test_quantised_base_weights_on_several_devices_are_refused():
+    """The copies on further devices are plain deep copies: a 4/8-bit base model is refused at config time
+    instead of failing inside a round."""
+    flat = tiny_flat(**{"algorithm": "lowrank", "model.trainable": "lora", "model.quantize": "4bit"})
+    with pytest.raises(ValueError, match="several devices"):
+        cfgmod.from_run_config({**flat, "model.device": "cuda:0,cuda:1"})
