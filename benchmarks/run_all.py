@@ -237,6 +237,15 @@ def plan(quick: bool, sim_sites: str) -> list[Step]:
 
 OPT_IN = [
     Step(
+        "many_sites",
+        "benchmarks.many_sites",
+        ("--sites", "16,64,200,500,1000", "--rounds", "2"),
+        "tiny",
+        "1000 simulated sites on Flower (6.5 min on 2 idle cores on 2026-12-03): only when named in --only",
+        7.0,
+        ("many_sites.json", "many_sites.png"),
+    ),
+    Step(
         "wire_bytes",
         "benchmarks.wire_bytes",
         ("--rounds", "2"),
