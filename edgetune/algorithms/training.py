@@ -86,20 +86,9 @@ def local_train(
                 n = _answer_tokens(mb)
                 if len(parts) > 1 and n == 0:
                     continue  # rows whose answers were cut away contribute nothing
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss = answer_loss(model, mb)
-                if not torch.isfinite(loss):
-                    raise ValueError(f"local training loss is not finite ({float(loss)})")
-                # one micro-batch: the loss itself (bitwise the step without accumulation)
-                weighted = loss if len(parts) == 1 else loss * (n / total)
-                (scaler.scale(weighted) if scaler is not None else weighted).backward()
-                step_loss += float(loss.detach()) * (n / total if len(parts) > 1 else 1.0)
-            if scaler is not None:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-            opt.zero_grad(set_to_none=True)
+                loss = _backward(model, mb, amp_dtype, scaler, None if len(parts) == 1 else n / total)
+                step_loss += loss * (n / total if len(parts) > 1 else 1.0)
+            _step(opt, scaler)
             losses.append(step_loss)
     finally:
         model.train(was_training)
@@ -129,17 +118,11 @@ def _parallel_steps(
 
     def part_grads(lane: int, part: dict[str, torch.Tensor], weight: float | None) -> tuple[float, list]:
         """One micro-batch on one lane: its loss and its (weighted) gradients, taken off the lane."""
-        mb = {k: v.to(devices[lane]) for k, v in part.items()}
-        with torch.autocast(devices[lane].type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = answer_loss(models[lane], mb)
-        if not torch.isfinite(loss):
-            raise ValueError(f"local training loss is not finite ({float(loss)})")
-        weighted = loss if weight is None else loss * weight
-        (scaler.scale(weighted) if scaler is not None else weighted).backward()
+        loss = _backward(models[lane], {k: v.to(devices[lane]) for k, v in part.items()}, amp_dtype, scaler, weight)
         grads = [p.grad for p in lane_params[lane]]
         for p in lane_params[lane]:
             p.grad = None
-        return float(loss.detach()), grads
+        return loss, grads
 
     losses = []
     with ThreadPoolExecutor(max_workers=len(models)) as pool:
@@ -151,15 +134,13 @@ def _parallel_steps(
                             q.copy_(p)
             parts = micro_batches(batch, num_parts)
             total = sum(_answer_tokens(mb) for mb in parts)
-            work = [(i, mb, _answer_tokens(mb)) for i, mb in enumerate(parts)]
-            work = [w for w in work if len(parts) == 1 or w[2] > 0]  # cut-away answers contribute nothing
-            shares = [1.0 if len(parts) == 1 else n / total for _, _, n in work]
+            work = [(mb, n) for mb in parts if (n := _answer_tokens(mb)) > 0 or len(parts) == 1]
+            weights = [None if len(parts) == 1 else n / total for _, n in work]  # None: the loss itself
             done: list[tuple[float, list]] = []  # (loss, gradients) per micro-batch, in order
             for start in range(0, len(work), len(models)):
-                wave = work[start : start + len(models)]
                 futures = [
-                    pool.submit(part_grads, lane, mb, None if len(parts) == 1 else shares[start + lane])
-                    for lane, (_, mb, _) in enumerate(wave)
+                    pool.submit(part_grads, lane, mb, weights[start + lane])
+                    for lane, (mb, _) in enumerate(work[start : start + len(models)])
                 ]
                 done += [f.result() for f in futures]
             step_loss = 0.0
@@ -172,16 +153,41 @@ def _parallel_steps(
                     g = g.to(p.device)
                     acc = g if acc is None else acc + g
                 p.grad = acc
-            for (loss, _), share in zip(done, shares):
-                step_loss += loss * share
-            if scaler is not None:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-            opt.zero_grad(set_to_none=True)
+            for (loss, _), weight in zip(done, weights):
+                step_loss += loss * (1.0 if weight is None else weight)
+            _step(opt, scaler)
             losses.append(step_loss)
     return losses
+
+
+def _backward(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    amp_dtype: torch.dtype | None,
+    scaler: torch.amp.GradScaler | None,
+    weight: float | None,
+) -> float:
+    """Forward and backward of one micro-batch (its loss times ``weight``; None: the loss itself, bitwise
+    the step without accumulation); returns the unweighted loss.
+    """
+    device_type = next(model.parameters()).device.type
+    with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        loss = answer_loss(model, batch)
+    if not torch.isfinite(loss):
+        raise ValueError(f"local training loss is not finite ({float(loss)})")
+    weighted = loss if weight is None else loss * weight
+    (scaler.scale(weighted) if scaler is not None else weighted).backward()
+    return float(loss.detach())
+
+
+def _step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    """One optimizer step on the gradients in place (through the fp16 scaler when there is one)."""
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 def _names_of(model: nn.Module, params: Sequence[torch.Tensor]) -> list[str]:
