@@ -499,27 +499,31 @@ def all_goal_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def _cleanup(run_dir: Path, model: str, sites: int) -> None:
     """Remove the run's checkpoints and the per-site state it left in the edgetune cache."""
     from edgetune.build import run_id_for
-    from edgetune.config import ModelSection
-    from edgetune.models.folders import cache_root
 
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     run_hex = run_id_for(run_dir.name).hex()
+    for folder in _site_folders(model, sites):
+        shutil.rmtree(folder / run_hex, ignore_errors=True)
+        shutil.rmtree(folder / "spsa" / run_hex, ignore_errors=True)
+
+
+def _site_folders(model: str, sites: int) -> list[Path]:
+    """The state folders of the run's sites in the edgetune cache (``<cache>/sites/site-<i>``)."""
+    from edgetune.config import ModelSection
+    from edgetune.models.folders import cache_root
+
     root = cache_root(ModelSection(path=model)) / "sites"
-    for i in range(sites):
-        shutil.rmtree(root / f"site-{i}" / run_hex, ignore_errors=True)
-        shutil.rmtree(root / f"site-{i}" / "spsa" / run_hex, ignore_errors=True)
+    return [root / f"site-{i}" for i in range(sites)]
 
 
 def _clear_features(model: str, sites: int) -> None:
     """Remove the label-head features the sites keep on disk (``models/headcache.py``): they outlive a
     run (keyed by the frozen weights and the data, not the run), so a later run would skip the feature
     pass and report less training time than a new site spends."""
-    from edgetune.config import ModelSection
-    from edgetune.models.folders import cache_root
+    from edgetune.models.headcache import FEATURES_FOLDER
 
-    root = cache_root(ModelSection(path=model)) / "sites"
-    for i in range(sites):
-        shutil.rmtree(root / f"site-{i}" / "label-head-features", ignore_errors=True)
+    for folder in _site_folders(model, sites):
+        shutil.rmtree(folder / FEATURES_FOLDER, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------

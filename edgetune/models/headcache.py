@@ -39,6 +39,8 @@ from edgetune.models.loss import _plain
 
 log = logging.getLogger(__name__)
 
+FEATURES_FOLDER = "label-head-features"
+"""The folder in a site's state folder that holds its features on disk."""
 CHUNK = 16
 """Examples per forward pass of the feature pass (fixed: the features must not depend on batching)."""
 

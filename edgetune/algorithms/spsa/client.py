@@ -25,7 +25,7 @@ from edgetune.crypto import envelope, guardfile, schedule
 from edgetune.crypto.envelope import EnvelopeError
 from edgetune.crypto.guardfile import ReplayGuard
 from edgetune.data.prompts import TokenizedSet, batch_indices
-from edgetune.models.headcache import HeadRunner
+from edgetune.models.headcache import FEATURES_FOLDER, HeadRunner
 from edgetune.models.load import resolve_devices
 from edgetune.models.params import trainable_tensors
 from edgetune.models.suffix import SuffixRunner
@@ -173,7 +173,7 @@ class SpsaClient:
 
     def _features_dir(self) -> Path | None:
         """Where this site keeps its label-head features on disk (its state folder), or None."""
-        return None if self.ctx.state_dir is None else Path(self.ctx.state_dir) / "label-head-features"
+        return None if self.ctx.state_dir is None else Path(self.ctx.state_dir) / FEATURES_FOLDER
 
     def _local_round(
         self, replica: Replica, secret: bytes, run_id: bytes, r: int, plan: Payload
