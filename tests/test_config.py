@@ -285,7 +285,7 @@ def test_spsa_eps_powers_of_two_accepted(eps: float):
         ({"model.dtype": "int4"}, "model.dtype must be"),
         ({"data.source": "jsonl"}, "needs data.path"),
         ({"spsa.aggregator": "median"}, "needs spsa.directions = 'shared'"),
-        ({"spsa.scalar_codec": "fp16"}, "spsa.scalar_codec must be int8-sr or log8"),
+        ({"spsa.scalar_codec": "fp16"}, "spsa.scalar_codec must be int8-sr, log8, sign"),
         ({"spsa.trim_frac": 0.5}, "spsa.trim_frac must be in"),
         ({"spsa.scale": -1.0}, "spsa.scale must be a finite positive number"),
         ({"spsa.scale": math.inf}, "spsa.scale"),

@@ -9,6 +9,22 @@ sent). Outside the clip values saturate: that bias is the clip, chosen by the se
 * ``log8``: sign bit + 7-bit magnitude m, |g| ~ scale * 2**((m - 127) / 8) for m >= 1 and 0 for
   m = 0: a relative grid of 9% steps spanning 2**-15.75 of the clip. Stochastic rounding between
   neighbouring grid values keeps it unbiased.
+
+``sign`` (``sign:B``) puts one projected-gradient scalar in one *bit*: its sign, and one magnitude byte
+per block of B local steps (default 16) that every scalar of the block shares (ZO-signSGD's sign
+compression, Liu et al. 2019). A site sets a block's magnitude from the block's first step, before it
+moves: ``m = sqrt(pi / 2) * RMS(g)`` over that step's P scalars, which makes ``m sign(g)`` an unbiased
+projected gradient where g is dominated by the direction's noise (g ~ N(mu, s^2), |mu| << s:
+E[sign(g)] = sqrt(2 / pi) mu / s), as it is for zeroth-order probes of many parameters. The magnitude
+sits on a 2^(1/8) grid below the clip (code c in 1..255: ``scale * 2^((c - 255) / 8)``, down to 2^-31.75
+of the clip; 0: zero), so any byte decodes to a finite value <= the clip; the grid is a table of 8 literal
+constants times an exact power of two, so every replica decodes the same float64 bitwise. A scalar that is exactly zero
+takes its sign from its keyed uniform (unbiased). Per scalar: 1 + 8 / (B P) bits, about 1.06 with B = 16
+and P = 8, against 8 for the byte codecs. Bits pack little-endian after the magnitude bytes; the last
+byte's unused bits must be zero.
+
+Every codec is used through ``codec_for(spec)``: a ``RoundCodec`` that sizes, encodes (step by step, as a
+site probes) and decodes one site's K x P scalars of a round.
 """
 
 from __future__ import annotations
@@ -125,3 +141,159 @@ class Log8:
 
 
 SCALAR_CODECS: dict[str, ScalarCodec] = {"int8-sr": Int8SR(), "log8": Log8()}
+"""The one-byte codecs by name."""
+
+SIGN_BLOCK = 16
+"""``sign``: local steps per magnitude byte when the spec names none."""
+_SIGN_GRID = tuple(
+    float.fromhex(h)
+    for h in (
+        "0x1.0000000000000p+0", "0x1.d5818dcfba487p-1", "0x1.ae89f995ad3adp-1", "0x1.8ace5422aa0dbp-1",
+        "0x1.6a09e667f3bcdp-1", "0x1.4bfdad5362a27p-1", "0x1.306fe0a31b715p-1", "0x1.172b83c7d517bp-1",
+    )
+)  # fmt: skip
+"""2^(-r/8) for r = 0..7, as literals: the magnitude grid does not depend on a platform's exp2."""
+
+
+class StepEncoder(Protocol):
+    """Encodes one site's round step by step: ``step`` returns the values the scalars decode to."""
+
+    def step(self, values: np.ndarray, uniforms: np.ndarray) -> np.ndarray: ...
+
+    def blob(self) -> bytes: ...
+
+
+class RoundCodec(Protocol):
+    """One site's K x P scalars of a round: their size on the wire, a step encoder, their decoding."""
+
+    name: str
+
+    def blob_len(self, steps: int, probes: int) -> int: ...
+
+    def encoder(self, scale: float, probes: int) -> StepEncoder: ...
+
+    def decode(self, blob: bytes, steps: int, probes: int, scale: float) -> np.ndarray: ...
+
+
+class _ByteSteps:
+    def __init__(self, codec: ScalarCodec, scale: float) -> None:
+        self.codec, self.scale, self.codes = codec, scale, bytearray()
+
+    def step(self, values: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+        code = self.codec.encode(values, uniforms, self.scale)
+        self.codes += code
+        return self.codec.decode(code, len(code), self.scale)
+
+    def blob(self) -> bytes:
+        return bytes(self.codes)
+
+
+class ByteRound:
+    """A one-byte codec as a ``RoundCodec``: K*P bytes, each scalar on its own."""
+
+    def __init__(self, codec: ScalarCodec) -> None:
+        self.codec, self.name = codec, codec.name
+
+    def blob_len(self, steps: int, probes: int) -> int:
+        return steps * probes
+
+    def encoder(self, scale: float, probes: int) -> StepEncoder:
+        return _ByteSteps(self.codec, scale)
+
+    def decode(self, blob: bytes, steps: int, probes: int, scale: float) -> np.ndarray:
+        return self.codec.decode(blob, steps * probes, scale)
+
+
+def sign_magnitude(code: int, scale: float) -> float:
+    """The magnitude byte ``code`` under clip ``scale``: ``scale * 2^((code - 255) / 8)``, 0 for code 0."""
+    if code == 0:
+        return 0.0
+    down = 255 - code
+    return math.ldexp(scale * _SIGN_GRID[down % 8], -(down // 8))
+
+
+def sign_magnitude_code(target: float, scale: float) -> int:
+    """The grid code nearest (in log) to ``target``, at most 255 (the clip); 0 only for a zero target. A
+    target below the grid gets the grid's smallest value (code 1), not zero: the server's clip follows the
+    sites' magnitudes, and a zero would leave it where it is (a clip 2^32 too large would never shrink)."""
+    if not target > 0:
+        return 0
+    c = round(255 + 8 * math.log2(min(target, scale) / scale))
+    return int(min(max(c, 1), 255))
+
+
+class _SignSteps:
+    def __init__(self, scale: float, probes: int, block: int) -> None:
+        self.scale, self.probes, self.block = scale, probes, block
+        self.mags, self.k, self.m = bytearray(), 0, 0.0
+        self.bits: list[bool] = []
+
+    def step(self, values: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+        v = _check_encode_inputs(values, uniforms, self.scale)
+        if v.size != self.probes:
+            raise ValueError(f"a step has {self.probes} scalars, got {v.size}")
+        if self.k % self.block == 0:  # a block starts: its magnitude from this step, before the site moves
+            code = sign_magnitude_code(math.sqrt(math.pi / 2 * float(np.mean(v * v))), self.scale)
+            self.mags.append(code)
+            self.m = sign_magnitude(code, self.scale)
+        self.k += 1
+        negative = (v < 0) | ((v == 0) & (np.asarray(uniforms, dtype=np.float64) >= 0.5))
+        self.bits.extend(bool(b) for b in negative)
+        return np.where(negative, -self.m, self.m)
+
+    def blob(self) -> bytes:
+        return bytes(self.mags) + np.packbits(np.array(self.bits, dtype=np.uint8), bitorder="little").tobytes()
+
+
+class SignBlocks:
+    """One bit per scalar plus one magnitude byte per ``block`` steps (see the module docstring)."""
+
+    def __init__(self, block: int = SIGN_BLOCK) -> None:
+        if not 1 <= block <= 1 << 16:
+            raise ValueError(f"sign block must be 1..65536 steps, got {block}")
+        self.block = block
+        self.name = "sign" if block == SIGN_BLOCK else f"sign:{block}"
+
+    def blob_len(self, steps: int, probes: int) -> int:
+        return -(-steps // self.block) + -(-steps * probes // 8)
+
+    def encoder(self, scale: float, probes: int) -> StepEncoder:
+        return _SignSteps(scale, probes, self.block)
+
+    def decode(self, blob: bytes, steps: int, probes: int, scale: float) -> np.ndarray:
+        n_mag, n = -(-steps // self.block), steps * probes
+        raw = _check_blob(blob, self.blob_len(steps, probes), scale)
+        bits = np.unpackbits(raw[n_mag:], bitorder="little")
+        if np.any(bits[n:]):
+            raise CodecError("sign codes: the last byte's unused bits must be zero")
+        mags = np.array([sign_magnitude(int(c), scale) for c in raw[:n_mag]], dtype=np.float64)
+        per_scalar = np.repeat(mags, self.block * probes)[:n]
+        return np.where(bits[:n].astype(bool), -per_scalar, per_scalar)
+
+
+CODEC_NAMES = (*SCALAR_CODECS, "sign")
+"""What ``spsa.scalar_codec`` accepts (``sign`` also as ``sign:B``)."""
+
+
+def codec_for(spec: str) -> RoundCodec:
+    """The round codec a plan or a config names: ``int8-sr``, ``log8``, ``sign`` or ``sign:B`` (B steps per
+    magnitude byte, 1..65536). Raises ValueError naming the spec otherwise.
+    """
+    if isinstance(spec, str) and spec in SCALAR_CODECS:
+        return ByteRound(SCALAR_CODECS[spec])
+    if isinstance(spec, str) and (spec == "sign" or spec.startswith("sign:")):
+        block = spec[5:]
+        if spec == "sign":
+            return SignBlocks()
+        if block.isdigit() and block == str(int(block)) and 1 <= int(block) <= 1 << 16:
+            return SignBlocks(int(block))
+    raise ValueError(f"scalar codec must be int8-sr, log8, sign or sign:B (B = 1..65536 steps), got {spec!r}")
+
+
+def is_codec(spec: object) -> bool:
+    """Whether ``codec_for`` accepts ``spec``."""
+    try:
+        codec_for(spec)  # type: ignore[arg-type]
+    except ValueError:
+        return False
+    return True

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 from edgetune import schedules
+from edgetune.comm.codecs import is_codec
 from edgetune.config.values import is_power_of_two
 
 ALGORITHM_NAMES = ("spsa", "kavg", "lowrank", "deft", "dppf")
@@ -76,7 +77,8 @@ class SpsaSection:
     derives the same one."""
     scalar_codec: str = "int8-sr"
     """One byte per scalar: ``int8-sr`` (linear, stochastic rounding, unbiased inside the clip)
-    or ``log8`` (sign + 7-bit log magnitude)."""
+    or ``log8`` (sign + 7-bit log magnitude); or one bit per scalar: ``sign`` (``sign:B``), its sign
+    and one magnitude byte per B local steps (default 16) that the block's scalars share."""
     scale: float = 8.0
     """Initial clip of the scalars |g| (codes cover [-scale, scale]); adapted each round."""
     scale_quantile: float = 0.9
@@ -129,8 +131,11 @@ class SpsaSection:
             raise ValueError(f"spsa.sparse_frac must be in [0, 1), got {self.sparse_frac}")
         if not 0 <= self.snapshot_after <= 200:
             raise ValueError(f"spsa.snapshot_after must be in [0, 200] (the longest log), got {self.snapshot_after}")
-        if self.scalar_codec not in {"int8-sr", "log8"}:
-            raise ValueError(f"spsa.scalar_codec must be int8-sr or log8, got {self.scalar_codec!r}")
+        if not is_codec(self.scalar_codec):
+            raise ValueError(
+                f"spsa.scalar_codec must be int8-sr, log8, sign or sign:B (B = 1..65536 local steps per "
+                f"magnitude byte), got {self.scalar_codec!r}"
+            )
         if not (self.scale > 0 and math.isfinite(self.scale)):
             raise ValueError(f"spsa.scale must be a finite positive number, got {self.scale}")
         if not 0 < self.scale_quantile <= 1 or self.scale_mult <= 0:

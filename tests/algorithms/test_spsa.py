@@ -18,6 +18,7 @@ from edgetune import config as cfgmod
 from edgetune import inproc
 from edgetune.algorithms import spsa
 from edgetune.comm import wire
+from edgetune.comm.codecs import codec_for
 from edgetune.crypto import envelope, schedule
 from edgetune.crypto.guardfile import ReplayGuard
 from edgetune.federation import run_federation, run_round
@@ -337,7 +338,8 @@ def test_probe_keys_unique_across_sites_steps_probes():
 
 def test_recipe_files_are_runnable_configs(tmp_path):
     """Every spsa recipe loads and validates as an spsa run; those on the in-memory model run their first
-    round in-process with their own settings: every site accepted, K*P bytes plus framing each."""
+    round in-process with their own settings: every site accepted, its codes (K*P bytes with a one-byte codec)
+    plus framing each."""
     recipes = sorted((Path(__file__).resolve().parents[2] / "recipes" / "spsa").glob("*.toml"))
     assert len(recipes) >= 2, "recipes/spsa/ holds no recipes"
     ran = []
@@ -350,7 +352,7 @@ def test_recipe_files_are_runnable_configs(tmp_path):
         sites = cfg.run.num_sites
         server, transport, recorder, *_ = _federation(tmp_path, cfg, sites, name=path.stem)
         metrics, rejected, _ = run_round(cfg, server, transport, recorder, 1)
-        kp = cfg.spsa.num_steps * cfg.spsa.num_probes
+        kp = codec_for(cfg.spsa.scalar_codec).blob_len(cfg.spsa.num_steps, cfg.spsa.num_probes)
         assert rejected == {} and server.log[1].sites == tuple(f"site-{i}" for i in range(sites)), path.name
         ups = recorder.ledger.per_site(round_idx=1, direction="up")
         assert ups == {f"site-{i}": kp + spsa.reply_overhead_bytes(kp) for i in range(sites)}, path.name

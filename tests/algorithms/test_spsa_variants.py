@@ -75,6 +75,19 @@ VARIANTS = {
         "spsa.seed_pool": 64,
         "spsa.pool_scope": "run",
     },  # fmt: skip
+    "sign-codes": {
+        "spsa.scalar_codec": "sign:2",
+        "spsa.num_steps": 5,
+        "spsa.num_probes": 3,
+        "spsa.difference": "forward",
+    },
+    "sign-codes-shared-median": {
+        "spsa.scalar_codec": "sign:1",
+        "spsa.num_probes": 2,
+        "spsa.directions": "shared",
+        "spsa.aggregator": "median",
+    },
+    "label-head-sign": {**LABEL_HEAD, "spsa.scalar_codec": "sign", "spsa.num_steps": 20, "spsa.num_probes": 4},
     "run-pool-adam-lora-b-shared-median": {
         "spsa.seed_pool": 6,
         "spsa.pool_scope": "run",
@@ -360,6 +373,8 @@ REPLAY_SCRIPT = textwrap.dedent(
         "lora-b",
         "choices-objective",
         "label-head-run-pool",
+        "sign-codes",
+        "label-head-sign",
     ],
 )
 def test_two_processes_with_1_and_2_threads_replay_to_the_same_hash(tmp_path, variant):

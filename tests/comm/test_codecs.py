@@ -260,10 +260,11 @@ def test_deterministic_for_fixed_uniforms(codec):
 
 
 def test_registry_matches_config_choices():
-    """SCALAR_CODECS is keyed by each codec's name, and spsa.scalar_codec accepts exactly those names."""
+    """SCALAR_CODECS is keyed by each codec's name, and spsa.scalar_codec accepts exactly those names and sign[:B]."""
     # Execute
     accepted = set()
-    for name in ["int8-sr", "log8", "float16", "int8", "Log8"]:
+    names = ["int8-sr", "log8", "float16", "int8", "Log8", "sign", "sign:1", "sign:65536", "sign:0", "sign:016"]
+    for name in [*names, "sign:65537", "sign:", "sign:-1", "sign:1.5", "signs", "SIGN"]:
         try:
             SpsaSection(scalar_codec=name)
             accepted.add(name)
@@ -272,7 +273,7 @@ def test_registry_matches_config_choices():
 
     # Assert
     assert {k: c.name for k, c in SCALAR_CODECS.items()} == {"int8-sr": "int8-sr", "log8": "log8"}
-    assert accepted == set(SCALAR_CODECS)
+    assert accepted == {*SCALAR_CODECS, "sign", "sign:1", "sign:65536"}
 
 
 # --- regressions: bugs found by these tests, now fixed ---

@@ -18,6 +18,7 @@ import torch
 
 from edgetune import config as cfgmod
 from edgetune.algorithms.spsa.local import local_steps
+from edgetune.comm.codecs import codec_for
 from edgetune.config import ModelSection
 from edgetune.data.prompts import TokenizedSet
 from edgetune.models import headcache
@@ -133,8 +134,10 @@ def test_a_candidate_outside_the_head_labels_is_refused_naming_the_example():
         compute_features(model, label_head_of(model), data)
 
 
-def test_zeroth_order_steps_on_the_cache_lower_the_choice_loss():
-    """80 forward-difference steps of 8 probes on the cached features lower the full-forward loss."""
+@pytest.mark.parametrize("codec", ["int8-sr", "sign:4"])
+def test_zeroth_order_steps_on_the_cache_lower_the_choice_loss(codec):
+    """80 forward-difference steps of 8 probes on the cached features lower the full-forward loss, with one
+    byte per scalar and with one bit (sign codes, a magnitude byte per 4 steps: 1.25 bits per scalar)."""
     model, tok = _model()
     data = TokenizedSet(tok, _examples(), 256)
     manifest = manifest_of(model)
@@ -148,10 +151,11 @@ def test_zeroth_order_steps_on_the_cache_lower_the_choice_loss():
     with torch.no_grad():
         codes, raw, _ = local_steps(
             model, work, [batch] * k, keys, np.full(k * p, 0.5), eps=2**-10, lr=0.05, scale=64.0,
-            codec="int8-sr", difference="forward", runner=runner,
+            codec=codec, difference="forward", runner=runner,
         )  # fmt: skip
         after = float(choice_loss(model, batch))
-    assert len(codes) == k * p and np.isfinite(raw).all()
+    assert len(codes) == codec_for(codec).blob_len(k, p) == (k * p if codec == "int8-sr" else 20 + 80)
+    assert np.isfinite(raw).all()
     assert after < before - 0.04, (before, after)
 
 

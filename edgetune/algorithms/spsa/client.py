@@ -17,7 +17,7 @@ from edgetune.algorithms.spsa.local import DIFFERENCES, OBJECTIVES, Lane, local_
 from edgetune.algorithms.spsa.log import decode_log, probe_key
 from edgetune.algorithms.spsa.replica import Replica, SpaceSpec, replica_for
 from edgetune.comm import wire
-from edgetune.comm.codecs import SCALAR_CODECS
+from edgetune.comm.codecs import is_codec
 from edgetune.comm.tensors import decode_tensors
 from edgetune.comm.wire import Payload, WireError
 from edgetune.config import RunConfig
@@ -66,7 +66,7 @@ def check_plan(plan: Payload) -> None:
     wire.require(plan, PLAN_SCHEMA, where="round plan")
     if not (1 <= plan["K"] and 1 <= plan["P"] and plan["K"] * plan["P"] <= MAX_SCALARS):
         raise WireError(f"round plan asks for {plan['K']} x {plan['P']} probes")
-    if plan["codec"] not in SCALAR_CODECS or plan["diff"] not in DIFFERENCES or plan["obj"] not in OBJECTIVES:
+    if not is_codec(plan["codec"]) or plan["diff"] not in DIFFERENCES or plan["obj"] not in OBJECTIVES:
         raise WireError("round plan: unknown codec, difference or objective")
     if plan["dirs"] not in {"per-site", "shared"} or plan["scope"] not in {"round", "run"}:
         raise WireError("round plan: unknown directions or pool scope")

@@ -8,7 +8,8 @@ Per step k on batch B_k, with z_p the probe's Rademacher direction (masked when 
 
 Forward differences cost (P + 1) / P forwards per probe instead of 2 and carry an O(eps)
 curvature bias (eps z^T H z / 2); with P >= 8 the base pass is amortised. Each g_p is quantised
-to one byte (stochastic rounding keyed from the schedule). Between steps the site moves along
+by the round's codec (one byte with stochastic rounding keyed from the schedule, or one sign bit
+with a shared magnitude per block of steps). Between steps the site moves along
 its own quantised scalars (``w -= lr * g_hat_p * z_p / P``), so its trajectory is the one its
 bytes describe; the server applies everyone's from the round-start state.
 
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgetune.comm.codecs import SCALAR_CODECS
+from edgetune.comm.codecs import codec_for
 from edgetune.crypto import keystream
 from edgetune.models.headcache import HeadRunner
 from edgetune.models.loss import objective_loss
@@ -103,7 +104,8 @@ def local_steps(
     uniforms
         K*P keyed uniforms for stochastic rounding.
     eps, lr, scale, codec
-        Perturbation size, the site's own step size, the round's clip and the one-byte codec.
+        Perturbation size, the site's own step size, the round's clip and the scalar codec's spec
+        (``comm.codecs.codec_for``: one byte per scalar, or ``sign``'s one bit).
     difference
         ``central`` or ``forward`` (see the module docstring).
     masks
@@ -125,7 +127,8 @@ def local_steps(
     Returns
     -------
     codes, raw, loss
-        The K*P one-byte codes, the raw (unquantised) scalars, and the mean train loss (the
+        The codes of the K*P scalars (``codec_for(codec).blob_len(K, P)`` bytes), the raw
+        (unquantised) scalars, and the mean train loss (the
         unperturbed loss with forward differences, the probes' midpoint with central ones).
     """
     if difference not in DIFFERENCES:
@@ -133,10 +136,9 @@ def local_steps(
     lanes = [Lane(model, work, batches, masks, runner), *extra_lanes]
     n_lanes = len(lanes)
     n_probes = len(keys[0])
-    cod = SCALAR_CODECS[codec]
+    encoder = codec_for(codec).encoder(scale, n_probes)
     # what brings the last probe's perturbation back to w: it rides in the step's update pass
     pending = eps if difference == "central" else -eps
-    codes = bytearray()
     raw = []
     losses = []
     pool = ThreadPoolExecutor(max_workers=n_lanes) if n_lanes > 1 else None
@@ -158,7 +160,7 @@ def local_steps(
                 seen.update(lane_losses)
             if difference == "forward":
                 losses.append(base)
-            g_hat = []
+            step_g = []
             for p in range(n_probes):  # canonical order: probe index, whichever lane ran it
                 loss_plus, loss_minus = seen[p]
                 if difference == "central":
@@ -168,11 +170,10 @@ def local_steps(
                     g = (loss_plus - base) / eps
                 if not math.isfinite(g):
                     raise ValueError(f"step {k} probe {p}: loss is not finite ({loss_plus}, {loss_minus})")
-                u = uniforms[k * n_probes + p : k * n_probes + p + 1]
-                code = cod.encode(np.array([g]), u, scale)
-                codes += code
-                g_hat.append(float(cod.decode(code, 1, scale)[0]))
-                raw.append(g)
+                step_g.append(g)
+            raw.extend(step_g)
+            u = uniforms[k * n_probes : (k + 1) * n_probes]
+            g_hat = [float(v) for v in encoder.step(np.array(step_g), u)]
             # The site's own step, with the values the server will apply (so its trajectory is the
             # one its scalars describe); the last probe's way back to w rides in the same pass.
             # After the last step nothing is applied: the caller resets the weights from the masters.
@@ -183,7 +184,7 @@ def local_steps(
     finally:
         if pool is not None:
             pool.shutdown()
-    return bytes(codes), np.array(raw), float(np.mean(losses))
+    return encoder.blob(), np.array(raw), float(np.mean(losses))
 
 
 def _update_lane(lane: Lane, packs: Sequence[Sequence[torch.Tensor]], alphas: Sequence[float]) -> None:

@@ -1,6 +1,6 @@
 """The replay log: what every copy of theta needs to replay a committed round, and its arithmetic.
 
-A committed round is the list of sites whose replies were accepted and their one-byte codes
+A committed round is the list of sites whose replies were accepted and their scalars' codes
 (``LogEntry``). With the round's secret, any process rebuilds the same canonical list of
 perturbation keys and coefficients: ``replay_terms`` for fresh and per-round-pool directions
 (applied by ``models/master.replay``), ``pool_gradient`` for the fixed per-run pool (applied in
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgetune.comm import wire
-from edgetune.comm.codecs import SCALAR_CODECS
+from edgetune.comm.codecs import codec_for, is_codec
 from edgetune.comm.wire import Payload, WireError
 from edgetune.crypto import schedule
 
@@ -65,7 +65,8 @@ class LogEntry:
     round_idx: int
     sites: tuple[str, ...]
     codes: bytes
-    """K*P one-byte codes per site, concatenated in ``sites`` order (sorted site ids)."""
+    """Each site's codes of its K*P scalars (``codec_for(codec).blob_len(K, P)`` bytes: K*P with the
+    one-byte codecs), concatenated in ``sites`` order (sorted site ids)."""
     lr: float
     scale: float
     num_steps: int
@@ -103,7 +104,7 @@ class LogEntry:
         sites = tuple(s for s in p["sites"].split(",") if s)
         if list(sites) != sorted(set(sites)) or not sites:
             raise WireError("replay log entry: sites are not sorted, unique and non-empty")
-        if p["K"] < 1 or p["P"] < 1 or p["codec"] not in SCALAR_CODECS or p["pool"] < 0:
+        if p["K"] < 1 or p["P"] < 1 or not is_codec(p["codec"]) or p["pool"] < 0:
             raise WireError("replay log entry: bad K, P, codec or pool")
         if p["K"] * p["P"] > 1 << 20:
             raise WireError("replay log entry: K x P is implausibly large")
@@ -115,8 +116,8 @@ class LogEntry:
             raise WireError("replay log entry: a run-scope pool needs pool >= 1")
         if not 0.0 <= p["trim"] < 0.5 or not p["lr"] > 0 or not p["scale"] > 0:
             raise WireError("replay log entry: bad trim, lr or scale")
-        if len(p["codes"]) != len(sites) * p["K"] * p["P"]:
-            raise WireError("replay log entry: codes length does not match sites x K x P")
+        if len(p["codes"]) != len(sites) * codec_for(p["codec"]).blob_len(p["K"], p["P"]):
+            raise WireError("replay log entry: codes length does not match sites x the codec's length of K x P")
         return cls(
             p["r"],
             sites,
@@ -136,9 +137,10 @@ class LogEntry:
 
     def decoded(self) -> dict[str, np.ndarray]:
         """Site -> the K*P decoded scalars (float64)."""
-        n = self.num_steps * self.num_probes
-        codec = SCALAR_CODECS[self.codec]
-        return {s: codec.decode(self.codes[i * n : (i + 1) * n], n, self.scale) for i, s in enumerate(self.sites)}
+        codec = codec_for(self.codec)
+        k, p = self.num_steps, self.num_probes
+        n = codec.blob_len(k, p)
+        return {s: codec.decode(self.codes[i * n : (i + 1) * n], k, p, self.scale) for i, s in enumerate(self.sites)}
 
 
 def encode_log(entries: Sequence[LogEntry]) -> bytes:

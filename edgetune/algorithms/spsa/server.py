@@ -19,7 +19,7 @@ from edgetune.algorithms.spsa import pool as poolmod
 from edgetune.algorithms.spsa.log import MAX_LOG_ROUNDS, LogEntry, decode_log, encode_log, site_norm_factors
 from edgetune.algorithms.spsa.replica import SpaceSpec, replica_for
 from edgetune.comm import wire
-from edgetune.comm.codecs import SCALAR_CODECS, CodecError
+from edgetune.comm.codecs import CodecError, codec_for
 from edgetune.comm.tensors import encode_tensors
 from edgetune.comm.wire import Payload, WireError
 from edgetune.config import RunConfig, SpsaSection
@@ -59,7 +59,8 @@ def space_spec(scfg: SpsaSection, pool_key: bytes) -> SpaceSpec:
 
 
 def reply_overhead_bytes(num_scalars: int) -> int:
-    """Bytes of framing around ``num_scalars`` one-byte codes in an uplink payload.
+    """Bytes of framing around ``num_scalars`` bytes of codes in an uplink payload (the one-byte codecs:
+    one per scalar; ``sign``: ``codec_for(spec).blob_len(K, P)``).
 
     88 bytes for up to 39 scalars (length varints grow by one byte at 40 and at 128 scalars):
     wire header, the field names, a 16-byte state hash, the float64 train loss, and the AEAD
@@ -155,7 +156,7 @@ class SpsaServer:
         return self.replica.applied
 
     def max_reply_bytes(self, phase: str) -> int:
-        n = self.scfg.num_steps * self.scfg.num_probes
+        n = codec_for(self.scfg.scalar_codec).blob_len(self.scfg.num_steps, self.scfg.num_probes)
         return n + reply_overhead_bytes(n)
 
     # ---- planning ------------------------------------------------------------------------------
@@ -259,7 +260,6 @@ class SpsaServer:
 
     def _validate(self, round_idx: int, site: str, payload: Payload) -> tuple[bytes, np.ndarray, float]:
         plan = self._plans[round_idx]
-        n = plan["K"] * plan["P"]
         wire.require(payload, {"blob": bytes}, where=f"{site} reply")
         inner_blob = envelope.open_reply(
             envelope.reply_key(self.ctx.server_keys, self.run_id, round_idx, site),  # this site's own key
@@ -273,7 +273,7 @@ class SpsaServer:
         wire.require(inner, REPLY_SCHEMA, where=f"{site} reply")
         if inner["hash"] != plan["hash"]:
             raise ReplyRejected(f"{site} computed on state {inner['hash'].hex()}, expected {plan['hash'].hex()}")
-        values = SCALAR_CODECS[plan["codec"]].decode(inner["codes"], n, plan["scale"])
+        values = codec_for(plan["codec"]).decode(inner["codes"], plan["K"], plan["P"], plan["scale"])
         return inner["codes"], values, screening.reported_loss(site, inner["loss"])
 
     def aggregate(self, round_idx: int, phase: str, replies: dict[str, Payload], *, min_sites: int) -> RoundResult:
