@@ -3,7 +3,7 @@
 Usage (from the repository root)::
 
     python -m benchmarks.head_space [--recipe recipes/spsa/smollm2-135m-4c.toml] [--fo-steps 300]
-        [--zo-rounds 20] [--zo-local-steps 200] [--zo-probes 8] [--seeds 0,1,2]
+        [--zo-rounds 20] [--zo-local-steps 200] [--zo-probes 8] [--zo-codecs exact,int8-sr,sign] [--seeds 0,1,2]
         [--out benchmarks/results/head_space.json] [--plot benchmarks/results/head_space.png]
 
 The space: an additive delta D on the output-head rows of the candidate answers' first tokens (10 label
@@ -18,10 +18,12 @@ later loss is a small matmul on it. On those cached features this script measure
   probe one scalar on the wire), the server applies the mean of the sites' accumulated steps; one curve per
   seed (the directions and nothing else differ).
 
-It is a simulation on cached features, not an edgetune run: no Flower, no codec (the scalars are not
-quantised), no bytes counted; it reports scalars per site per round. Its purpose was to say whether the
-space is worth building into spsa before building it; it is built now (``model.trainable = "label-head"``,
-``models/labelhead.py`` and ``models/headcache.py``; ``recipes/spsa/smollm2-135m-4c-head.toml`` is the demo).
+It is a simulation on cached features, not an edgetune run: no Flower, no bytes counted; it reports scalars
+per site per round. ``--zo-codecs`` quantises them with spsa's codecs (``exact``: not at all), with the
+directions the same for every codec; this is how the one-bit ``sign`` codec was checked before a real run.
+Its first purpose was to say whether the space is worth building into spsa before building it; it is built
+now (``model.trainable = "label-head"``, ``models/labelhead.py`` and ``models/headcache.py``;
+``recipes/spsa/smollm2-135m-4c-head.toml`` is the demo).
 Every random draw comes from a generator seeded here.
 """
 
@@ -32,12 +34,16 @@ import json
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from benchmarks import code_version
+from edgetune.algorithms import scalar_clip
+from edgetune.comm.codecs import codec_for
 from edgetune.config import from_run_config, load_recipe
 from edgetune.data.prompts import TokenizedSet
 from edgetune.data.sources import heldout_examples, site_examples
@@ -121,16 +127,31 @@ def zeroth_order(
     lr: float,
     eps: float,
     seed: int,
+    codec: str = "exact",
 ) -> list[dict]:
     """Federated forward-difference SPSA on the cached features (see the module docstring); the held-out
-    score after every round. Site s in round r draws its directions from generator ``(seed, r, s)``."""
+    score after every round. Site s in round r draws its directions from generator ``(seed, r, s)``, so runs
+    that differ only in ``codec`` probe the same directions from the same start.
+
+    ``codec``: ``exact`` (float scalars) or a spsa codec spec (``int8-sr``, ``log8``, ``sign``, ``sign:B``):
+    each site then quantises its scalars step by step with ``comm.codecs.codec_for(codec)`` under the round's
+    clip (spsa's initial 8.0, then ``algorithms.scalar_clip.next_clip`` from the decoded scalars, as the
+    server sets it) and moves along the decoded values, as an edgetune site does; the stochastic-rounding
+    uniforms come from their own generator."""
+    coder = None if codec == "exact" else codec_for(codec)
+    clip_cfg = SimpleNamespace(scale_quantile=0.9, scale_mult=2.0)
+    clip = 8.0
     delta = torch.zeros(n_rows, sites[0][0].shape[1])
     curve = [{"round": 0, **dict(zip(("accuracy", "choice_loss"), evaluate(delta, held)))}]
     for rnd in range(1, rounds + 1):
         total = torch.zeros_like(delta)
+        decoded: dict[str, np.ndarray] = {}
         for s, split in enumerate(sites):
             gen = torch.Generator().manual_seed(((seed * 100_003 + rnd) * 1_009) + s)
+            uniforms = np.random.default_rng([seed, rnd, s, 7])
+            encoder = None if coder is None else coder.encoder(clip, probes)
             local = delta.clone()
+            sent = []
             with torch.no_grad():
                 for _ in range(local_steps):
                     base = F.cross_entropy(scores(local, split), split[3])
@@ -138,9 +159,17 @@ def zeroth_order(
                     g = torch.stack(
                         [(F.cross_entropy(scores(local + eps * zp, split), split[3]) - base) / eps for zp in z]
                     )
+                    if encoder is not None:
+                        g_hat = encoder.step(g.double().numpy(), uniforms.random(probes))
+                        sent.append(g_hat)
+                        g = torch.from_numpy(g_hat).float()
                     step = (g[:, None, None] * z).mean(0)
                     local -= lr * step
                     total += step
+            if sent:
+                decoded[f"site-{s}"] = np.concatenate(sent)
+        if decoded:
+            clip = scalar_clip.next_clip(decoded, clip, clip_cfg).scale
         delta -= lr * total / len(sites)
         curve.append({"round": rnd, **dict(zip(("accuracy", "choice_loss"), evaluate(delta, held)))})
     return curve
@@ -157,7 +186,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         if r["kind"] == "first_order":
             ax1.plot([p["step"] for p in r["curve"]], [p["accuracy"] for p in r["curve"]], label=f"lr {r['lr']:g}")
         elif r["kind"] == "zeroth_order":
-            ax2.plot([p["round"] for p in r["curve"]], [p["accuracy"] for p in r["curve"]], label=f"seed {r['seed']}")
+            label = f"{r.get('codec', 'exact')}, seed {r['seed']}"
+            ax2.plot([p["round"] for p in r["curve"]], [p["accuracy"] for p in r["curve"]], label=label)
     ax1.set(xlabel="Adam steps (full batch, pooled)", ylabel="held-out accuracy", title="first-order ceiling")
     ax2.set(xlabel="rounds", ylabel="held-out accuracy", title="zeroth-order, local steps on cached features")
     for ax in (ax1, ax2):
@@ -185,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zo-probes", type=int, default=8)
     parser.add_argument("--zo-lr", type=float, default=1.5e-3)
     parser.add_argument("--zo-eps", type=float, default=1e-3)
+    parser.add_argument("--zo-codecs", default="exact", help="exact, or spsa codec specs: int8-sr,log8,sign,sign:B")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", type=Path, default=RESULTS / "head_space.json")
     parser.add_argument("--plot", type=Path, default=RESULTS / "head_space.png")
@@ -201,20 +232,25 @@ def main(argv: list[str] | None = None) -> int:
             f"first-order lr {lr:g}: accuracy {curve[0]['accuracy']:.3f} -> {curve[-1]['accuracy']:.3f}",
             file=sys.stderr,
         )
-    for seed in (int(s) for s in args.seeds.split(",")):
-        curve = zeroth_order(
-            sites, held, n_rows, rounds=args.zo_rounds, local_steps=args.zo_local_steps, probes=args.zo_probes,
-            lr=args.zo_lr, eps=args.zo_eps, seed=seed,
-        )  # fmt: skip
-        rows.append({
-            "kind": "zeroth_order", "seed": seed, "rounds": args.zo_rounds, "local_steps": args.zo_local_steps,
-            "probes": args.zo_probes, "lr": args.zo_lr, "eps": args.zo_eps,
-            "scalars_per_site_round": args.zo_local_steps * args.zo_probes, "curve": curve,
-        })  # fmt: skip
-        print(
-            f"zeroth-order seed {seed}: accuracy {curve[0]['accuracy']:.3f} -> {curve[-1]['accuracy']:.3f}",
-            file=sys.stderr,
-        )
+    for codec in args.zo_codecs.split(","):
+        size = None if codec == "exact" else codec_for(codec).blob_len(args.zo_local_steps, args.zo_probes)
+        for seed in (int(s) for s in args.seeds.split(",")):
+            curve = zeroth_order(
+                sites, held, n_rows, rounds=args.zo_rounds, local_steps=args.zo_local_steps, probes=args.zo_probes,
+                lr=args.zo_lr, eps=args.zo_eps, seed=seed, codec=codec,
+            )  # fmt: skip
+            rows.append({
+                "kind": "zeroth_order", "seed": seed, "rounds": args.zo_rounds, "local_steps": args.zo_local_steps,
+                "probes": args.zo_probes, "lr": args.zo_lr, "eps": args.zo_eps, "codec": codec,
+                "scalars_per_site_round": args.zo_local_steps * args.zo_probes, "code_bytes_per_site_round": size,
+                "curve": curve,
+            })  # fmt: skip
+            print(
+                f"zeroth-order {codec} seed {seed}: accuracy "
+                + " ".join(f"{p['accuracy']:.3f}" for p in curve)
+                + f", choice loss {curve[-1]['choice_loss']:.3f}",
+                file=sys.stderr,
+            )
     rows.append({
         "kind": "meta", "recipe": _relative(args.recipe), "label_rows": n_rows, "hidden": int(held[0].shape[1]),
         "train_reports": [len(s[3]) for s in sites], "heldout_reports": len(held[3]),

@@ -14,8 +14,8 @@ site). The task picks the spsa recipe whose ``data.*`` and ``eval.*`` keys every
 
 ``spsa`` runs the task's spsa recipe; ``spsa-head`` the task's label-head recipe (``HEAD_RECIPES``: the
 output rows of the label tokens train, probes score cached features, a site's whole training set per step:
-``data.batch_size`` is the one data key it keeps its own), ``spsa-head-sign`` the same with one bit per scalar
-(``spsa.scalar_codec = "sign"``); ``spsa-v1`` is the same with the spsa settings edgetune had
+``data.batch_size`` is the one data key it keeps its own; one bit per scalar, ``spsa.scalar_codec = "sign"``),
+``spsa-head-int8`` the same with one byte per scalar (``int8-sr``, the recipe's codec until 2026-12-03); ``spsa-v1`` is the same with the spsa settings edgetune had
 before the levers of issue 11 (attention projections, central differences, one probe, K = 4 steps,
 fresh directions, lr 1e-4); ``spsa-choices`` is the recipe with ``spsa.objective = "choices"`` (the
 candidate-answer cross-entropy; ``triage`` only). ``central-lora`` and ``central-mezo`` are the centralised references
@@ -93,7 +93,7 @@ DEFAULT_PLOT = Path("benchmarks") / "results" / "quality_per_byte.png"
 ALGORITHMS = (
     "spsa",
     "spsa-head",
-    "spsa-head-sign",
+    "spsa-head-int8",
     "spsa-v1",
     "spsa-choices",
     "kavg",
@@ -127,9 +127,9 @@ NUM_LAYERS = {"tiny": 2, "smollm2": 30}
 HEAD_RECIPES = {("smollm2", "triage"): "smollm2-135m-4c-head"}
 """``spsa-head``: the label-head recipe of a task (``model.trainable = "label-head"``; the tiny model's
 byte-level tokenizer cannot tell the triage categories apart by their first token, so smollm2 only)."""
-SIGN_CODES = "spsa.scalar_codec=sign"
-"""``spsa-head-sign``: the label-head recipe with one bit per scalar (``comm/codecs.py``'s ``sign``: the sign,
-and a magnitude byte per 16 local steps that the block's scalars share) instead of the recipe's byte."""
+BYTE_CODES = "spsa.scalar_codec=int8-sr"
+"""``spsa-head-int8``: the label-head recipe with one byte per scalar, as it was until it took the one-bit ``sign``
+codec (``comm/codecs.py``: each probe's sign, a magnitude byte per 16 local steps that the block shares)."""
 HEAD_OWN = ("data.batch_size=120",)
 """``spsa-head`` keeps its recipe's batch (a site's whole training set: its probes score cached features,
 so a batch costs a small matmul, not a forward); the only data key it does not share with the others."""
@@ -156,11 +156,11 @@ def task_recipe(model: str, task: str) -> Path:
 def recipe_for(algorithm: str, model: str, task: str = "triage") -> tuple[Path, list[str]]:
     """The recipe file and the overrides that turn it into ``algorithm`` (see the module docstring)."""
     prefix = MODEL_PREFIX[model]
-    if algorithm in {"spsa-head", "spsa-head-sign"}:
+    if algorithm in {"spsa-head", "spsa-head-int8"}:
         head = HEAD_RECIPES.get((model, task))
         if head is None:
             raise ValueError(f"no label-head spsa recipe for task {task} on {model}")
-        return RECIPES / "spsa" / f"{head}.toml", [*HEAD_OWN, *([SIGN_CODES] if algorithm.endswith("-sign") else [])]
+        return RECIPES / "spsa" / f"{head}.toml", [*HEAD_OWN, *([BYTE_CODES] if algorithm.endswith("-int8") else [])]
     if algorithm in {"spsa", "spsa-v1", "spsa-choices"}:
         extra = {"spsa-v1": [f"{k}={_value(v)}" for k, v in SPSA_V1.items()], "spsa-choices": [SPSA_CHOICES]}
         return task_recipe(model, task), extra.get(algorithm, [])
@@ -491,10 +491,10 @@ def goal_ratios(
 
 
 def all_goal_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``goal_ratios`` for every spsa run of the table (spsa, spsa-head, spsa-head-sign) and both metrics, where
+    """``goal_ratios`` for every spsa run of the table (spsa, spsa-head, spsa-head-int8) and both metrics, where
     measurable."""
     out = []
-    for spsa in ("spsa", "spsa-head", "spsa-head-sign"):
+    for spsa in ("spsa", "spsa-head", "spsa-head-int8"):
         for metric in METRICS:
             ratios = goal_ratios(rows, spsa, metric)
             if ratios is not None:

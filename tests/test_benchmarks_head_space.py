@@ -39,3 +39,21 @@ def test_zeroth_order_improves_and_its_curve_is_a_function_of_the_seed():
     assert a == hs.zeroth_order(sites, held, 4, seed=0, **kw)  # every draw keyed by (seed, round, site)
     assert a != hs.zeroth_order(sites, held, 4, seed=1, **kw)
     assert len(a) == 5 and a[-1]["choice_loss"] < a[0]["choice_loss"] and a[-1]["accuracy"] > a[0]["accuracy"]
+
+
+def test_zeroth_order_with_a_codec_probes_the_same_directions_and_sign_codes_still_learn():
+    """With int8-sr the curve stays close to the exact one (same directions, quantised scalars), with one-bit
+    sign codes it still improves; a magnitude byte per round (sign:20 = the whole round) is no longer the same
+    run, and an unknown codec is refused."""
+    sites, held = [_split(40, s) for s in range(3)], _split(60, 9)
+    kw = dict(rounds=4, local_steps=20, probes=4, lr=0.05, eps=1e-3, seed=0)
+    exact = hs.zeroth_order(sites, held, 4, **kw)
+    int8 = hs.zeroth_order(sites, held, 4, codec="int8-sr", **kw)
+    sign = hs.zeroth_order(sites, held, 4, codec="sign:2", **kw)
+    assert int8 != exact and abs(int8[-1]["choice_loss"] - exact[-1]["choice_loss"]) < 0.1 * exact[0]["choice_loss"]
+    assert sign[-1]["choice_loss"] < sign[0]["choice_loss"] and sign[-1]["accuracy"] > sign[0]["accuracy"]
+    assert hs.zeroth_order(sites, held, 4, codec="sign:20", **kw) != sign
+    import pytest
+
+    with pytest.raises(ValueError, match="scalar codec"):
+        hs.zeroth_order(sites, held, 4, codec="fp4", **kw)

@@ -96,9 +96,10 @@ def test_spsa_head_runs_the_label_head_recipe_with_its_own_batch_and_counts_one_
     assert load_recipe(recipe)["model.trainable"] == "label-head"
     with pytest.raises(ValueError, match="no label-head"):
         qpb.recipe_for("spsa-head", "tiny", "triage")
-    sign_recipe, sign_own = qpb.recipe_for("spsa-head-sign", "smollm2", "triage")
-    assert sign_recipe == recipe and sign_own == [*own, "spsa.scalar_codec=sign"]
-    assert load_recipe(sign_recipe, sign_own)["spsa.scalar_codec"] == "sign"
+    assert load_recipe(recipe)["spsa.scalar_codec"] == "sign"  # one bit per scalar
+    byte_recipe, byte_own = qpb.recipe_for("spsa-head-int8", "smollm2", "triage")
+    assert byte_recipe == recipe and byte_own == [*own, "spsa.scalar_codec=int8-sr"]
+    assert load_recipe(byte_recipe, byte_own)["spsa.scalar_codec"] == "int8-sr"
     flat = load_recipe(recipe, [*qpb.common_overrides("smollm2", 10, 4, 0, 1, "triage"), *own])
     assert flat["data.batch_size"] == 120  # its own key wins over the shared ones
     # 4 sites x 120 training reports, counted in the task's batches of 8: 60 forwards for the run, 6 per round

@@ -10,7 +10,8 @@ One round r, site i, K steps x P probes::
     g = [L(w + eps z; B_k) - L(w - eps z; B_k)] / (2 eps)      # central: two forwards per probe
       or [L(w + eps z; B_k) - L(w; B_k)] / eps                 # forward: P + 1 forwards per step
     code = one byte (stochastic rounding inside [-scale, scale]) # comm/codecs.py
-    reply: K*P bytes                                            # + 88 bytes framing (K*P < 40)
+      or one sign bit, a magnitude byte per B steps (``sign``)   # ~1.06 bits at B = 16, P = 8
+    reply: K*P bytes (sign: ceil(K/B) + ceil(K*P/8))            # + 88 bytes framing (< 40 bytes)
 
     server and every site:  theta_{r+1} = theta_r - sum_{i,k,p} c_{i,k,p} z_{i,k,p}
                             c = fp32(lr * g_hat / D), D = N*P (mean) or sqrt(N*P) (sqrt),
