@@ -15,10 +15,11 @@ site). The task picks the spsa recipe whose ``data.*`` and ``eval.*`` keys every
 ``spsa`` runs the task's spsa recipe; ``spsa-head`` the task's label-head recipe (``HEAD_RECIPES``: the
 output rows of the label tokens train, probes score cached features, a site's whole training set per step:
 ``data.batch_size`` is the one data key it keeps its own; one bit per scalar, ``spsa.scalar_codec = "sign"``),
-``spsa-head-int8`` the same with one byte per scalar (``int8-sr``, the recipe's codec until 2026-12-03); ``spsa-v1`` is the same with the spsa settings edgetune had
-before the levers of issue 11 (attention projections, central differences, one probe, K = 4 steps,
-fresh directions, lr 1e-4); ``spsa-choices`` is the recipe with ``spsa.objective = "choices"`` (the
-candidate-answer cross-entropy; ``triage`` only). ``central-lora`` and ``central-mezo`` are the centralised references
+``spsa-head-int8`` the same with one byte per scalar (``int8-sr``, the recipe's codec until 2026-12-03);
+``spsa-v1`` is the task's spsa recipe with the spsa settings edgetune had before the levers of issue 11
+(attention projections, central differences, one probe, K = 4 steps, fresh directions, lr 1e-4);
+``spsa-choices`` is the recipe with ``spsa.objective = "choices"`` (the candidate-answer cross-entropy;
+``triage`` only). ``central-lora`` and ``central-mezo`` are the centralised references
 of ``benchmarks/central_refs.py`` on the pooled site data (no bytes); ``--rounds-for`` gives their
 step count too (``central-mezo=300``), else ``--central-steps``. ``--append`` adds this call's rows to
 those already in ``--out`` (a row of the same algorithm, seed, model and task is replaced), so a slow

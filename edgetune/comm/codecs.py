@@ -215,7 +215,8 @@ def sign_magnitude(code: int, scale: float) -> float:
 def sign_magnitude_code(target: float, scale: float) -> int:
     """The grid code nearest (in log) to ``target``, at most 255 (the clip); 0 only for a zero target. A
     target below the grid gets the grid's smallest value (code 1), not zero: the server's clip follows the
-    sites' magnitudes, and a zero would leave it where it is (a clip 2^32 too large would never shrink)."""
+    sites' magnitudes, and a zero would leave it where it is (a clip 2^32 too large would never shrink).
+    """
     if not target > 0:
         return 0
     c = round(255 + 8 * math.log2(min(target, scale) / scale))
