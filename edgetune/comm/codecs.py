@@ -263,7 +263,13 @@ class SignBlocks:
 
     def decode(self, blob: bytes, steps: int, probes: int, scale: float) -> np.ndarray:
         n_mag, n = -(-steps // self.block), steps * probes
-        raw = _check_blob(blob, self.blob_len(steps, probes), scale)
+        size = self.blob_len(steps, probes)
+        if isinstance(blob, (bytes, bytearray)) and len(blob) != size:
+            raise CodecError(
+                f"expected {size} bytes of sign codes for {steps} x {probes} scalars ({n_mag} magnitude bytes + "
+                f"{size - n_mag} bytes of sign bits), got {len(blob)} bytes"
+            )
+        raw = _check_blob(blob, size, scale)
         bits = np.unpackbits(raw[n_mag:], bitorder="little")
         if np.any(bits[n:]):
             raise CodecError("sign codes: the last byte's unused bits must be zero")

@@ -39,8 +39,9 @@ def test_blob_length_is_magnitudes_plus_packed_bits(spec, steps, probes, size):
     # Assert
     assert codec.blob_len(steps, probes) == len(blob) == size
     assert np.array_equal(codec.decode(blob, steps, probes, 4.0), said)  # the site's trajectory is the server's
+    what = "bytes of sign codes" if spec.startswith("sign") else "one-byte scalars"
     for wrong in (blob[:-1], blob + b"\x00"):
-        with pytest.raises(CodecError, match="expected"):
+        with pytest.raises(CodecError, match=f"expected {size} {what}.*, got {len(wrong)} bytes"):
             codec.decode(wrong, steps, probes, 4.0)
 
 
