@@ -33,6 +33,30 @@ def tiny_flat(**overrides):
     return flat
 
 
+class RewriteCodes:
+    """An spsa site that computes its honest reply (so it stays in sync) and sends ``rewrite(codes)`` instead:
+    the reply is opened with the round's reply key, its codes replaced, and sealed again."""
+
+    def __init__(self, honest, rewrite):
+        self.honest, self.ctx, self.rewrite = honest, honest.ctx, rewrite
+
+    def step(self, phase, msg, state):
+        from edgetune.comm import wire
+        from edgetune.crypto import envelope
+        from edgetune.crypto.envelope import ReplayGuard
+
+        reply, state = self.honest.step(phase, msg, state)
+        opened, _ = envelope.open_envelope(
+            msg["env"], self.ctx.site_keys, run_id=msg["run"], guard=ReplayGuard(), now=0
+        )
+        where = {"run_id": msg["run"], "round_idx": opened.round_idx, "site_id": self.ctx.site_id}
+        inner = wire.decode(
+            envelope.open_reply(opened.reply_key, blob=reply["blob"], max_bytes=1 << 20, **where), max_bytes=1 << 20
+        )
+        inner["codes"] = self.rewrite(inner["codes"])
+        return {"blob": envelope.seal_reply(opened.reply_key, payload=wire.encode(inner), **where)}, state
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Model conversions and scratch files go to a per-session folder, not ~/.cache."""

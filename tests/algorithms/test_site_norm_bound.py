@@ -9,15 +9,12 @@ import random
 
 import numpy as np
 import pytest
-from conftest import tiny_flat
+from conftest import RewriteCodes, tiny_flat
 
 from edgetune import config as cfgmod
 from edgetune import inproc
 from edgetune.algorithms import spsa
 from edgetune.algorithms.spsa import log as spsalog
-from edgetune.comm import wire
-from edgetune.crypto import envelope
-from edgetune.crypto.envelope import ReplayGuard
 from edgetune.federation import run_round
 
 MULT = spsalog.SITE_NORM_MULT
@@ -96,24 +93,10 @@ def test_replay_applies_the_bound_to_the_long_site_only():
     assert math.isclose(spsalog.site_norm(by_site["z"] * denom), bound, rel_tol=1e-12)
 
 
-class MaxCodes:
-    """A site that computes its honest reply (staying in sync) and sends +-127 on every probe instead."""
-
-    def __init__(self, honest):
-        self.honest, self.ctx = honest, honest.ctx
-
-    def step(self, phase, msg, state):
-        reply, state = self.honest.step(phase, msg, state)
-        opened, _ = envelope.open_envelope(
-            msg["env"], self.ctx.site_keys, run_id=msg["run"], guard=ReplayGuard(), now=0.0
-        )
-        where = {"run_id": msg["run"], "round_idx": opened.round_idx, "site_id": self.ctx.site_id}
-        inner = wire.decode(
-            envelope.open_reply(opened.reply_key, blob=reply["blob"], max_bytes=1 << 20, **where), max_bytes=1 << 20
-        )
-        n = len(inner["codes"])
-        inner["codes"] = np.array([127, -127] * n, np.int8)[:n].tobytes()
-        return {"blob": envelope.seal_reply(opened.reply_key, payload=wire.encode(inner), **where)}, state
+def _max_codes(codes: bytes) -> bytes:
+    """+-127 on every probe (int8-sr's largest codes)."""
+    n = len(codes)
+    return np.array([127, -127] * n, np.int8)[:n].tobytes()
 
 
 @pytest.mark.parametrize("pool", [False, True], ids=["fresh-directions", "run-pool-momentum"])
@@ -126,7 +109,7 @@ def test_replicas_agree_bitwise_when_the_bound_scales_a_site(tmp_path, pool):
         overrides.update({"spsa.seed_pool": 8, "spsa.pool_scope": "run", "spsa.optimizer": "momentum"})
     cfg = cfgmod.from_run_config(tiny_flat(**overrides))
     server, transport, recorder, *_ = inproc.build(cfg, 4, run_dir=tmp_path / f"bound-{pool}", separate_replicas=True)
-    transport.clients["site-3"] = MaxCodes(transport.clients["site-3"])
+    transport.clients["site-3"] = RewriteCodes(transport.clients["site-3"], _max_codes)
     scaled = 0
     for r in range(1, 4):
         before = server.state_hash()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import tiny_flat
+from conftest import RewriteCodes, tiny_flat
 
 from edgetune import config as cfgmod
 from edgetune import inproc
@@ -14,8 +14,6 @@ from edgetune.algorithms import spsa
 from edgetune.algorithms.spsa import log as spsalog
 from edgetune.comm import wire
 from edgetune.comm.codecs import codec_for
-from edgetune.crypto import envelope
-from edgetune.crypto.envelope import ReplayGuard
 from edgetune.federation import run_round
 
 
@@ -45,25 +43,6 @@ def test_uplink_is_the_codecs_length_plus_the_same_framing(tmp_path, spec, k_ste
     assert size == {"sign:1": 2, "sign:2": 3 + 2, "sign": 3 + 40}[spec]
 
 
-class Rewrite:
-    """A site that computes its honest reply (staying in sync) and sends ``rewrite(codes)`` instead."""
-
-    def __init__(self, honest, rewrite):
-        self.honest, self.ctx, self.rewrite = honest, honest.ctx, rewrite
-
-    def step(self, phase, msg, state):
-        reply, state = self.honest.step(phase, msg, state)
-        opened, _ = envelope.open_envelope(
-            msg["env"], self.ctx.site_keys, run_id=msg["run"], guard=ReplayGuard(), now=0
-        )
-        where = {"run_id": msg["run"], "round_idx": opened.round_idx, "site_id": self.ctx.site_id}
-        inner = wire.decode(
-            envelope.open_reply(opened.reply_key, blob=reply["blob"], max_bytes=1 << 20, **where), max_bytes=1 << 20
-        )
-        inner["codes"] = self.rewrite(inner["codes"])
-        return {"blob": envelope.seal_reply(opened.reply_key, payload=wire.encode(inner), **where)}, state
-
-
 def _max_sign(codes: bytes) -> bytes:
     """Magnitude 255 (the clip) on every block and every sign negative (K = 4, B = 2: two magnitude bytes)."""
     return b"\xff\xff" + b"\xff" * (len(codes) - 2)
@@ -76,7 +55,7 @@ def test_a_site_at_the_clip_on_every_scalar_is_norm_bounded_and_cannot_push_the_
     # Prepare
     over = {"spsa.scalar_codec": "sign:2", "spsa.num_steps": 4, "spsa.num_probes": 4, "num_rounds": 5}
     cfg, server, transport, recorder = _build(tmp_path, "liar", **over)
-    transport.clients["site-3"] = Rewrite(transport.clients["site-3"], _max_sign)
+    transport.clients["site-3"] = RewriteCodes(transport.clients["site-3"], _max_sign)
     scaled = 0
 
     # Execute / Assert
@@ -111,7 +90,7 @@ def test_a_malformed_sign_blob_is_rejected_naming_why_and_the_round_commits_with
     # Prepare
     over = {"spsa.scalar_codec": "sign:2", "spsa.num_steps": 3, "spsa.num_probes": 4, "run.min_sites": 3}
     cfg, server, transport, recorder = _build(tmp_path, name, **over)
-    transport.clients["site-1"] = Rewrite(transport.clients["site-1"], rewrite)
+    transport.clients["site-1"] = RewriteCodes(transport.clients["site-1"], rewrite)
 
     # Execute
     metrics, rejected, _ = run_round(cfg, server, transport, recorder, 1)
