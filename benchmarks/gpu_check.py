@@ -266,31 +266,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     t0 = time.time()
     rows: list[dict[str, Any]] = []
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu (dry run)"
+    result: dict[str, Any] = {}
+
+    def record(*new: dict[str, Any], complete: bool = False) -> None:
+        # written after every check, so a run cut short by a time limit keeps what it measured
+        rows.extend(new)
+        for r in new:
+            print(f"[gpu_check] {r['check']}: {r['value']} (goal {r['goal']}, {r['wall_s']:.1f} s)", flush=True)
+        result.update(
+            benchmark="gpu_check",
+            device=args.device,
+            device_name=device_name,
+            model=args.model,
+            dtype=args.dtype,
+            torch_version=torch.__version__,
+            total_wall_s=time.time() - t0,
+            complete=complete,
+            all_pass=complete and all(r["pass"] for r in rows),
+            rows=rows,
+        )
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
     with tempfile.TemporaryDirectory(prefix="edgetune-gpu-check-") as tmp:
         work = Path(tmp)
-        rows.append(check_stream(args.device))
+        record(check_stream(args.device))
         for algorithm in ("spsa", "lowrank"):
             dtype = "float32" if algorithm == "spsa" else args.dtype
-            rows.append(one_round(algorithm, args.model, args.device, dtype, work))
-        rows.append(devices_match(args.model, args.device, args.dtype, work))
-        rows.extend(spsa_ratios(args.model, args.device, args.repeats, args.batch_size))
+            record(one_round(algorithm, args.model, args.device, dtype, work))
+        record(devices_match(args.model, args.device, args.dtype, work))
+        record(*spsa_ratios(args.model, args.device, args.repeats, args.batch_size))
         gpus = 1.0 / args.sites if args.device.startswith("cuda") else 0.0
-        rows.append(simulate_sites(args.sites, gpus, args.device, args.sim_engine, work, args.sim_timeout))
-    total = time.time() - t0
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu (dry run)"
-    result = {
-        "benchmark": "gpu_check",
-        "device": args.device,
-        "device_name": device_name,
-        "model": args.model,
-        "dtype": args.dtype,
-        "torch_version": torch.__version__,
-        "total_wall_s": total,
-        "all_pass": all(r["pass"] for r in rows),
-        "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+        sim = simulate_sites(args.sites, gpus, args.device, args.sim_engine, work, args.sim_timeout)
+        record(sim, complete=True)
+    total = result["total_wall_s"]
     print(f"gpu_check on {device_name}, {args.model} {args.dtype}, {total:.0f} s")
     print(format_table(rows))
     print(f"\nwritten to {args.out}")

@@ -60,7 +60,23 @@ def test_dry_run_makes_every_check_on_cpu(tmp_path):
     memory = by["spsa_memory_vs_inference"]
     assert memory["value"] == memory["spsa_round_peak_mib"] / memory["forward_peak_mib"]
     assert memory["pass"] == (memory["value"] <= gpu_check.MEMORY_GOAL)
-    assert code == (0 if result["all_pass"] else 1)
+    assert result["complete"] and code == (0 if result["all_pass"] else 1)
+
+
+def test_a_run_cut_short_keeps_the_checks_it_made(tmp_path, monkeypatch):
+    """The JSON is written after every check: a check that dies (or a time limit that kills the run)
+    leaves the earlier rows on disk, marked incomplete and not passed."""
+
+    def dies(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(gpu_check, "one_round", dies)
+    out = tmp_path / "gpu_check.json"
+    with pytest.raises(RuntimeError, match="killed"):
+        gpu_check.main(["--device", "cpu", "--model", "tiny", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert [r["check"] for r in result["rows"]] == ["stream_hash"]
+    assert result["rows"][0]["pass"] and not result["complete"] and not result["all_pass"]
 
 
 def test_linearity_flags_superlinear_time():
