@@ -274,15 +274,8 @@ def time_step_vs_forward(bench: Bench, replica: spsa.Replica, repeats: int, scfg
         bits_s, pass_s, reset_s = [], [], []
         for _ in range(repeats):
             with replica.local() as work:
-                t_bits, packed = _timed(
-                    lambda: [keystream.tensor_bits(keys[0][0], i, n, dev) for i, n in enumerate(numels)], dev
-                )
-                t_pass, _ = _timed(
-                    lambda w=work, pk=packed: [
-                        keystream.add_(x, b"", i, scfg.eps, packed=b) for i, (x, b) in enumerate(zip(w, pk))
-                    ],
-                    dev,
-                )
+                t_bits, packed = _timed(lambda: keystream.directions(keys[0][0], numels, dev), dev)
+                t_pass, _ = _timed(lambda w=work, pk=packed: keystream.add_directions_(w, pk, scfg.eps), dev)
                 bits_s.append(t_bits)
                 pass_s.append(t_pass)
             reset_s.append(_timed(lambda: master.reset(replica.store, replica.work), dev)[0])

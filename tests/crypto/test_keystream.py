@@ -94,3 +94,60 @@ def test_replay_kernel_is_sequential_per_term(monkeypatch):
         expected = expected - c * keystream.rademacher(k, 2, 3000)
     keystream.add_many_(w, 2, list(zip(keys, coeffs)))
     assert torch.equal(w, expected)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_directions_apply_bitwise_like_tensor_by_tensor(monkeypatch, masked):
+    """add_directions_ (one multi-tensor add per chunk of the concatenated bits) leaves every tensor
+    bitwise where add_ tensor by tensor leaves it: sizes that are not multiples of 8 (padding bits
+    between tensors), tensors spanning chunk borders, several tensors in one chunk, an empty one."""
+    monkeypatch.setattr(keystream, "CHUNK_ELEMS", 1024)
+    key = b"k" * 32
+    shapes = [(37, 29), (5,), (0,), (3000,), (16, 64), (1,), (2049,)]
+    gen = torch.Generator().manual_seed(3)
+    base = [torch.randn(s, generator=gen) for s in shapes]
+    masks = [(torch.rand(s, generator=gen) < 0.5).float() for s in shapes] if masked else None
+    dirs = keystream.directions(key, [w.numel() for w in base])
+    for i, w in enumerate(base):
+        assert torch.equal(dirs.tensor(i), keystream.tensor_bits(key, i, w.numel()))
+    one = [w.clone() for w in base]
+    grouped = [w.clone() for w in base]
+    for alpha in (1e-3, -2e-3, 0.0, 1e-3 / 3):
+        for i, w in enumerate(one):
+            keystream.add_(w, key, i, alpha, mask=None if masks is None else masks[i])
+        keystream.add_directions_(grouped, dirs, alpha, masks)
+        for a, b in zip(one, grouped):
+            assert torch.equal(a, b) and torch.equal(a.view(-1).view(torch.int32), b.view(-1).view(torch.int32))
+    assert any(not torch.equal(a, b) for a, b in zip(one, base) if a.numel())  # it did move them
+
+
+def test_directions_refuse_tensors_of_other_sizes():
+    dirs = keystream.directions(b"k" * 32, [8, 9])
+    with pytest.raises(ValueError, match="do not match"):
+        keystream.add_directions_([torch.zeros(8), torch.zeros(10)], dirs, 1.0)
+    with pytest.raises(ValueError, match="do not match"):
+        keystream.add_directions_([torch.zeros(8)], dirs, 1.0)
+
+
+def test_directions_with_mixed_dtypes_apply_one_by_one():
+    key = b"m" * 32
+    ws = [torch.zeros(100), torch.zeros(50, dtype=torch.float64)]
+    keystream.add_directions_(ws, keystream.directions(key, [100, 50]), 0.5)
+    for i, w in enumerate(ws):
+        assert torch.equal(w, 0.5 * keystream.rademacher(key, i, w.numel(), dtype=w.dtype))
+
+
+@pytest.mark.gpu
+def test_directions_on_cuda_equal_the_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    key = b"g" * 32
+    shapes = [(576, 576), (576, 192), (3,), (2_500_001,)]
+    gen = torch.Generator().manual_seed(5)
+    cpu = [torch.randn(s, generator=gen) for s in shapes]
+    gpu = [w.cuda() for w in cpu]
+    numels = [w.numel() for w in cpu]
+    for alpha in (1e-3, -2e-3):
+        keystream.add_directions_(cpu, keystream.directions(key, numels), alpha)
+        keystream.add_directions_(gpu, keystream.directions(key, numels, "cuda"), alpha)
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(cpu, gpu))

@@ -51,12 +51,11 @@ def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
 
 def _apply_all(
     work: Sequence[torch.Tensor],
-    packed: Sequence[torch.Tensor],
+    packed: keystream.Directions,
     alpha: float,
     masks: Sequence[torch.Tensor] | None,
 ) -> None:
-    for i, (w, bits) in enumerate(zip(work, packed)):
-        keystream.add_(w, b"", i, alpha, packed=bits, mask=None if masks is None else masks[i])
+    keystream.add_directions_(work, packed, alpha, masks)
 
 
 @dataclass
@@ -187,7 +186,7 @@ def local_steps(
     return encoder.blob(), np.array(raw), float(np.mean(losses))
 
 
-def _update_lane(lane: Lane, packs: Sequence[Sequence[torch.Tensor]], alphas: Sequence[float]) -> None:
+def _update_lane(lane: Lane, packs: Sequence[keystream.Directions], alphas: Sequence[float]) -> None:
     """The site's own step on one lane: ``w += alpha_p z_p`` for every probe, in probe order."""
     for packed, alpha in zip(packs, alphas, strict=True):
         _apply_all(lane.work, packed, alpha, lane.masks)
@@ -204,7 +203,7 @@ def _probe_lane(
     batch = lane.batches[k]
     device = lane.work[0].device
     numels = [w.numel() for w in lane.work]
-    packs = [[keystream.tensor_bits(key, i, n, device) for i, n in enumerate(numels)] for key in keys]
+    packs = [keystream.directions(key, numels, device) for key in keys]
     n_probes = len(keys)
     base = 0.0
     if lane.runner is not None:
