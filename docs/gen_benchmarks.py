@@ -129,7 +129,19 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"not readable as JSON ({err})") from err
-    if isinstance(data, dict):
+    if isinstance(data, dict) and isinstance(data.get("rows"), list):
+        # one run's checks (gpu_check): one table of what every check has, the rest of a check in
+        # `details`, and the machine it ran on
+        checks = [r for r in data["rows"] if isinstance(r, dict)]
+        if len(checks) != len(data["rows"]):
+            raise ValueError("its rows are not all JSON objects")
+        shared = [k for k in (checks[0] if checks else {}) if all(k in r for r in checks)]
+        run = {k: data[k] for k in ("device_name", "torch_version") if k in data}
+        data = [
+            {**{k: r[k] for k in shared}, "details": {k: v for k, v in r.items() if k not in shared}, **run}
+            for r in checks
+        ]
+    elif isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
         raise ValueError(f"expected a JSON list of objects, got {type(data).__name__}")

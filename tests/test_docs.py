@@ -49,6 +49,8 @@ def test_gen_benchmarks_handles_missing_broken_and_unknown_results(tmp_path):
     (results / "gamma.json").write_text("{not json")
     wide = [{f"k{i}": i * 1.5 for i in range(12)} | {"name": n} for n in ("first", "second")]
     (results / "orphan.json").write_text(json.dumps(wide))
+    run = {"benchmark": "run", "device_name": "GPU-X", "all_pass": False, "rows": [{"check": "c1"}, {"check": "c2"}]}
+    (results / "beta_run.json").write_text(json.dumps(run))
 
     # Execute
     page = gen.generate(results, bench)
@@ -58,6 +60,7 @@ def test_gen_benchmarks_handles_missing_broken_and_unknown_results(tmp_path):
     assert [line for line in page.splitlines() if line.startswith("## ")] == [
         "## alpha",
         "## beta",
+        "## beta_run",
         "## gamma",
         "## orphan",
     ]
@@ -67,6 +70,8 @@ def test_gen_benchmarks_handles_missing_broken_and_unknown_results(tmp_path):
     assert "*Could not be read*" in page.split("## gamma")[1]
     assert "| `name` | first | second |" in page and "| `k11` | 16.5 | 16.5 |" in page
     assert "## run_all" not in page and "__init__" not in page
+    run_section = page.split("## beta_run")[1].split("## gamma")[0]  # a run's rows, with its own scalars
+    assert "(2 rows)" in run_section and "GPU-X" in run_section and "c2" in run_section
 
 
 def test_gen_benchmarks_on_the_repository_results_is_deterministic_and_writes_only_on_change(tmp_path):
