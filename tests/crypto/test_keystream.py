@@ -115,7 +115,7 @@ def test_directions_apply_bitwise_like_tensor_by_tensor(monkeypatch, masked):
     for alpha in (1e-3, -2e-3, 0.0, 1e-3 / 3):
         for i, w in enumerate(one):
             keystream.add_(w, key, i, alpha, mask=None if masks is None else masks[i])
-        keystream.add_directions_(grouped, dirs, alpha, masks)
+        keystream.add_directions_(grouped, dirs, alpha, masks, grouped=True)
         for a, b in zip(one, grouped):
             assert torch.equal(a, b) and torch.equal(a.view(-1).view(torch.int32), b.view(-1).view(torch.int32))
     assert any(not torch.equal(a, b) for a, b in zip(one, base) if a.numel())  # it did move them
@@ -132,7 +132,7 @@ def test_directions_refuse_tensors_of_other_sizes():
 def test_directions_with_mixed_dtypes_apply_one_by_one():
     key = b"m" * 32
     ws = [torch.zeros(100), torch.zeros(50, dtype=torch.float64)]
-    keystream.add_directions_(ws, keystream.directions(key, [100, 50]), 0.5)
+    keystream.add_directions_(ws, keystream.directions(key, [100, 50]), 0.5, grouped=True)
     for i, w in enumerate(ws):
         assert torch.equal(w, 0.5 * keystream.rademacher(key, i, w.numel(), dtype=w.dtype))
 
@@ -149,5 +149,5 @@ def test_directions_on_cuda_equal_the_cpu():
     numels = [w.numel() for w in cpu]
     for alpha in (1e-3, -2e-3):
         keystream.add_directions_(cpu, keystream.directions(key, numels), alpha)
-        keystream.add_directions_(gpu, keystream.directions(key, numels, "cuda"), alpha)
+        keystream.add_directions_(gpu, keystream.directions(key, numels, "cuda"), alpha)  # grouped: CUDA's default
     assert all(torch.equal(a, b.cpu()) for a, b in zip(cpu, gpu))
