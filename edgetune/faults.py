@@ -6,6 +6,10 @@ point of that round (``*``: every round), so a test can kill it there with certa
 (``federation.FAULT_POINTS``: ``plan-saved``, ``after-plan``, ..., ``after-commit``, ...) and
 ``site-before-reply`` (a site, after computing, before replying). The crash matrix
 (``tests/integration/test_crash_matrix.py``) replaces ``point`` to kill a forked server at each one.
+
+``EDGETUNE_FAULT_RELEASE=<path>`` ends such a pause early once that file exists: a test that waits for
+something outside the process (a restarted site admitted again) pauses for as long as that takes, up to
+``seconds``, instead of a fixed time sized for the slowest machine.
 """
 
 from __future__ import annotations
@@ -22,4 +26,10 @@ def point(where: str, round_idx: int) -> None:
     name, rnd, seconds = spec.split(":")
     if name == where and (rnd == "*" or int(rnd) == round_idx):
         print(f"[edgetune] fault point {where} round {round_idx}: pausing {seconds} s", flush=True)
-        time.sleep(float(seconds))
+        release = os.environ.get("EDGETUNE_FAULT_RELEASE", "")
+        deadline = time.monotonic() + float(seconds)
+        while (left := deadline - time.monotonic()) > 0:
+            if release and os.path.exists(release):
+                print(f"[edgetune] fault point {where} round {round_idx}: released by {release}", flush=True)
+                return
+            time.sleep(min(left, 0.2) if release else left)

@@ -99,7 +99,7 @@ def test_tls_node_auth_three_sites_kill_and_catch_up(tmp_path, link):
             "--state",
             str(tmp_path / "server"),
             "--rounds",
-            "8",
+            "6",
             "--set",
             f"run.dir={tmp_path / 'runs'}",
             "--set",
@@ -111,10 +111,10 @@ def test_tls_node_auth_three_sites_kill_and_catch_up(tmp_path, link):
             *(["--gateway", f"127.0.0.1:{gateway}"] if link == "thin" else []),
         ],
         cwd=ROOT,
-        # the server pauses after committing round 4, long enough for Flower to let the killed site's
-        # node back in (it refuses a node key until its old session misses two 30 s heartbeats); a thin
-        # site's gateway closes its killed predecessor's session itself, so the site is back sooner
-        env={**env, "EDGETUNE_FAULT": f"after-commit:4:{30 if link == 'thin' else 100}"},
+        # the server pauses after committing round 4 until the test sees the killed site's node back in
+        # (Flower refuses a node key until its old session misses two 30 s heartbeats; a thin site's
+        # gateway closes its killed predecessor's session itself, so that site is back sooner)
+        env={**env, "EDGETUNE_FAULT": "after-commit:4:240", "EDGETUNE_FAULT_RELEASE": str(tmp_path / "site-2-back")},
         stdout=server_log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -154,16 +154,15 @@ def test_tls_node_auth_three_sites_kill_and_catch_up(tmp_path, link):
 
     try:
         _wait(lambda: "registered node keys" in (tmp_path / "server.out").read_text(), 120, "site registration")
-        # a node with a key the SuperLink never registered is refused
+        for i in range(3):  # site-2 stalls before replying in round 2, so it can be killed mid-round
+            fault = "site-before-reply:2:300" if i == 2 else ""
+            sites[f"site-{i}"] = start_site(f"site-{i}", i, fed / "sites" / f"site-{i}", fault)
+        # meanwhile, a node with a key the SuperLink never registered is refused
         keys.add_sites(fed, ["rogue"])
         certs.generate_node_keys(fed, ["rogue"])
         rogue = start_site("rogue", 0, fed / "sites" / "rogue", wait=0)
         assert rogue.wait(timeout=120) != 0
         assert "Failed to activate SuperNode" in (tmp_path / "rogue.out").read_text()
-
-        for i in range(3):  # site-2 stalls before replying in round 2, so it can be killed mid-round
-            fault = "site-before-reply:2:300" if i == 2 else ""
-            sites[f"site-{i}"] = start_site(f"site-{i}", i, fed / "sites" / f"site-{i}", fault)
         runs = tmp_path / "runs"
         _wait(lambda: runs.exists() and any(runs.iterdir()), 180, "the run folder")
         run_dir = next(runs.iterdir())
@@ -175,6 +174,9 @@ def test_tls_node_auth_three_sites_kill_and_catch_up(tmp_path, link):
         _kill_tree(sites["site-2"].pid)
         _wait(lambda: any(r["round"] == 2 for r in _rows(metrics)), 300, "round 2 without site-2")
         sites["site-2"] = start_site("site-2", 2, fed / "sites" / "site-2")
+        # Flower prints the node id once the SuperLink has activated the node: the second time is the restart
+        _wait(lambda: site2_log.read_text().count("SuperNode ID:") >= 2, 240, "site-2 admitted again")
+        (tmp_path / "site-2-back").touch()
         assert server.wait(timeout=600) == 0, (tmp_path / "server.out").read_text()[-3000:]
         if link == "thin":  # thin-link sites leave when the server ends the run: nothing connected between runs
             for name in ("site-0", "site-1", "site-2"):
@@ -190,7 +192,7 @@ def test_tls_node_auth_three_sites_kill_and_catch_up(tmp_path, link):
             _kill_tree(p.pid)
 
     rows = _rows(metrics)
-    assert [r["round"] for r in rows] == list(range(9))
+    assert [r["round"] for r in rows] == list(range(7))
     assert rows[1]["num_accepted"] == 3
     assert rows[2]["num_accepted"] == 2 and "site-2" in rows[2]["rejected"]
     assert rows[-1]["num_accepted"] == 3  # site-2 caught up and was accepted again
@@ -199,7 +201,7 @@ def test_tls_node_auth_three_sites_kill_and_catch_up(tmp_path, link):
 
     saved = read_state_json(next((tmp_path / "cache" / "sites" / "site-2").glob("*/spsa/replica.json")))
     assert saved["hash"] == rows[saved["applied"]]["state_hash"]
-    assert saved["applied"] == 7
+    assert saved["applied"] == 5
 
     # the real bytes on each site's link, merged into the run: every round of every site is there, and
     # exceeds what edgetune's payload counted for it
