@@ -234,9 +234,9 @@ class FlowerFramedTransport:
             )
             self.ledger.add(round_idx, phase, site, "down", msgs.flower_bytes(down[site]), kind="flower")
         raw = self.inner.exchange(round_idx, phase, blobs, timeout_s=timeout_s)
-        for site, blob in raw.items():
-            if isinstance(blob, bytes):
-                reply = Message(msgs.to_content(blob), reply_to=down[site])
+        for site, got in raw.items():
+            if isinstance(got, bytes):
+                reply = Message(msgs.to_content(got), reply_to=down[site])
                 self.ledger.add(round_idx, phase, site, "up", msgs.flower_bytes(reply), kind="flower")
         return raw
 
@@ -311,10 +311,10 @@ def measure_edgetune(c: ByteConfig, model: str, num_sites: int, batch_size: int,
                 "group_sites": len(members),
             }
             for (d, k), vals in per.items():
-                s = _summarise(vals)
-                row[f"{d}_{k}_bytes"] = s["mean"]
-                row[f"{d}_{k}_min"] = s["min"]
-                row[f"{d}_{k}_max"] = s["max"]
+                summary = _summarise(vals)
+                row[f"{d}_{k}_bytes"] = summary["mean"]
+                row[f"{d}_{k}_min"] = summary["min"]
+                row[f"{d}_{k}_max"] = summary["max"]
             row["phases"] = _phase_bytes(led, r)
             if c.algorithm == "spsa":
                 kp = int(c.overrides["spsa.num_steps"]) * int(c.overrides["spsa.num_probes"])

@@ -238,7 +238,7 @@ def run_case(
     server, transport, recorder, evaluate, tokenizer = inproc.build(cfg, sites, run_dir=run_dir)
     evil = sorted(transport.clients)[sites - attackers :] if attack else []
     for s in evil:
-        transport.clients[s] = attacker(transport.clients[s], cfg.algorithm, attack)
+        transport.clients[s] = attacker(transport.clients[s], cfg.algorithm, attack or "")
     row: dict[str, Any] = {
         "variant": variant,
         "sites": sites,

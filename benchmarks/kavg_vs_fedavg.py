@@ -43,7 +43,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -99,7 +99,7 @@ class CapturingTransport:
         for site, blob in blobs.items():
             out.update(self.inner.exchange(round_idx, phase, {site: blob}, timeout_s=timeout_s))
             client = self.inner.clients[site]
-            model = client.ctx.model
+            model = cast(Any, client).ctx.model  # the in-process client keeps its context
             self.local_models[site] = [
                 t.detach().to("cpu", torch.float32).clone() for t in trainable_tensors(model, manifest_of(model))
             ]

@@ -145,7 +145,7 @@ class TreeSampler(threading.Thread):
         return {pid: info[pid][1] for pid in found}
 
     def sample(self) -> None:
-        procs = []
+        procs: list[dict[str, Any]] = []
         for pid, comm in self.members().items():
             rss = _kib(_read(f"/proc/{pid}/status"), b"VmRSS:")
             pss = _kib(_read(f"/proc/{pid}/smaps_rollup"), b"Pss:")

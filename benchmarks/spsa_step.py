@@ -62,6 +62,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -266,7 +267,7 @@ def time_step_vs_forward(bench: Bench, replica: spsa.Replica, repeats: int, scfg
         for r in range(1, repeats + 1):
             fwd.append(_timed(lambda: spsa.batch_loss(bench.model, bench.batch), dev)[0])
             with replica.local() as work:
-                step.append(_timed(lambda w=work, r=r: run_steps(bench, w, r, 1, scfg), dev)[0])
+                step.append(_timed(partial(run_steps, bench, work, r, 1, scfg), dev)[0])
         # The step's non-forward parts: keystream bits (once per probe) and one +-eps pass (three per
         # step, with P=1), the same calls local_steps makes; and the reset that follows local work.
         _, keys, _ = step_inputs(0, 1)
@@ -275,7 +276,7 @@ def time_step_vs_forward(bench: Bench, replica: spsa.Replica, repeats: int, scfg
         for _ in range(repeats):
             with replica.local() as work:
                 t_bits, packed = _timed(lambda: keystream.directions(keys[0][0], numels, dev), dev)
-                t_pass, _ = _timed(lambda w=work, pk=packed: keystream.add_directions_(w, pk, scfg.eps), dev)
+                t_pass, _ = _timed(partial(keystream.add_directions_, work, packed, scfg.eps), dev)
                 bits_s.append(t_bits)
                 pass_s.append(t_pass)
             reset_s.append(_timed(lambda: master.reset(replica.store, replica.work), dev)[0])
@@ -313,9 +314,7 @@ def time_per_probe(bench: Bench, replica: spsa.Replica, repeats: int, scfg: Spsa
                 with replica.local() as work:
                     step.append(
                         _timed(
-                            lambda w=work, r=r, d=difference, n=num_probes: run_steps(
-                                bench, w, r, 1, scfg, num_probes=n, difference=d
-                            ),
+                            partial(run_steps, bench, work, r, 1, scfg, num_probes=num_probes, difference=difference),
                             dev,
                         )[0]
                     )
@@ -521,6 +520,10 @@ def _verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
+def _per_probe_cell(tag: str, r: dict[str, Any]) -> str:
+    return f"{r[tag + '_per_probe']:.2f} {_verdict(r[tag + '_per_probe_pass'])}"
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """The rows as a text table: one column per trainable subset."""
     if not rows:
@@ -558,7 +561,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         *(
             row(
                 f"PER PROBE {d} P={n} (goal <= {g:g})",
-                lambda r, t=f"{d}_p{n}": f"{r[t + '_per_probe']:.2f} {_verdict(r[t + '_per_probe_pass'])}",
+                partial(_per_probe_cell, f"{d}_p{n}"),
             )
             for d, n, g in PER_PROBE
         ),
