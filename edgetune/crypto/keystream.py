@@ -170,9 +170,9 @@ def directions(key: bytes, numels: Sequence[int], device: torch.device | str = "
 @lru_cache(maxsize=64)
 def _layout(
     numels: tuple[int, ...], offsets: tuple[int, ...], chunk: int
-) -> tuple[tuple[tuple[int, int, int, int], ...], ...]:
-    """Per chunk of ``CHUNK_ELEMS`` bit positions of the concatenated bytes: the pieces of tensors in
-    it, each (tensor, first element, element count, first position inside the chunk).
+) -> tuple[tuple[int, tuple[tuple[int, int, int, int], ...]], ...]:
+    """Per chunk of ``chunk`` bit positions of the concatenated bytes that holds any: its index and the
+    pieces of tensors in it, each (tensor, first element, element count, first position inside the chunk).
     """
     chunks: dict[int, list[tuple[int, int, int, int]]] = {}
     for i, (n, off) in enumerate(zip(numels, offsets)):
@@ -182,7 +182,7 @@ def _layout(
             take = min(n - done, chunk - inside)
             chunks.setdefault(c, []).append((i, done, take, inside))
             done += take
-    return tuple(tuple(chunks[c]) for c in sorted(chunks))
+    return tuple((c, tuple(chunks[c])) for c in sorted(chunks))
 
 
 def add_directions_(
@@ -216,8 +216,7 @@ def add_directions_(
     flats = [p.view(-1) for p in params]
     flat_masks = None if masks is None else [m.view(-1) for m in masks]
     n_bytes = dirs.flat.numel()
-    for pieces in _layout(dirs.numels, dirs.offsets, CHUNK_ELEMS):
-        c = (dirs.offsets[pieces[0][0]] * 8 + pieces[0][1]) // CHUNK_ELEMS
+    for c, pieces in _layout(dirs.numels, dirs.offsets, CHUNK_ELEMS):
         start = c * CHUNK_ELEMS // 8
         stop = min(start + CHUNK_ELEMS // 8, n_bytes)
         z = _expand_chunk(dirs.flat[start:stop], (stop - start) * 8, first.dtype)

@@ -129,12 +129,30 @@ def test_directions_refuse_tensors_of_other_sizes():
         keystream.add_directions_([torch.zeros(8)], dirs, 1.0)
 
 
-def test_directions_with_mixed_dtypes_apply_one_by_one():
+def test_directions_group_only_tensors_of_one_dtype_and_only_where_asked(monkeypatch):
+    """Tensor by tensor (``add_``) on the CPU by default and for mixed dtypes even when grouping is asked
+    for; grouped (no ``add_`` call) otherwise. Either way every tensor gets its own z."""
+    calls: list[int] = []
+    per_tensor = keystream.add_
+
+    def spy(param, key, index, *args, **kwargs):
+        calls.append(index)
+        per_tensor(param, key, index, *args, **kwargs)
+
+    monkeypatch.setattr(keystream, "add_", spy)
     key = b"m" * 32
-    ws = [torch.zeros(100), torch.zeros(50, dtype=torch.float64)]
-    keystream.add_directions_(ws, keystream.directions(key, [100, 50]), 0.5, grouped=True)
-    for i, w in enumerate(ws):
-        assert torch.equal(w, 0.5 * keystream.rademacher(key, i, w.numel(), dtype=w.dtype))
+    dirs = keystream.directions(key, [100, 50])
+    cases = [
+        ([torch.zeros(100), torch.zeros(50, dtype=torch.float64)], True, [0, 1]),  # mixed: one by one
+        ([torch.zeros(100), torch.zeros(50)], None, [0, 1]),  # the CPU's default
+        ([torch.zeros(100), torch.zeros(50)], True, []),  # grouped
+    ]
+    for ws, grouped, expected_calls in cases:
+        calls.clear()
+        keystream.add_directions_(ws, dirs, 0.5, grouped=grouped)
+        assert calls == expected_calls
+        for i, w in enumerate(ws):
+            assert torch.equal(w, 0.5 * keystream.rademacher(key, i, w.numel(), dtype=w.dtype))
 
 
 @pytest.mark.gpu
