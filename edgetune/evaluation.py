@@ -51,6 +51,8 @@ def load_checkpoint(checkpoint: Path, cfg: cfgmod.RunConfig) -> tuple[Any, Any]:
     model: Any
     if cfg.model.trainable.strip() == "label-head":
         return _load_label_head_checkpoint(checkpoint, cfg)
+    if cfg.model.trainable.strip() == "token-bias":
+        return _load_token_bias_checkpoint(checkpoint, cfg)
     if (checkpoint / "adapter_config.json").is_file():
         from peft import PeftModel
 
@@ -102,6 +104,40 @@ def _load_label_head_checkpoint(checkpoint: Path, cfg: cfgmod.RunConfig) -> tupl
                 f"{checkpoint}: its output layer (lm_head.weight) is not the base model's plus its label_head delta: "
                 "the checkpoint changed after the run, or the base model differs; refusing to evaluate it"
             )
+    if (checkpoint / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+def _load_token_bias_checkpoint(checkpoint: Path, cfg: cfgmod.RunConfig) -> tuple[Any, Any]:
+    """A token-bias run's checkpoint: the recipe's base model plus ``token_bias.safetensors``. The frozen
+    weights saved next to it must be that base model's (its output layer is compared), else refused.
+    """
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    from edgetune.models.load import load_model
+    from edgetune.models.tokenbias import load_token_bias, token_bias_of
+
+    model, tokenizer = load_model(cfgmod.ModelSection(**{**cfg.model.__dict__, "quantize": "none"}), seed=cfg.run.seed)
+    load_token_bias(checkpoint, model)
+    head = token_bias_of(model)
+    assert head is not None
+    names = ("lm_head.weight", "model.embed_tokens.weight")
+    saved = None
+    for path in sorted(checkpoint.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for name in names:
+                if saved is None and name in f.keys():
+                    saved = f.get_tensor(name)
+    own = head.weight.detach().cpu()
+    if saved is None or saved.shape != own.shape or not torch.equal(saved.to(own.dtype), own):
+        raise ValueError(
+            f"{checkpoint}: its output layer is not the recipe's base model's (model.path = {cfg.model.path!r}): "
+            "a token bias only applies to the model it was trained on; refusing to evaluate it"
+        )
     if (checkpoint / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
         if tokenizer.pad_token_id is None:

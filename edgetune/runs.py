@@ -91,12 +91,17 @@ class RunRecorder:
     def checkpoint(self, model: Any, tokenizer: Any, round_idx: int, extra: dict[str, Any]) -> Path:
         """Write ``checkpoints/round-NNNN`` atomically; keep the newest ``run.keep_checkpoints``."""
         from edgetune.models.labelhead import label_head_of, merged_head, save_label_head  # (imports torch)
+        from edgetune.models.tokenbias import plain_head, save_token_bias, token_bias_of
 
         def fill(tmp: Path) -> None:
-            with merged_head(model) as plain:  # a label head is saved as a plain output layer
+            # a label head is saved as a plain output layer; a token bias (which no plain layer holds) as a
+            # file of its own next to the frozen weights
+            with merged_head(model) as merged, plain_head(merged) as plain:
                 plain.save_pretrained(tmp, safe_serialization=True)
             if label_head_of(model) is not None:
                 save_label_head(tmp, model)  # and as itself: edgetune eval rebuilds and checks the plain weights
+            if token_bias_of(model) is not None:
+                save_token_bias(tmp, model)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             info = {"round": round_idx, "algorithm": self.cfg.algorithm, **extra}

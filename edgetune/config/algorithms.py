@@ -96,6 +96,16 @@ class SpsaSection:
     """Where the round-start weights live while a site perturbs its copy: ``host`` memory,
     ``disk`` (a safetensors file read back per tensor), or ``auto`` (disk on CPU, host on GPU)."""
 
+    bias_pool: int = 4096
+    """With ``model.trainable = "token-bias"``: the answer tokens per site whose frozen logits' exponentials
+    are cached (``models/biascache.py``; each training example contributes an equal share, a keyed draw).
+    A probe then costs a product with the batch's pooled tokens instead of a forward pass; memory is
+    pool x vocabulary float32 values (4,096 tokens of SmolLM2: 805 MB)."""
+    bias_examples: int = 0
+    """With ``model.trainable = "token-bias"``: the pool draws from at most this many of a site's training
+    examples (a keyed draw; 0: all). Only they pass through the model (once per run) and a site's step
+    batches come from them, so this bounds the feature pass's time."""
+
     def __post_init__(self) -> None:
         if not is_power_of_two(self.eps):
             raise ValueError(f"spsa.eps must be a power of two (e.g. 0.0009765625 = 2^-10), got {self.eps}")
@@ -104,6 +114,10 @@ class SpsaSection:
         schedules.parse(self.lr_schedule, key="spsa.lr_schedule")
         if self.num_steps * self.num_probes > 1 << 16:
             raise ValueError("spsa.num_steps x spsa.num_probes must be at most 65536 (one byte each)")
+        if not 1 <= self.bias_pool <= 1 << 20:
+            raise ValueError(f"spsa.bias_pool must be between 1 and 1048576 tokens, got {self.bias_pool}")
+        if self.bias_examples < 0:
+            raise ValueError(f"spsa.bias_examples must be >= 0 (0: all examples), got {self.bias_examples}")
         if self.difference not in {"central", "forward"}:
             raise ValueError(f"spsa.difference must be central or forward, got {self.difference!r}")
         if self.objective not in {"answer", "choices"}:

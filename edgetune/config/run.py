@@ -128,6 +128,12 @@ class RunConfig:
                 "model.trainable = 'label-head' with spsa needs spsa.objective = 'choices': its probes score the "
                 "label tokens from cached features; the answer objective would cost a full forward pass per probe"
             )
+        token_bias = self.model.trainable.strip() == "token-bias"
+        if token_bias and self.algorithm == "spsa" and self.spsa.objective != "answer":
+            raise ValueError(
+                "model.trainable = 'token-bias' with spsa needs spsa.objective = 'answer': its probes score the "
+                "next-token loss of cached answer tokens"
+            )
         if self.run.portable_sites and self.crypto.keys_dir:
             raise ValueError(
                 "run.portable_sites hands each simulated site a kit the server generated for the run; with "

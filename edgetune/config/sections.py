@@ -116,8 +116,9 @@ class ModelSection:
     """``all``, ``lora`` (LoRA adapters on ``target_modules``; A and B train), ``lora-b`` (LoRA
     adapters, only B trains: A keeps its keyed initialisation, which every replica derives from
     ``run.seed``, so A is never sent), ``label-head`` (a delta on the output rows of the first tokens
-    of ``head_labels``, everything else frozen: ``models/labelhead.py``), or comma-separated substrings
-    of parameter names."""
+    of ``head_labels``, everything else frozen: ``models/labelhead.py``), ``token-bias`` (one bias per
+    vocabulary token on the logits, everything else frozen: ``models/tokenbias.py``; with spsa, probes
+    score cached tokens, ``spsa.bias_pool``), or comma-separated substrings of parameter names."""
     head_labels: str = ""
     """With ``trainable = "label-head"``: the task's labels (candidate answers), comma-separated; the
     head rows of their first answer tokens train. Empty with ``data.source = "triage"``: its ten

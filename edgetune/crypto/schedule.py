@@ -21,7 +21,21 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 LABELS = frozenset(
-    {"pert", "quant", "pool", "imv", "data", "partition", "init", "secret", "deft", "dppf", "sites", "test"}
+    {
+        "pert",
+        "quant",
+        "pool",
+        "imv",
+        "data",
+        "partition",
+        "init",
+        "secret",
+        "deft",
+        "dppf",
+        "sites",
+        "test",
+        "token-bias-pool",
+    }
 )
 """Stream labels in use. A new stream gets a new label here, never a reused one."""
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,23 +131,25 @@ def compute_features(model: nn.Module, head: LabelHead, train_set: Any) -> Featu
     )
 
 
-_FROZEN: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+_FROZEN: weakref.WeakKeyDictionary[nn.Module, dict[str, str]] = weakref.WeakKeyDictionary()
 
 
-def frozen_digest(model: nn.Module) -> str:
-    """sha256 of every weight of ``model`` but the label head's delta (what the features depend on), once
-    per model object.
+def frozen_digest(model: nn.Module, trained: Callable[[str], bool] = is_delta) -> str:
+    """sha256 of every weight of ``model`` but those ``trained`` names (the label head's delta by default:
+    what the features depend on), once per model object and kind of trainable.
     """
-    if model not in _FROZEN:
+    per_model = _FROZEN.setdefault(model, {})
+    tag = getattr(trained, "__qualname__", repr(trained))
+    if tag not in per_model:
         h = hashlib.sha256(b"edgetune-label-head-features-v1\0")
         for name, t in model.state_dict().items():
-            if is_delta(name):
+            if trained(name):
                 continue
             t = t.detach().to("cpu").contiguous()
             h.update(f"{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy().data.cast("B"))
-        _FROZEN[model] = h.hexdigest()
-    return _FROZEN[model]
+        per_model[tag] = h.hexdigest()
+    return per_model[tag]
 
 
 def _read(path: Path, train_set: Any, device: torch.device) -> Features | None:

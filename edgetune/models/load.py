@@ -138,7 +138,8 @@ def load_model(cfg: ModelSection, *, seed: int = 0) -> tuple[nn.Module, Any]:
     """Load a fresh (model, tokenizer) on ``cfg.device`` in ``cfg.dtype``, eval mode.
 
     LoRA adapters are added when ``cfg.trainable`` is ``lora`` or ``lora-b``, a label head
-    (``models/labelhead.py``) when it is ``label-head``; only the parameters
+    (``models/labelhead.py``) when it is ``label-head``, a logits bias (``models/tokenbias.py``) when it
+    is ``token-bias``; only the parameters
     ``cfg.trainable`` names keep ``requires_grad`` (the trainable manifest).
     ``cfg.quantize`` loads 4/8-bit base weights (bitsandbytes, CUDA), ``cfg.gradient_checkpointing``
     turns on activation recomputation for training.
@@ -196,6 +197,10 @@ def load_model(cfg: ModelSection, *, seed: int = 0) -> tuple[nn.Module, Any]:
         if not cfg.head_labels:
             raise ValueError("model.trainable = 'label-head' needs model.head_labels (the task's labels)")
         add_label_head(model, label_token_ids(tokenizer, cfg.head_label_list, cfg.head_prefix))
+    elif cfg.trainable.strip() == "token-bias":
+        from edgetune.models.tokenbias import add_token_bias
+
+        add_token_bias(model)
     select_trainable(model, cfg.trainable_patterns)
     if cfg.quantize == "none":
         model = model.to(device=device)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from edgetune.models import labelhead
+from edgetune.models import labelhead, tokenbias
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,8 @@ def select_trainable(model: nn.Module, patterns: Iterable[str]) -> Manifest:
     """Mark parameters trainable by name and return their manifest.
 
     ``patterns`` holds ``all``, ``lora`` (parameters whose name contains ``lora_``), ``lora-b``
-    (``lora_B`` only), ``label-head`` (the label head's delta, ``models/labelhead.py``) or
+    (``lora_B`` only), ``label-head`` (the label head's delta, ``models/labelhead.py``), ``token-bias``
+    (the logits' bias, ``models/tokenbias.py``) or
     substrings of parameter names. Everything else gets ``requires_grad = False``.
     Raises ``ValueError`` if nothing matches.
     """
@@ -78,6 +79,8 @@ def select_trainable(model: nn.Module, patterns: Iterable[str]) -> Manifest:
             keep = "lora_B" in name
         elif "label-head" in pats:
             keep = labelhead.is_delta(name)
+        elif "token-bias" in pats:
+            keep = tokenbias.is_bias(name)
         else:
             keep = any(p in name for p in pats)
         param.requires_grad_(keep)

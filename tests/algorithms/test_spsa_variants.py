@@ -38,6 +38,15 @@ LABEL_HEAD = {
     "spsa.lr": 0.05,
 }
 """The label-head space (models/labelhead.py) with its cached-feature probes (models/headcache.py)."""
+TOKEN_BIAS = {
+    "model.trainable": "token-bias",
+    "spsa.difference": "forward",
+    "spsa.lr": 0.5,
+    "spsa.eps": 2.0**-7,
+    "spsa.bias_pool": 64,
+    "spsa.bias_examples": 5,
+}
+"""The token-bias space (models/tokenbias.py) with its probes batched on cached exponentials (models/biascache.py)."""
 
 VARIANTS = {
     "forward": {"spsa.difference": "forward", "spsa.num_probes": 3},
@@ -88,6 +97,15 @@ VARIANTS = {
         "spsa.aggregator": "median",
     },
     "label-head-sign": {**LABEL_HEAD, "spsa.scalar_codec": "sign", "spsa.num_steps": 20, "spsa.num_probes": 4},
+    "token-bias-sign": {**TOKEN_BIAS, "spsa.scalar_codec": "sign", "spsa.num_steps": 20, "spsa.num_probes": 8},
+    "token-bias-central-run-pool": {
+        **TOKEN_BIAS,
+        "spsa.difference": "central",
+        "spsa.num_probes": 4,
+        "spsa.seed_pool": 32,
+        "spsa.pool_scope": "run",
+        "spsa.optimizer": "momentum",
+    },
     "run-pool-adam-lora-b-shared-median": {
         "spsa.seed_pool": 6,
         "spsa.pool_scope": "run",
@@ -257,7 +275,10 @@ def test_run_pool_state_is_a_function_of_the_coefficients_alone(tmp_path):
     assert fresh.hash == server.state_hash() and fresh.applied == 6
 
 
-@pytest.mark.parametrize("space", ["all", "label-head"])
+SPACES = {"all": {}, "label-head": LABEL_HEAD, "token-bias": TOKEN_BIAS}
+
+
+@pytest.mark.parametrize("space", sorted(SPACES))
 def test_site_that_missed_20_rounds_catches_up_from_coefficients(tmp_path, space):
     """Run-scope pool: a site offline for 20 rounds gets the pool's coefficients (kilobytes, its
     digest signed in the envelope) instead of 20 rounds of log, and is accepted with the server's
@@ -265,7 +286,7 @@ def test_site_that_missed_20_rounds_catches_up_from_coefficients(tmp_path, space
     s = 16
     cfg = _cfg(
         **{
-            **(LABEL_HEAD if space == "label-head" else {}),
+            **SPACES[space],
             "spsa.seed_pool": s,
             "spsa.pool_scope": "run",
             "spsa.optimizer": "momentum",
@@ -375,6 +396,8 @@ REPLAY_SCRIPT = textwrap.dedent(
         "label-head-run-pool",
         "sign-codes",
         "label-head-sign",
+        "token-bias-sign",
+        "token-bias-central-run-pool",
     ],
 )
 def test_two_processes_with_1_and_2_threads_replay_to_the_same_hash(tmp_path, variant):
@@ -414,7 +437,7 @@ def test_two_processes_with_1_and_2_threads_replay_to_the_same_hash(tmp_path, va
     assert hashes[0] == hashes[1] == server.state_hash()
 
 
-@pytest.mark.parametrize("space", ["all", "label-head"])
+@pytest.mark.parametrize("space", sorted(SPACES))
 def test_exported_delta_rebuilds_the_servers_weights_bitwise_and_refuses_tampering(tmp_path, space):
     """edgetune export --delta: a file of S coefficients + metadata, 0600, which rebuilds from the
     base model exactly the run's final weights (full sha256); a changed coefficient is refused."""
@@ -422,7 +445,7 @@ def test_exported_delta_rebuilds_the_servers_weights_bitwise_and_refuses_tamperi
 
     from edgetune.algorithms.spsa.delta import export_run_delta, load_delta, read_delta
 
-    extra = LABEL_HEAD if space == "label-head" else {}
+    extra = SPACES[space]
     cfg = _cfg(
         **{**extra, "spsa.seed_pool": 32, "spsa.pool_scope": "run", "spsa.optimizer": "momentum", "num_rounds": 4}
     )

@@ -25,6 +25,7 @@ from edgetune.crypto import envelope, guardfile, schedule
 from edgetune.crypto.envelope import EnvelopeError
 from edgetune.crypto.guardfile import ReplayGuard
 from edgetune.data.prompts import TokenizedSet, batch_indices
+from edgetune.models.biascache import BiasRunner
 from edgetune.models.headcache import FEATURES_FOLDER, HeadRunner
 from edgetune.models.load import resolve_devices
 from edgetune.models.params import trainable_tensors
@@ -181,11 +182,6 @@ class SpsaClient:
         site = self.ctx.site_id
         k_steps, n_probes = plan["K"], plan["P"]
         data_key = schedule.run_key(plan["seed"])
-        batches = []
-        for k in range(k_steps):
-            key = schedule.derive(data_key, "data", site, r, k)
-            idx = batch_indices(len(self.ctx.train_set), self.cfg.data.batch_size, key)
-            batches.append(self.ctx.train_set.batch(idx, choices=plan["obj"] == "choices"))
         keys = [
             [
                 probe_key(secret, run_id, r, site, k, p, plan["dirs"], plan["pool"], plan["scope"], plan["pkey"])
@@ -200,8 +196,23 @@ class SpsaClient:
                 for p in range(n_probes)
             ]
         )
+        pool = (self.cfg.spsa.bias_pool, self.cfg.spsa.bias_examples)
         with replica.local() as work, torch.no_grad():
-            lanes = probe_lanes(replica, self.cfg.model.device, batches, self.ctx.train_set, plan["obj"])
+            runner = probe_runner(
+                replica.model, replica.manifest.names, self.ctx.train_set, plan["obj"], self._features_dir(), pool
+            )
+            # a token bias's steps draw from its pool's examples (the only ones whose tokens are cached)
+            population = runner.examples if isinstance(runner, BiasRunner) else list(range(len(self.ctx.train_set)))
+            batches = []
+            for k in range(k_steps):
+                key = schedule.derive(data_key, "data", site, r, k)
+                idx = [population[i] for i in batch_indices(len(population), self.cfg.data.batch_size, key)]
+                batches.append(self.ctx.train_set.batch(idx, choices=plan["obj"] == "choices"))
+            lanes = (
+                []
+                if isinstance(runner, BiasRunner)
+                else probe_lanes(replica, self.cfg.model.device, batches, self.ctx.train_set, plan["obj"])
+            )
             codes, _raw, loss = local_steps(
                 replica.model,
                 work,
@@ -214,9 +225,7 @@ class SpsaClient:
                 codec=plan["codec"],
                 difference=plan["diff"],
                 masks=replica.masks,
-                runner=probe_runner(
-                    replica.model, replica.manifest.names, self.ctx.train_set, plan["obj"], self._features_dir()
-                ),
+                runner=runner,
                 extra_lanes=lanes,
             )
         return codes, loss
@@ -228,13 +237,21 @@ def probe_runner(
     train_set: TokenizedSet | None,
     objective: str,
     features_dir: Path | None = None,
-) -> HeadRunner | SuffixRunner | None:
+    bias_pool: tuple[int, int] = (4096, 0),
+) -> HeadRunner | BiasRunner | SuffixRunner | None:
     """What computes the probe losses cheaper than a full forward: cached features for a label head
-    (``models/headcache.py``; also on disk in ``features_dir``), the upper blocks only for perturbations
-    there (``models/suffix.py``); None: full forwards.
+    (``models/headcache.py``) or a token bias (``models/biascache.py``; ``bias_pool``: its tokens and
+    examples, ``spsa.bias_pool`` and ``spsa.bias_examples``; both also on disk in ``features_dir``), the
+    upper blocks only for perturbations there (``models/suffix.py``); None: full forwards.
     """
-    head = None if train_set is None else HeadRunner.for_model(model, names, train_set, objective, features_dir)
-    return head if head is not None else SuffixRunner.for_model(model, names)
+    if train_set is not None:
+        head = HeadRunner.for_model(model, names, train_set, objective, features_dir)
+        if head is not None:
+            return head
+        bias = BiasRunner.for_model(model, names, train_set, objective, *bias_pool, features_dir)
+        if bias is not None:
+            return bias
+    return SuffixRunner.for_model(model, names)
 
 
 _LANE_MODELS: dict[tuple[int, int, str], nn.Module] = {}

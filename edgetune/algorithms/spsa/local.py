@@ -32,6 +32,7 @@ from torch import nn
 
 from edgetune.comm.codecs import codec_for
 from edgetune.crypto import keystream
+from edgetune.models.biascache import BiasRunner
 from edgetune.models.headcache import HeadRunner
 from edgetune.models.loss import objective_loss
 from edgetune.models.suffix import SuffixRunner
@@ -69,7 +70,7 @@ class Lane:
     work: Sequence[torch.Tensor]
     batches: Sequence[dict[str, torch.Tensor]]
     masks: Sequence[torch.Tensor] | None = None
-    runner: SuffixRunner | HeadRunner | None = None
+    runner: SuffixRunner | HeadRunner | BiasRunner | None = None
 
 
 def local_steps(
@@ -85,7 +86,7 @@ def local_steps(
     codec: str,
     difference: str = "central",
     masks: Sequence[torch.Tensor] | None = None,
-    runner: SuffixRunner | HeadRunner | None = None,
+    runner: SuffixRunner | HeadRunner | BiasRunner | None = None,
     extra_lanes: Sequence[Lane] = (),
 ) -> tuple[bytes, np.ndarray, float]:
     """K SPSA steps of P probes on ``work`` (perturbed in place; the caller resets it).
@@ -112,7 +113,10 @@ def local_steps(
     runner
         When every perturbed tensor sits in the upper decoder blocks: probes rerun only those
         (``models/suffix.py``; bitwise the same losses, fewer FLOPs). For a label head: losses from
-        cached final hidden states (``models/headcache.py``). None: full forwards.
+        cached final hidden states (``models/headcache.py``). For a token bias: all P losses of a step
+        from one product with cached exponentials (``models/biascache.py``); the weights are never
+        perturbed and ``extra_lanes`` go unused (one device's bytes, whatever ``model.device`` lists).
+        None: full forwards.
     extra_lanes
         Replicas on further devices of this site (``model.device = cuda:0,cuda:1``). Each step's
         P probes are shared round-robin (probe p on lane p mod G). Every lane performs the same
@@ -132,12 +136,13 @@ def local_steps(
     """
     if difference not in DIFFERENCES:
         raise ValueError(f"difference must be one of {DIFFERENCES}, got {difference!r}")
-    lanes = [Lane(model, work, batches, masks, runner), *extra_lanes]
+    batched = isinstance(runner, BiasRunner)  # every probe of a step in one product, w never perturbed
+    lanes = [Lane(model, work, batches, masks, runner), *([] if batched else extra_lanes)]
     n_lanes = len(lanes)
     n_probes = len(keys[0])
     encoder = codec_for(codec).encoder(scale, n_probes)
     # what brings the last probe's perturbation back to w: it rides in the step's update pass
-    pending = eps if difference == "central" else -eps
+    pending = 0.0 if batched else eps if difference == "central" else -eps
     raw = []
     losses = []
     pool = ThreadPoolExecutor(max_workers=n_lanes) if n_lanes > 1 else None
@@ -151,8 +156,11 @@ def local_steps(
     try:
         for k in range(len(batches)):
             last_step = k == len(batches) - 1
-            step = partial(_probe_lane, n_lanes=n_lanes, keys=keys[k], k=k, eps=eps, difference=difference)
-            results = on_lanes(step, range(n_lanes))
+            if batched:
+                results = [_probe_batched(lanes[0], keys=keys[k], k=k, eps=eps, difference=difference)]
+            else:
+                step = partial(_probe_lane, n_lanes=n_lanes, keys=keys[k], k=k, eps=eps, difference=difference)
+                results = on_lanes(step, range(n_lanes))
             base = results[0][0]
             seen: dict[int, tuple[float, float]] = {}
             for _, lane_losses, _ in results:
@@ -190,6 +198,22 @@ def _update_lane(lane: Lane, packs: Sequence[keystream.Directions], alphas: Sequ
     """The site's own step on one lane: ``w += alpha_p z_p`` for every probe, in probe order."""
     for packed, alpha in zip(packs, alphas, strict=True):
         _apply_all(lane.work, packed, alpha, lane.masks)
+
+
+def _probe_batched(
+    lane: Lane, *, keys: Sequence[bytes], k: int, eps: float, difference: str
+) -> tuple[float, dict[int, tuple[float, float]], list[Any]]:
+    """One step's probes from a runner that scores them all at once (``BiasRunner``: a token bias from
+    cached exponentials); the weights are not perturbed. Returns what ``_probe_lane`` returns.
+    """
+    assert isinstance(lane.runner, BiasRunner)
+    device = lane.work[0].device
+    numels = [w.numel() for w in lane.work]
+    packs = [keystream.directions(key, numels, device) for key in keys]
+    lane.runner.capture(lane.batches[k])
+    mask = None if lane.masks is None else lane.masks[0]
+    base, pairs = lane.runner.probe_losses(packs, eps, difference, mask)
+    return base, dict(enumerate(pairs)), packs
 
 
 def _probe_lane(
