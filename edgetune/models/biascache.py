@@ -63,8 +63,9 @@ class Pool:
     """(tokens, vocabulary) float32: exp(L0 - max L0)."""
     shift: torch.Tensor
     """(tokens,) float32: L0[target] - max L0."""
-    rows_of: dict[int, torch.Tensor]
-    """Per pooled training example, its pooled tokens' rows."""
+    spans: dict[int, tuple[int, int]]
+    """Per pooled training example, its pooled tokens' rows (start, stop): the rows are ordered by example,
+    so a batch's tokens are slices of ``exps``, not a gathered copy."""
     index: dict[bytes, int]
     """An example's tokens (``input_ids`` without padding, as bytes) -> its index."""
 
@@ -120,15 +121,17 @@ def _exps(head: TokenBias, hidden: torch.Tensor, target: torch.Tensor) -> tuple[
 def _assemble(
     head: TokenBias, hidden: torch.Tensor, target: torch.Tensor, example: torch.Tensor, train_set: Any
 ) -> Pool:
+    order = torch.sort(example, stable=True).indices  # (a no-op for a computed pool: it is made in example order)
+    hidden, target, example = hidden[order], target[order], example[order]
     exps, shift = _exps(head, hidden, target)
-    buckets: dict[int, list[int]] = {}
+    spans: dict[int, tuple[int, int]] = {}
     for row, ex in enumerate(example.tolist()):
-        buckets.setdefault(ex, []).append(row)
-    rows_of = {ex: torch.tensor(b, dtype=torch.long, device=hidden.device) for ex, b in sorted(buckets.items())}
+        start, _ = spans.get(ex, (row, row))
+        spans[ex] = (start, row + 1)
     index: dict[bytes, int] = {}  # a batch row's tokens -> a pooled example with those tokens
-    for ex in rows_of:
+    for ex in spans:
         index.setdefault(_row_key(torch.tensor(train_set.input_ids[ex], dtype=torch.int64)), ex)
-    return Pool(hidden, target, example, exps, shift, rows_of, index)
+    return Pool(hidden, target, example, exps, shift, spans, index)
 
 
 def compute_pool(model: nn.Module, head: TokenBias, train_set: Any, pool: int, examples: int = 0) -> Pool:
@@ -220,8 +223,8 @@ class BiasRunner:
     def __init__(self, head: TokenBias, pool: Pool) -> None:
         self.head = head
         self.pool = pool
-        self._rows: torch.Tensor | None = None
-        self._exps: torch.Tensor | None = None
+        self._spans: list[tuple[int, int]] | None = None
+        self._shift = self._target = torch.zeros(0)
 
     @classmethod
     def for_model(
@@ -248,37 +251,36 @@ class BiasRunner:
     @property
     def examples(self) -> list[int]:
         """The training examples the pool draws from: a site's step batches come from these."""
-        return list(self.pool.rows_of)
+        return list(self.pool.spans)
 
     def capture(self, batch: dict[str, torch.Tensor]) -> float:
         """Select the pooled tokens of ``batch``'s examples; return their loss under the current bias."""
         p = self.pool
-        picked = []
+        spans = []
         for j in range(batch["input_ids"].shape[0]):
             n = int(batch["attention_mask"][j].sum())
             i = p.index.get(_row_key(batch["input_ids"][j, :n]))
-            if i is None or i not in p.rows_of:
+            if i is None or i not in p.spans:
                 raise ValueError("a batch row is not in the token-bias pool (not one of its training examples)")
-            picked.append(p.rows_of[i])
-        rows = torch.cat(picked)
-        if rows.numel() == 0:
-            raise ValueError("a batch's examples have no pooled answer tokens")
-        self._rows = rows
-        self._exps = p.exps[rows]
+            spans.append(p.spans[i])
+        self._spans = spans
+        self._shift = torch.cat([p.shift[a:b] for a, b in spans])
+        self._target = torch.cat([p.target[a:b] for a, b in spans])
         return self.loss()
 
-    def _picked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self._rows is None or self._exps is None:
+    def _sums(self, columns: torch.Tensor) -> torch.Tensor:
+        """(captured tokens, columns): sum_v E_v exp(columns_v), slice by slice of the pool (no gathered copy)."""
+        if self._spans is None:
             raise RuntimeError("capture() a batch first")
-        return self._exps, self.pool.shift[self._rows], self.pool.target[self._rows]
+        x = torch.exp(columns)
+        return torch.cat([self.pool.exps[a:b] @ x for a, b in self._spans])
 
     def loss(self) -> float:
         """The mean next-token loss of the captured tokens under the current bias."""
-        exps, shift, target = self._picked()
         b = self.head.token_bias
         with torch.inference_mode():
-            sums = exps @ torch.exp(b)
-            return float((torch.log(sums) - shift - b[target]).mean())
+            sums = self._sums(b[:, None])[:, 0]
+            return float((torch.log(sums) - self._shift - b[self._target]).mean())
 
     def probe_losses(
         self, packs: Sequence[keystream.Directions], eps: float, difference: str, mask: torch.Tensor | None = None
@@ -286,7 +288,6 @@ class BiasRunner:
         """The base loss and every probe's (loss at b + eps z_p, loss at b - eps z_p or the base) of the
         captured tokens, from one product; the bias itself is never perturbed.
         """
-        exps, shift, target = self._picked()
         b = self.head.token_bias
         n = b.numel()
         with torch.inference_mode():
@@ -297,8 +298,8 @@ class BiasRunner:
             if difference == "central":
                 cols.append(b[:, None] - eps * z)
             shifted = torch.cat(cols, dim=1)  # (vocabulary, 1 + P [+ P])
-            sums = exps @ torch.exp(shifted)
-            losses = (torch.log(sums) - shift[:, None] - shifted[target]).mean(dim=0).tolist()
+            sums = self._sums(shifted)
+            losses = (torch.log(sums) - self._shift[:, None] - shifted[self._target]).mean(dim=0).tolist()
         n_probes = len(packs)
         base, plus = losses[0], losses[1 : 1 + n_probes]
         minus = losses[1 + n_probes :] if difference == "central" else [base] * n_probes

@@ -129,7 +129,7 @@ def test_pool_sizes_and_a_batch_outside_the_pool(monkeypatch):
     monkeypatch.setattr(biascache, "compute_pool", lambda *a: seen.append(a[3:]) or real(*a))
     runner = BiasRunner.for_model(model, names, data, "answer", 20, 4)
     assert runner is not None and len(runner.examples) == 4 and seen == [(20, 4)]
-    counts = [len(runner.pool.rows_of[i]) for i in runner.examples]
+    counts = [b - a for a, b in (runner.pool.spans[i] for i in runner.examples)]
     assert all(c <= 5 for c in counts) and runner.pool.exps.shape == (sum(counts), runner.head.token_bias.numel())
     assert BiasRunner.for_model(model, names, data, "answer", 20, 4).pool is runner.pool and len(seen) == 1
     outside = next(i for i in range(len(data)) if i not in runner.examples)
@@ -153,7 +153,7 @@ def test_pool_on_disk_serves_another_process_and_a_damaged_or_foreign_file_is_re
     other, _ = _model()
     again = BiasRunner.for_model(other, names, data, "answer", 40, 0, tmp_path).pool
     assert len(calls) == 1 and torch.equal(again.hidden, first.hidden) and torch.equal(again.exps, first.exps)
-    assert torch.equal(again.target, first.target) and again.rows_of.keys() == first.rows_of.keys()
+    assert torch.equal(again.target, first.target) and again.spans == first.spans
     files[0].write_bytes(files[0].read_bytes()[:100])
     third, _ = _model()
     assert torch.equal(BiasRunner.for_model(third, names, data, "answer", 40, 0, tmp_path).pool.exps, first.exps)
@@ -240,3 +240,27 @@ def test_edgetune_eval_rebuilds_a_token_bias_checkpoint_and_refuses_bad_files(tm
     save_file(tensors, str(weights), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="not the recipe's base model's"):
         evaluate_checkpoint(ckpt)
+
+
+def test_a_pool_file_in_another_row_order_serves_the_same_losses(tmp_path):
+    """Rows on disk are regrouped by example when read (a batch's tokens are slices of the pool), so a file
+    written in another order gives every batch the same loss as the computed pool."""
+    from safetensors.torch import load_file, save_file
+
+    model, tok = _model()
+    data = _data(tok)
+    names = manifest_of(model).names
+    first = BiasRunner.for_model(model, names, data, "answer", 40, 0, tmp_path)
+    path = next(tmp_path.glob("*.safetensors"))
+    t = load_file(str(path))
+    perm = torch.randperm(t["target"].numel(), generator=torch.Generator().manual_seed(3))
+    save_file({k: v[perm].contiguous() for k, v in t.items()}, str(path))
+    other, _ = _model()
+    again = BiasRunner.for_model(other, names, data, "answer", 40, 0, tmp_path)
+    assert again.pool is not first.pool and again.pool.spans == first.pool.spans
+    _random_bias(model)
+    _random_bias(other)
+    with torch.no_grad():
+        for idx in ([0, 1, 2], [7, 3, 3, 11]):
+            batch = data.batch(idx)
+            assert again.capture(batch) == pytest.approx(first.capture(batch), rel=1e-6)
