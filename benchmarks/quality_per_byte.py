@@ -16,6 +16,9 @@ site). The task picks the spsa recipe whose ``data.*`` and ``eval.*`` keys every
 output rows of the label tokens train, probes score cached features, a site's whole training set per step:
 ``data.batch_size`` is the one data key it keeps its own; one bit per scalar, ``spsa.scalar_codec = "sign"``),
 ``spsa-head-int8`` the same with one byte per scalar (``int8-sr``, the recipe's codec until 2026-12-03);
+``spsa-bias`` the task's token-bias recipe (``BIAS_RECIPES``: one bias per vocabulary token on the logits,
+probes score a pool of cached tokens; its ``data.batch_size`` counts passages of which only the pooled
+tokens are scored, so it keeps its own);
 ``spsa-v1`` is the task's spsa recipe with the spsa settings edgetune had before the levers of issue 11
 (attention projections, central differences, one probe, K = 4 steps, fresh directions, lr 1e-4);
 ``spsa-choices`` is the recipe with ``spsa.objective = "choices"`` (the candidate-answer cross-entropy;
@@ -95,6 +98,7 @@ ALGORITHMS = (
     "spsa",
     "spsa-head",
     "spsa-head-int8",
+    "spsa-bias",
     "spsa-v1",
     "spsa-choices",
     "kavg",
@@ -131,6 +135,11 @@ byte-level tokenizer cannot tell the triage categories apart by their first toke
 BYTE_CODES = "spsa.scalar_codec=int8-sr"
 """``spsa-head-int8``: the label-head recipe with one byte per scalar, as it was until it took the one-bit ``sign``
 codec (``comm/codecs.py``: each probe's sign, a magnitude byte per 16 local steps that the block shares)."""
+BIAS_RECIPES = {("smollm2", "docs"): "smollm2-135m-4c-docs-bias"}
+"""``spsa-bias``: the token-bias recipe of a task (``model.trainable = "token-bias"``, ``models/biascache.py``)."""
+BIAS_OWN = ("data.batch_size=24",)
+"""``spsa-bias`` keeps its recipe's batch: 24 passages, of which a step scores only the pooled tokens (about 41
+each, about 1,000 tokens); the others' batch of 8 passages scores every token (about 1,000 too)."""
 HEAD_OWN = ("data.batch_size=120",)
 """``spsa-head`` keeps its recipe's batch (a site's whole training set: its probes score cached features,
 so a batch costs a small matmul, not a forward); the only data key it does not share with the others."""
@@ -162,6 +171,11 @@ def recipe_for(algorithm: str, model: str, task: str = "triage") -> tuple[Path, 
         if head is None:
             raise ValueError(f"no label-head spsa recipe for task {task} on {model}")
         return RECIPES / "spsa" / f"{head}.toml", [*HEAD_OWN, *([BYTE_CODES] if algorithm.endswith("-int8") else [])]
+    if algorithm == "spsa-bias":
+        bias = BIAS_RECIPES.get((model, task))
+        if bias is None:
+            raise ValueError(f"no token-bias spsa recipe for task {task} on {model}")
+        return RECIPES / "spsa" / f"{bias}.toml", list(BIAS_OWN)
     if algorithm in {"spsa", "spsa-v1", "spsa-choices"}:
         extra = {"spsa-v1": [f"{k}={_value(v)}" for k, v in SPSA_V1.items()], "spsa-choices": [SPSA_CHOICES]}
         return task_recipe(model, task), extra.get(algorithm, [])
@@ -236,6 +250,16 @@ def forwards_per_round(flat: dict[str, Any], model: str, sites: int, unit_batch:
 
         unit = unit_batch or cfg.data.batch_size
         batches = sum(-(-len(site_examples(cfg, i, sites)) // unit) for i in range(sites))
+        return batches / cfg.num_rounds
+    if cfg.algorithm == "spsa" and cfg.model.trainable.strip() == "token-bias":
+        # probes score cached exponentials (a product, no forward): the only forwards are each site's one
+        # pass over its pooled examples (spsa.bias_examples), in batches of the task's size, spread over rounds
+        from edgetune.data.sources import site_examples
+
+        unit = unit_batch or cfg.data.batch_size
+        limit = cfg.spsa.bias_examples
+        sizes = [len(site_examples(cfg, i, sites)) for i in range(sites)]
+        batches = sum(-(-(min(n, limit) if limit else n) // unit) for n in sizes)
         return batches / cfg.num_rounds
     if cfg.algorithm == "spsa":
         s = cfg.spsa
@@ -492,10 +516,10 @@ def goal_ratios(
 
 
 def all_goal_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``goal_ratios`` for every spsa run of the table (spsa, spsa-head, spsa-head-int8) and both metrics, where
+    """``goal_ratios`` for every spsa run of the table (spsa, spsa-head(-int8), spsa-bias) and both metrics, where
     measurable."""
     out = []
-    for spsa in ("spsa", "spsa-head", "spsa-head-int8"):
+    for spsa in ("spsa", "spsa-head", "spsa-head-int8", "spsa-bias"):
         for metric in METRICS:
             ratios = goal_ratios(rows, spsa, metric)
             if ratios is not None:
@@ -593,14 +617,15 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """Held-out loss (top) and accuracy (bottom) against cumulative uplink bytes, forward passes and
-    training time, one line per algorithm and seed."""
+    """Held-out loss (top) and accuracy (bottom; left out when no run's accuracy leaves 0, as on the docs
+    task) against cumulative uplink bytes, forward passes and training time, one line per algorithm and seed,
+    with LoRA-FedAvg's first-round loss (issue 11's target) as a dotted line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    has_acc = any(p.get("accuracy") is not None for r in rows for p in r["curve"])
+    has_acc = any(p.get("accuracy") for r in rows for p in r["curve"])
     nrows = 2 if has_acc else 1
     fig, axes = plt.subplots(nrows, 3, figsize=(15.0, 4.2 * nrows), dpi=110, squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -621,6 +646,11 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
                 xv = [max(p[key], 1) if log_x else p[key] for p in pts]
                 style = "s--" if r["algorithm"].startswith("central-") else "o-"
                 axes[row_i][col].plot(xv, [p[metric] for p in pts], style, color=color, label=label, markersize=3)
+    fedavg = next((r for r in rows if r["algorithm"] == "lowrank-fedavg" and r.get("ok", True)), None)
+    target = next((p.get("heldout_loss") for p in fedavg["curve"] if p["round"] == 1), None) if fedavg else None
+    if target is not None:
+        for col in range(3):
+            axes[0][col].axhline(target, color="grey", linestyle=":", linewidth=1, label="FedAvg round 1")
     r0 = rows[0]
     for col, (_, xlabel, log_x) in enumerate(xs):
         for row_i, ylabel in enumerate(("held-out loss (answer tokens)", "held-out accuracy")[:nrows]):

@@ -108,6 +108,25 @@ def test_spsa_head_runs_the_label_head_recipe_with_its_own_batch_and_counts_one_
     assert qpb.forwards_per_round(flat, "smollm2", 4) == pytest.approx(0.4)
 
 
+def test_spsa_bias_runs_the_token_bias_recipe_and_counts_one_pass_over_the_pooled_passages():
+    from edgetune.config import load_recipe
+
+    recipe, own = qpb.recipe_for("spsa-bias", "smollm2", "docs")
+    assert recipe.name == "smollm2-135m-4c-docs-bias.toml" and own == ["data.batch_size=24"]
+    assert load_recipe(recipe)["model.trainable"] == "token-bias"
+    with pytest.raises(ValueError, match="no token-bias"):
+        qpb.recipe_for("spsa-bias", "smollm2", "triage")
+    flat = load_recipe(recipe, [*qpb.common_overrides("smollm2", 4, 4, 0, 0, "docs"), *own])
+    assert flat["data.batch_size"] == 24 and flat["spsa.bias_examples"] == 100
+    # every docs site has more than 100 passages: 100 each pass through the model once, in the task's batches
+    # of 8 (13 per site), spread over the 4 rounds
+    assert qpb.forwards_per_round(flat, "smollm2", 4, unit_batch=8) == pytest.approx(4 * 13 / 4)
+    goals = qpb.all_goal_ratios(
+        [_row("spsa-bias", [3.0, 2.95, 2.9], 2_000, 4.0), _row("lowrank-fedavg", [3.0, 2.8], 10**6, 10.0)]
+    )
+    assert {g["spsa_algorithm"] for g in goals} == {"spsa-bias"}
+
+
 def test_every_run_starts_without_the_label_head_features_of_an_earlier_one():
     """The sites' feature files outlive a run (keyed by weights and data, not by run), so a second
     spsa-head run would skip its feature pass and report less training time: they are cleared for the
