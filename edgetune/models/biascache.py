@@ -255,6 +255,11 @@ class BiasRunner:
 
     def capture(self, batch: dict[str, torch.Tensor]) -> float:
         """Select the pooled tokens of ``batch``'s examples; return their loss under the current bias."""
+        self.select(batch)
+        return self.loss()
+
+    def select(self, batch: dict[str, torch.Tensor]) -> None:
+        """Select the pooled tokens of ``batch``'s examples (what ``loss`` and ``probe_losses`` score)."""
         p = self.pool
         spans = []
         for j in range(batch["input_ids"].shape[0]):
@@ -266,7 +271,6 @@ class BiasRunner:
         self._spans = spans
         self._shift = torch.cat([p.shift[a:b] for a, b in spans])
         self._target = torch.cat([p.target[a:b] for a, b in spans])
-        return self.loss()
 
     def _sums(self, columns: torch.Tensor) -> torch.Tensor:
         """(captured tokens, columns): sum_v E_v exp(columns_v), slice by slice of the pool (no gathered copy)."""

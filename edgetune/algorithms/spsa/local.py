@@ -210,7 +210,7 @@ def _probe_batched(
     device = lane.work[0].device
     numels = [w.numel() for w in lane.work]
     packs = [keystream.directions(key, numels, device) for key in keys]
-    lane.runner.capture(lane.batches[k])
+    lane.runner.select(lane.batches[k])  # the base loss comes with the probes' product
     mask = None if lane.masks is None else lane.masks[0]
     base, pairs = lane.runner.probe_losses(packs, eps, difference, mask)
     return base, dict(enumerate(pairs)), packs
