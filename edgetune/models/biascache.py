@@ -17,7 +17,8 @@ answer tokens (another keyed draw, from the example's index and length only). On
 through the model, once; a site's step batches are drawn from them (``BiasRunner.examples``) and a
 batch's loss is the mean over its examples' pooled tokens. ``E`` takes pool x vocabulary
 float32 values (4,096 tokens of SmolLM2: 805 MB), so the pool bounds a site's memory. The hidden states
-are kept on disk in a site's state folder (``cached_pool``); ``E`` is recomputed from them.
+are kept on disk in a site's state folder (``cached_pool``), with a sha256 of their values (a damaged or
+foreign file is computed again); ``E`` is recomputed from them.
 """
 
 from __future__ import annotations
@@ -164,18 +165,38 @@ def compute_pool(model: nn.Module, head: TokenBias, train_set: Any, pool: int, e
     return _assemble(head, torch.cat(hidden), torch.cat(target), torch.cat(example), train_set)
 
 
+def _content_digest(hidden: torch.Tensor, target: torch.Tensor, example: torch.Tensor) -> torch.Tensor:
+    """sha256 of a pool file's tensors (shapes, dtypes and values), as 32 uint8 values stored beside them."""
+    h = hashlib.sha256()
+    for t in (hidden, target, example):
+        t = t.detach().cpu().contiguous()
+        h.update(repr((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.numpy().tobytes())
+    return torch.frombuffer(bytearray(h.digest()), dtype=torch.uint8)
+
+
 def _read(path: Path, head: TokenBias, train_set: Any) -> Pool | None:
-    """A pool from a cache file, or None when it is missing or does not fit ``train_set``."""
+    """A pool from a cache file, or None when it is missing, damaged (its stored digest differs) or does not
+    fit ``head`` and ``train_set``.
+    """
     from safetensors.torch import load
 
     device = head.token_bias.device
     try:
         t = load(path.read_bytes())
-        hidden, target, example = (t[k].to(device) for k in ("hidden", "target", "example"))
+        hidden, target, example = (t[k] for k in ("hidden", "target", "example"))
+        if not torch.equal(t["sha256"], _content_digest(hidden, target, example)):
+            log.warning("token bias: %s does not match its digest; computing the pool again", path)
+            return None
+        hidden, target, example = (x.to(device) for x in (hidden, target, example))
     except Exception:  # missing, truncated or foreign (safetensors raises its own error types): computed again
         return None
     n = hidden.shape[0] if hidden.dim() == 2 else -1
     if n < 1 or target.shape != (n,) or example.shape != (n,) or not torch.isfinite(hidden).all():
+        return None
+    if hidden.shape[1] != head.weight.shape[1] or hidden.dtype != torch.float32:
+        return None
+    if target.dtype != torch.int64 or example.dtype != torch.int64:
         return None
     if int(target.min()) < 0 or int(target.max()) >= head.token_bias.numel():
         return None
@@ -209,8 +230,9 @@ def cached_pool(
     if path is not None:
         from safetensors.torch import save
 
-        tensors = {"hidden": found.hidden, "target": found.target, "example": found.example}
-        atomic_write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}), mode=0o600)
+        tensors = {k: getattr(found, k).detach().cpu().contiguous() for k in ("hidden", "target", "example")}
+        tensors["sha256"] = _content_digest(found.hidden, found.target, found.example)
+        atomic_write_bytes(path, save(tensors), mode=0o600)
     per_model[key] = found
     return found
 

@@ -166,6 +166,32 @@ def test_pool_on_disk_serves_another_process_and_a_damaged_or_foreign_file_is_re
     assert len(calls) == 4 and len(sorted(tmp_path.glob("*.safetensors"))) == 3
 
 
+def test_a_pool_file_with_flipped_bits_or_another_width_is_computed_again(tmp_path, monkeypatch):
+    """A parseable file whose values changed (one bit of a hidden state, well inside the data) fails its
+    digest; a file of another model's width fails its shape: both are computed again, never used."""
+    from safetensors.torch import load, save
+
+    model, tok = _model()
+    data = _data(tok)
+    names = manifest_of(model).names
+    calls = []
+    real = biascache.compute_pool
+    monkeypatch.setattr(biascache, "compute_pool", lambda *a: calls.append(1) or real(*a))
+    first = BiasRunner.for_model(model, names, data, "answer", 40, 0, tmp_path).pool
+    (path,) = tmp_path.glob("*.safetensors")
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0x10  # the file ends with the last tensor's values
+    path.write_bytes(bytes(raw))
+    again = BiasRunner.for_model(_model()[0], names, data, "answer", 40, 0, tmp_path).pool
+    assert len(calls) == 2 and torch.equal(again.hidden, first.hidden)
+    t = load(path.read_bytes())
+    wide = torch.cat([t["hidden"], t["hidden"][:, :1]], dim=1)  # a width the model does not have
+    t.update(hidden=wide, sha256=biascache._content_digest(wide, t["target"], t["example"]))
+    path.write_bytes(save(t))
+    third = BiasRunner.for_model(_model()[0], names, data, "answer", 40, 0, tmp_path).pool
+    assert len(calls) == 3 and torch.equal(third.hidden, first.hidden)
+
+
 @pytest.mark.parametrize("codec", ["int8-sr", "sign:4"])
 def test_zeroth_order_steps_on_the_pool_lower_the_full_forward_loss(codec):
     model, tok = _model()
@@ -254,7 +280,8 @@ def test_a_pool_file_in_another_row_order_serves_the_same_losses(tmp_path):
     path = next(tmp_path.glob("*.safetensors"))
     t = load_file(str(path))
     perm = torch.randperm(t["target"].numel(), generator=torch.Generator().manual_seed(3))
-    save_file({k: v[perm].contiguous() for k, v in t.items()}, str(path))
+    rows = {k: t[k][perm].contiguous() for k in ("hidden", "target", "example")}
+    save_file({**rows, "sha256": biascache._content_digest(*rows.values())}, str(path))
     other, _ = _model()
     again = BiasRunner.for_model(other, names, data, "answer", 40, 0, tmp_path)
     assert again.pool is not first.pool and again.pool.spans == first.pool.spans
