@@ -3,7 +3,8 @@
 Usage (from the repository root)::
 
     python -m benchmarks.spsa_sweep [--recipe recipes/spsa/smollm2-135m-4c.toml] [--rounds 8]
-        [--eval-every 4] [--sites 4] [--factors lr,num_probes,seed_pool,eps,batch_size] [--timeout 3600]
+        [--eval-every 4] [--accuracy-every N] [--sites 4] [--factors lr,num_probes,seed_pool,eps,batch_size]
+        [--timeout 3600]
         [--out benchmarks/results/spsa_sweep.json] [--plot benchmarks/results/spsa_sweep.png]
         [--threads 0] [--append]
 
@@ -18,7 +19,7 @@ factor     values (x: the recipe's value)
 lr         x/4, x/2, x, 2x, 4x
 eps        2^-9, 2^-7, 2^-5
 num_probes 8, 16, 32, 64      (lr scaled with P / P_recipe: same step per probe)
-batch_size 4, 8, 16
+batch_size x/2, x, 2x      (4, 8, 16 for the demo recipe)
 seed_pool  0 (fresh directions), 64, 256, 1024, x (run scope; the recipe's optimizer)
 ========== =========================================================
 
@@ -26,7 +27,9 @@ From each run's ``metrics.jsonl``: held-out loss and accuracy after round 0 and 
 accuracy over the evaluated rounds, the held-out choice loss (the right label's cross-entropy among the
 row's candidates: a graded score that moves before accuracy does; triage data only), uplink payload
 bytes per site per round, and the run's wall time. The table says which value of each factor reached
-the best final accuracy (ties: lower held-out loss) and which the lowest final choice loss; one held-out
+the best final accuracy (ties: lower held-out loss; the lowest held-out loss for a task without accuracy,
+such as ``data.source = "docs"``: run it with ``--accuracy-every 0``) and which the lowest final choice
+loss; one held-out
 report is 1.04 points of accuracy on the triage demo, and two runs that differ only in their probe
 directions have ended 7 points apart, so differences of a few points are noise. The recipe's comment
 cites the rows it was set from. Factors run in the order given (the most telling first), and the JSON is
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -73,7 +77,8 @@ def variations(flat: dict[str, Any], factor: str) -> list[tuple[str, dict[str, A
     if factor == "num_probes":
         return [(f"P={p}", {"spsa.num_probes": p, "spsa.lr": s.lr * p / s.num_probes}) for p in (8, 16, 32, 64)]
     if factor == "batch_size":
-        return [(f"batch={b}", {"data.batch_size": b}) for b in (4, 8, 16)]
+        b = cfg.data.batch_size
+        return [(f"batch={n}", {"data.batch_size": n}) for n in sorted({max(1, b // 2), b, 2 * b})]
     if factor == "seed_pool":
         out = [("fresh", {"spsa.seed_pool": 0, "spsa.pool_scope": "round", "spsa.optimizer": "sgd"})]
         optimizer = s.optimizer if s.pool_scope == "run" else "sgd"
@@ -118,10 +123,13 @@ def run_one(
     runs_dir: Path,
     timeout_s: float,
     eval_every: int = 1,
+    accuracy_every: int | None = None,
     threads: int = 0,
     version: str | None = None,
 ) -> dict[str, Any]:
-    """One sweep run in a subprocess: its row (``version``, the code it runs, is recorded as ``code``)."""
+    """One sweep run in a subprocess: its row (``version``, the code it runs, is recorded as ``code``).
+    Held-out loss every ``eval_every`` rounds, accuracy every ``accuracy_every`` (default: the same; 0: never).
+    """
     name = f"sweep-{uuid.uuid4().hex[:8]}"
     fixed = {
         "num_rounds": rounds,
@@ -129,7 +137,7 @@ def run_one(
         "run.min_sites": sites,
         "crypto.deterministic_secrets": True,
         "eval.every_rounds": eval_every,
-        "eval.accuracy_every_rounds": eval_every,
+        "eval.accuracy_every_rounds": eval_every if accuracy_every is None else accuracy_every,
         "run.dir": str(runs_dir),
         "run.name": name,
     }
@@ -191,6 +199,10 @@ def run_one(
     }
 
 
+def _or_inf(x: float | None) -> float:
+    return math.inf if x is None or math.isnan(x) else x
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [
         f"{'factor':<11} {'value':<14} {'ok':>3} {'loss 0':>7} {'loss R':>7} {'acc 0':>6} {'acc R':>6} "
@@ -210,10 +222,14 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         )
     for factor in dict.fromkeys(r["factor"] for r in rows):
         ok = [r for r in rows if r["factor"] == factor and r["ok"]]
-        if ok:
+        if ok and all(r["accuracy_last"] is not None for r in ok):
             best = max(ok, key=lambda r: (r["accuracy_last"], -r["heldout_loss_last"]))
             acc, loss = best["accuracy_last"], best["heldout_loss_last"]
             lines.append(f"best {factor}: {best['label']} (accuracy {acc:.3f}, loss {loss:.4f})")
+        elif ok:  # a task without accuracy (docs): the lowest held-out loss
+            best = min(ok, key=lambda r: _or_inf(r["heldout_loss_last"]))
+            lines.append(f"best {factor}: {best['label']} (held-out loss {best['heldout_loss_last']:.4f})")
+        if ok:
             graded = [r for r in ok if r.get("choice_loss_last") is not None]
             if graded:
                 low = min(graded, key=lambda r: r["choice_loss_last"])
@@ -228,23 +244,30 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     factors = list(dict.fromkeys(r["factor"] for r in rows))
+    # a task without accuracy (docs) shows held-out loss where the others show accuracy
+    graded = any(r["ok"] and r.get("accuracy_last") is not None for r in rows)
+    top, what = ("accuracy", "accuracy") if graded else ("heldout_loss", "held-out loss")
     fig, axes = plt.subplots(2, len(factors), figsize=(3.2 * len(factors), 6.4), dpi=120, squeeze=False)
     for col, factor in enumerate(factors):
         rs = [r for r in rows if r["factor"] == factor and r["ok"]]
         labels = [r["label"] for r in rs]
         ax = axes[0][col]
-        ax.plot(labels, [r["accuracy_last"] for r in rs], "o-", label="accuracy (last round)")
-        ax.plot(labels, [r["accuracy_first"] for r in rs], "k:", label="accuracy (round 0)")
+        ax.plot(labels, [r[f"{top}_last"] for r in rs], "o-", label=f"{what} (last round)")
+        ax.plot(labels, [r[f"{top}_first"] for r in rs], "k:", label=f"{what} (round 0)")
         ax.set_title(factor)
-        ax.set_ylim(0, 1)
+        if graded:
+            ax.set_ylim(0, 1)
         ax = axes[1][col]
-        ax.plot(labels, [r.get("choice_loss_last") for r in rs], "s-", color="C1", label="choice loss (last round)")
-        ax.plot(labels, [r.get("choice_loss_first") for r in rs], "k:", label="choice loss (round 0)")
+        if graded:
+            ax.plot(labels, [r.get("choice_loss_last") for r in rs], "s-", color="C1", label="choice loss (last round)")
+            ax.plot(labels, [r.get("choice_loss_first") for r in rs], "k:", label="choice loss (round 0)")
+        else:  # no choice loss either: what each value costs
+            ax.plot(labels, [r["wall_s"] for r in rs], "s-", color="C1", label="wall time of the run")
         for a in axes[:, col]:
             a.tick_params(axis="x", rotation=45, labelsize=7)
             a.grid(alpha=0.3)
-    axes[0][0].set_ylabel("held-out label accuracy")
-    axes[1][0].set_ylabel("held-out choice loss (nats)")
+    axes[0][0].set_ylabel("held-out label accuracy" if graded else "held-out loss (nats)")
+    axes[1][0].set_ylabel("held-out choice loss (nats)" if graded else "run wall time (s)")
     axes[0][0].legend(fontsize=7)
     axes[1][0].legend(fontsize=7)
     fig.tight_layout()
@@ -258,6 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--eval-every", type=int, default=4, help="held-out loss and accuracy every N rounds")
+    parser.add_argument(
+        "--accuracy-every", type=int, default=None, help="accuracy every N rounds (default: --eval-every; 0: never)"
+    )
     parser.add_argument("--sites", type=int, default=4)
     parser.add_argument("--factors", default=",".join(FACTORS))
     parser.add_argument("--timeout", type=float, default=3600.0)
@@ -306,6 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         runs_dir=runs_dir,
                         timeout_s=args.timeout,
                         eval_every=args.eval_every,
+                        accuracy_every=args.accuracy_every,
                         threads=args.threads,
                         version=version,
                     )

@@ -135,3 +135,42 @@ def test_append_keeps_finished_comparable_runs_and_runs_only_the_missing_ones(tm
     out.write_text('{"not": "a list"}')
     with pytest.raises(SystemExit, match="not a spsa_sweep results file"):
         spsa_sweep.main([*args, "--factors", "eps"])
+
+
+DOCS_RECIPE = RECIPE.parent / "smollm2-135m-4c-docs-bias.toml"
+
+
+def test_batch_values_follow_the_recipes_batch():
+    """x/2, x, 2x: the demo recipe's 4, 8, 16 and the docs recipe's 12, 24, 48."""
+    assert [o["data.batch_size"] for _, o in spsa_sweep.variations(load_recipe(RECIPE), "batch_size")] == [4, 8, 16]
+    docs = [o["data.batch_size"] for _, o in spsa_sweep.variations(load_recipe(DOCS_RECIPE), "batch_size")]
+    assert docs == [12, 24, 48]
+
+
+def test_a_task_without_accuracy_is_judged_by_held_out_loss(tmp_path, monkeypatch):
+    """docs: no accuracy and no choice loss; the lowest final held-out loss wins, a diverged (NaN) or failed
+    run never does, and the plot shows loss where it shows accuracy for the demo."""
+    rows = [
+        {**_row("lr", "lr=2", None, 3.21, None), "accuracy_first": None},
+        {**_row("lr", "lr=4", None, 3.20, None), "accuracy_first": None},
+        {**_row("lr", "lr=16", None, float("nan"), None), "accuracy_first": None},
+        {**_row("lr", "lr=8", None, 3.0, None), "accuracy_first": None, "ok": False},
+    ]
+    table = spsa_sweep.format_table(rows)
+    assert "best lr: lr=4 (held-out loss 3.2000)" in table and "choice loss, lr" not in table
+    png = tmp_path / "docs.png"
+    spsa_sweep.plot(rows, png)
+    assert png.stat().st_size > 1000
+
+    seen = {}
+
+    def fake_run(cmd, **kwargs):
+        seen["cmd"] = cmd
+        return subprocess.CompletedProcess(cmd, 1)
+
+    monkeypatch.setattr(spsa_sweep.subprocess, "run", fake_run)
+    row = spsa_sweep.run_one(
+        DOCS_RECIPE, "lr=4", {}, rounds=2, sites=4, runs_dir=tmp_path, timeout_s=10, eval_every=2, accuracy_every=0
+    )
+    assert "eval.every_rounds=2" in seen["cmd"] and "eval.accuracy_every_rounds=0" in seen["cmd"]
+    assert not row["ok"] and row["accuracy_last"] is None
