@@ -3,8 +3,8 @@
 Usage (from the repository root)::
 
     python -m benchmarks.spsa_sweep [--recipe recipes/spsa/smollm2-135m-4c.toml] [--rounds 8]
-        [--eval-every 4] [--accuracy-every N] [--sites 4] [--factors lr,num_probes,seed_pool,eps,batch_size]
-        [--timeout 3600]
+        [--eval-every 4] [--accuracy-every N] [--judge accuracy|loss] [--sites 4]
+        [--factors lr,num_probes,seed_pool,eps,batch_size] [--timeout 3600]
         [--out benchmarks/results/spsa_sweep.json] [--plot benchmarks/results/spsa_sweep.png]
         [--threads 0] [--append]
 
@@ -27,8 +27,9 @@ From each run's ``metrics.jsonl``: held-out loss and accuracy after round 0 and 
 accuracy over the evaluated rounds, the held-out choice loss (the right label's cross-entropy among the
 row's candidates: a graded score that moves before accuracy does; triage data only), uplink payload
 bytes per site per round, and the run's wall time. The table says which value of each factor reached
-the best final accuracy (ties: lower held-out loss; the lowest held-out loss for a task without accuracy,
-such as ``data.source = "docs"``: run it with ``--accuracy-every 0``) and which the lowest final choice
+the best final accuracy (ties: lower held-out loss; with ``--judge loss`` the lowest final held-out loss,
+for a task whose accuracy says nothing, such as ``data.source = "docs"``, where it is the exact match of a
+passage's continuation: run that with ``--judge loss --accuracy-every 0``) and which the lowest final choice
 loss; one held-out
 report is 1.04 points of accuracy on the triage demo, and two runs that differ only in their probe
 directions have ended 7 points apart, so differences of a few points are noise. The recipe's comment
@@ -128,7 +129,8 @@ def run_one(
     version: str | None = None,
 ) -> dict[str, Any]:
     """One sweep run in a subprocess: its row (``version``, the code it runs, is recorded as ``code``).
-    Held-out loss every ``eval_every`` rounds, accuracy every ``accuracy_every`` (default: the same; 0: never).
+    Held-out loss every ``eval_every`` rounds, accuracy every ``accuracy_every`` (default: the same; 0: round 0
+    and the last round only).
     """
     name = f"sweep-{uuid.uuid4().hex[:8]}"
     fixed = {
@@ -203,7 +205,10 @@ def _or_inf(x: float | None) -> float:
     return math.inf if x is None or math.isnan(x) else x
 
 
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
+def format_table(rows: Sequence[dict[str, Any]], judge: str = "accuracy") -> str:
+    """The runs' table and each factor's verdict: the best final accuracy (``judge="accuracy"``, ties to the
+    lower held-out loss) or the lowest final held-out loss (``judge="loss"``, or when a run has no accuracy).
+    """
     lines = [
         f"{'factor':<11} {'value':<14} {'ok':>3} {'loss 0':>7} {'loss R':>7} {'acc 0':>6} {'acc R':>6} "
         f"{'acc best':>8} {'choice R':>8} {'up B/site/rnd':>13} {'wall s':>7}"
@@ -222,11 +227,11 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         )
     for factor in dict.fromkeys(r["factor"] for r in rows):
         ok = [r for r in rows if r["factor"] == factor and r["ok"]]
-        if ok and all(r["accuracy_last"] is not None for r in ok):
+        if ok and judge == "accuracy" and all(r["accuracy_last"] is not None for r in ok):
             best = max(ok, key=lambda r: (r["accuracy_last"], -r["heldout_loss_last"]))
             acc, loss = best["accuracy_last"], best["heldout_loss_last"]
             lines.append(f"best {factor}: {best['label']} (accuracy {acc:.3f}, loss {loss:.4f})")
-        elif ok:  # a task without accuracy (docs): the lowest held-out loss
+        elif ok:  # judged by held-out loss (a diverged run's NaN never wins)
             best = min(ok, key=lambda r: _or_inf(r["heldout_loss_last"]))
             lines.append(f"best {factor}: {best['label']} (held-out loss {best['heldout_loss_last']:.4f})")
         if ok:
@@ -237,15 +242,15 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
+def plot(rows: Sequence[dict[str, Any]], path: Path, judge: str = "accuracy") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     factors = list(dict.fromkeys(r["factor"] for r in rows))
-    # a task without accuracy (docs) shows held-out loss where the others show accuracy
-    graded = any(r["ok"] and r.get("accuracy_last") is not None for r in rows)
+    # judged by loss (docs), the plot shows held-out loss where the others show accuracy, and wall time below
+    graded = judge == "accuracy" and any(r["ok"] and r.get("accuracy_last") is not None for r in rows)
     top, what = ("accuracy", "accuracy") if graded else ("heldout_loss", "held-out loss")
     fig, axes = plt.subplots(2, len(factors), figsize=(3.2 * len(factors), 6.4), dpi=120, squeeze=False)
     for col, factor in enumerate(factors):
@@ -282,7 +287,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--eval-every", type=int, default=4, help="held-out loss and accuracy every N rounds")
     parser.add_argument(
-        "--accuracy-every", type=int, default=None, help="accuracy every N rounds (default: --eval-every; 0: never)"
+        "--accuracy-every",
+        type=int,
+        default=None,
+        help="accuracy every N rounds (default: --eval-every; 0: first and last only)",
+    )
+    parser.add_argument(
+        "--judge", choices=("accuracy", "loss"), default="accuracy", help="what picks each factor's best value"
     )
     parser.add_argument("--sites", type=int, default=4)
     parser.add_argument("--factors", default=",".join(FACTORS))
@@ -348,8 +359,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps(rows, indent=2) + "\n")
-    plot(rows, args.plot)
-    print(format_table(rows))
+    plot(rows, args.plot, args.judge)
+    print(format_table(rows, args.judge))
     return 0 if all(r["ok"] for r in rows) else 1
 
 

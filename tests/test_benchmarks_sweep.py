@@ -147,19 +147,26 @@ def test_batch_values_follow_the_recipes_batch():
     assert docs == [12, 24, 48]
 
 
-def test_a_task_without_accuracy_is_judged_by_held_out_loss(tmp_path, monkeypatch):
-    """docs: no accuracy and no choice loss; the lowest final held-out loss wins, a diverged (NaN) or failed
-    run never does, and the plot shows loss where it shows accuracy for the demo."""
+def test_judged_by_loss_the_lowest_held_out_loss_wins(tmp_path, monkeypatch):
+    """docs (--judge loss): accuracy says nothing (0 everywhere, or missing) and there is no choice loss; the
+    lowest final held-out loss wins, a diverged (NaN) or failed run never does, the accuracy-judged table
+    picks by accuracy, and the plot shows loss where it shows accuracy for the demo."""
     rows = [
-        {**_row("lr", "lr=2", None, 3.21, None), "accuracy_first": None},
-        {**_row("lr", "lr=4", None, 3.20, None), "accuracy_first": None},
-        {**_row("lr", "lr=16", None, float("nan"), None), "accuracy_first": None},
-        {**_row("lr", "lr=8", None, 3.0, None), "accuracy_first": None, "ok": False},
+        _row("lr", "lr=2", 0.0, 3.21, None),
+        _row("lr", "lr=4", 0.0, 3.20, None),
+        _row("lr", "lr=16", 0.0, float("nan"), None),
+        {**_row("lr", "lr=8", 0.0, 3.0, None), "ok": False},
+        {**_row("batch_size", "batch=12", None, 3.22, None), "accuracy_first": None},
+        {**_row("batch_size", "batch=24", None, 3.19, None), "accuracy_first": None},
     ]
-    table = spsa_sweep.format_table(rows)
+    table = spsa_sweep.format_table(rows, judge="loss")
     assert "best lr: lr=4 (held-out loss 3.2000)" in table and "choice loss, lr" not in table
+    assert "best batch_size: batch=24 (held-out loss 3.1900)" in table
+    by_accuracy = spsa_sweep.format_table([{**r, "accuracy_last": 0.5} if r["label"] == "lr=2" else r for r in rows])
+    assert "best lr: lr=2 (accuracy 0.500" in by_accuracy
+    assert "best batch_size: batch=24 (held-out loss 3.1900)" in by_accuracy  # no accuracy to judge by
     png = tmp_path / "docs.png"
-    spsa_sweep.plot(rows, png)
+    spsa_sweep.plot(rows, png, judge="loss")
     assert png.stat().st_size > 1000
 
     seen = {}
