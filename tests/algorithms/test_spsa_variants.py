@@ -25,7 +25,7 @@ from edgetune.algorithms.spsa import pool as poolmod
 from edgetune.algorithms.spsa.local import local_steps
 from edgetune.federation import run_round
 from edgetune.models.load import load_model
-from edgetune.models.params import manifest_of, trainable_tensors
+from edgetune.models.params import manifest_of, model_sha256, trainable_tensors
 
 LABEL_HEAD = {
     "data.source": "file",
@@ -373,68 +373,76 @@ REPLAY_SCRIPT = textwrap.dedent(
     from edgetune.algorithms import spsa
     from edgetune.algorithms.spsa.server import space_spec
     from edgetune.models.load import load_model
-    blob = json.loads(open(sys.argv[1]).read())
-    cfg = cfgmod.from_run_config(blob["cfg"])
-    model, _ = load_model(cfg.model, seed=cfg.run.seed)
-    rep = spsa.Replica(model, sys.argv[3], "disk")
-    rep.start_run(bytes.fromhex(blob["run_id"]), space_spec(cfg.spsa, bytes.fromhex(blob["pool_key"])))
-    rep.sync(spsa.decode_log(bytes.fromhex(blob["log"])), [bytes.fromhex(s) for s in blob["secrets"]])
-    print(rep.hash)
+    from edgetune.models.params import model_sha256
+
+    for name, blob in json.loads(open(sys.argv[1]).read()).items():
+        cfg = cfgmod.from_run_config(blob["cfg"])
+        model, _ = load_model(cfg.model, seed=cfg.run.seed)
+        rep = spsa.Replica(model, f"{sys.argv[3]}/{name}", "disk")
+        rep.start_run(bytes.fromhex(blob["run_id"]), space_spec(cfg.spsa, bytes.fromhex(blob["pool_key"])))
+        rep.sync(spsa.decode_log(bytes.fromhex(blob["log"])), [bytes.fromhex(s) for s in blob["secrets"]])
+        print(name, rep.hash, model_sha256(model))
     """
 )
+REPLAYED = {"default": {}, **{v: VARIANTS[v] for v in (
+    "run-pool-momentum",
+    "run-pool-adam-lora-b-shared-median",
+    "sparse",
+    "forward",
+    "lora-b",
+    "choices-objective",
+    "label-head-run-pool",
+    "sign-codes",
+    "label-head-sign",
+    "token-bias-sign",
+    "token-bias-central-run-pool",
+)}}  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "variant",
-    [
-        "run-pool-momentum",
-        "run-pool-adam-lora-b-shared-median",
-        "sparse",
-        "forward",
-        "lora-b",
-        "choices-objective",
-        "label-head-run-pool",
-        "sign-codes",
-        "label-head-sign",
-        "token-bias-sign",
-        "token-bias-central-run-pool",
-    ],
-)
-def test_two_processes_with_1_and_2_threads_replay_to_the_same_hash(tmp_path, variant):
-    """Fresh processes with 1 and 2 torch threads replay the committed log of a variant and end with
-    the server's full sha256."""
-    flat = tiny_flat(**{**VARIANTS[variant], "num_rounds": 3})
-    cfg = cfgmod.from_run_config(flat)
-    server, transport, recorder, *_ = _federation(tmp_path, cfg, 2, "twoproc", separate=False)
-    for r in (1, 2, 3):
-        run_round(cfg, server, transport, recorder, r)
-    log_file = tmp_path / "log.json"
-    log_file.write_text(
-        json.dumps(
-            {
-                "cfg": flat,
-                "run_id": server.run_id.hex(),
-                "pool_key": server.pool_key.hex(),
-                "log": spsa.encode_log([server.log[r] for r in (1, 2, 3)]).hex(),
-                "secrets": [server.secrets[r].hex() for r in (1, 2, 3)],
-            }
-        )
-    )
-    script = tmp_path / "replay.py"
-    script.write_text(REPLAY_SCRIPT)
-    hashes = [
-        subprocess.run(
-            [sys.executable, str(script), str(log_file), str(threads), str(tmp_path / f"w{threads}")],
+@pytest.fixture(scope="module")
+def replayed(tmp_path_factory):
+    """Every variant of REPLAYED runs three rounds in process; then two fresh processes, with 1 and 2 torch
+    threads, replay all their committed logs (one process per thread count: a process start costs more than
+    a replay). Returns {variant: (server hashes, [hashes of the 1-thread process, of the 2-thread process])}."""
+    tmp = tmp_path_factory.mktemp("replayed")
+    blobs, expected = {}, {}
+    for name, overrides in REPLAYED.items():
+        flat = tiny_flat(**{**overrides, "num_rounds": 3})
+        cfg = cfgmod.from_run_config(flat)
+        server, transport, recorder, *_ = _federation(tmp, cfg, 2, name, separate=False)
+        for r in (1, 2, 3):
+            run_round(cfg, server, transport, recorder, r)
+        blobs[name] = {
+            "cfg": flat,
+            "run_id": server.run_id.hex(),
+            "pool_key": server.pool_key.hex(),
+            "log": spsa.encode_log([server.log[r] for r in (1, 2, 3)]).hex(),
+            "secrets": [server.secrets[r].hex() for r in (1, 2, 3)],
+        }
+        expected[name] = (server.state_hash(), model_sha256(server.global_model()))
+    (tmp / "logs.json").write_text(json.dumps(blobs))
+    (tmp / "replay.py").write_text(REPLAY_SCRIPT)
+    seen: dict[str, list[tuple[str, str]]] = {name: [] for name in REPLAYED}
+    for threads in (1, 2):
+        out = subprocess.run(
+            [sys.executable, str(tmp / "replay.py"), str(tmp / "logs.json"), str(threads), str(tmp / f"w{threads}")],
             capture_output=True,
             text=True,
-            check=True,
             env={**os.environ, "HF_HUB_OFFLINE": "1"},
         )
-        .stdout.strip()
-        .splitlines()[-1]
-        for threads in (1, 2)
-    ]
-    assert hashes[0] == hashes[1] == server.state_hash()
+        assert out.returncode == 0, out.stderr[-3000:]
+        for line in out.stdout.splitlines():
+            name, state, weights = line.split()
+            seen[name].append((state, weights))
+    return {name: (expected[name], seen[name]) for name in REPLAYED}
+
+
+@pytest.mark.parametrize("variant", sorted(REPLAYED))
+def test_two_processes_with_1_and_2_threads_replay_to_the_same_hash(replayed, variant):
+    """Fresh processes with 1 and 2 torch threads replay the committed log of a variant and end with
+    the server's full state sha256 and the sha256 of all its weights."""
+    expected, seen = replayed[variant]
+    assert seen == [expected, expected]
 
 
 @pytest.mark.parametrize("space", sorted(SPACES))
