@@ -45,16 +45,19 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+@pytest.fixture(scope="module")
+def ref_hash(tmp_path_factory) -> str:
+    """The final state hash of the uninterrupted run (one run, for every kill point)."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    ref = subprocess.run(_cmd(tmp / "a" / "same"), cwd=ROOT, env=_env(tmp), capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    return _rows(tmp / "a" / "same" / "metrics.jsonl")[-1]["state_hash"]
+
+
 @pytest.mark.parametrize("point", ["after-plan:3:30", "after-commit:2:30"])
-def test_kill9_then_restart_commits_each_round_once_and_matches(tmp_path, point):
+def test_kill9_then_restart_commits_each_round_once_and_matches(tmp_path, point, ref_hash):
     """kill -9 mid-round (after round 3 was planned) or between rounds: the restarted server
     resumes, rounds 1..4 are each committed once, and the final state equals an uninterrupted run."""
-    ref = subprocess.run(
-        _cmd(tmp_path / "a" / "same"), cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=600
-    )
-    assert ref.returncode == 0, ref.stderr[-2000:]
-    ref_hash = _rows(tmp_path / "a" / "same" / "metrics.jsonl")[-1]["state_hash"]
-
     run_dir = tmp_path / "b" / "same"
     proc = subprocess.Popen(
         _cmd(run_dir),
