@@ -57,8 +57,28 @@ class RewriteCodes:
         return {"blob": envelope.seal_reply(opened.reply_key, payload=wire.encode(inner), **where)}, state
 
 
+def session_cache(tmp_path_factory) -> str:
+    """The test session's cache folder (model conversions, scratch files), not ~/.cache. Under
+    pytest-xdist the workers share their parent's folder: SmolLM2 is converted once (under a file lock)."""
+    if os.environ.get("EDGETUNE_TEST_CACHE"):
+        return os.environ["EDGETUNE_TEST_CACHE"]
+    base = tmp_path_factory.getbasetemp()
+    return str((base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "edgetune-cache")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Model conversions and scratch files go to a per-session folder, not ~/.cache."""
-    cache = os.environ.get("EDGETUNE_TEST_CACHE") or str(tmp_path_factory.getbasetemp() / "edgetune-cache")
-    monkeypatch.setenv("EDGETUNE_CACHE", cache)
+    """Model conversions and scratch files go to the session's cache folder, not ~/.cache."""
+    monkeypatch.setenv("EDGETUNE_CACHE", session_cache(tmp_path_factory))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with slow tests first, each file's tests kept together: under pytest-xdist (``make test``)
+    the long files then start early and the many short ones fill the workers' ends, instead of one
+    long file running alone at the end."""
+
+    def module(item) -> str:
+        return item.nodeid.split("::")[0]
+
+    slow = {module(item) for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: module(item) not in slow)  # a stable sort: the order within each group stays

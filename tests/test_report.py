@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import shutil
 
 import pytest
-from conftest import tiny_flat
+from conftest import session_cache, tiny_flat
 from typer.testing import CliRunner
 
 from edgetune import config as cfgmod
@@ -24,7 +23,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def runs(tmp_path_factory):
     """Two finished tiny spsa runs, ``run-a`` and ``run-b`` (different learning rates)."""
     base = tmp_path_factory.mktemp("runs")
-    cache = os.environ.get("EDGETUNE_TEST_CACHE") or str(tmp_path_factory.getbasetemp() / "edgetune-cache")
+    cache = session_cache(tmp_path_factory)
     out = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EDGETUNE_CACHE", cache)

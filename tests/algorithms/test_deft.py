@@ -7,13 +7,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_flat
+from conftest import session_cache, tiny_flat
 
 from edgetune import config as cfgmod
 from edgetune import inproc
@@ -58,7 +57,7 @@ def _one_thread_and_fresh_models():
 @pytest.fixture(scope="module")
 def fed8(tmp_path_factory):
     """One in-process federation of 8 tiny sites; tests take subsets of its sites and fresh servers."""
-    cache = os.environ.get("EDGETUNE_TEST_CACHE") or str(tmp_path_factory.getbasetemp() / "edgetune-cache")
+    cache = session_cache(tmp_path_factory)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EDGETUNE_CACHE", cache)
         clear_cache()  # start from the keyed initial weights, whatever earlier tests did to the shared model
