@@ -153,15 +153,20 @@ def test_new_project_runs_with_edgetune_simulate_and_plain_flwr_run(fresh_venv):
         start = _run(["flwr", "run", ".", "--run-config", "num_rounds=1", "--format", "json"], proj, env)
         assert start.returncode == 0, start.stdout + start.stderr
         run_id = json.loads(start.stdout)["run-id"]
-        status, deadline = "", time.time() + 600
+        # `flwr ls` is a process start (about a CPU-second): ask every 3 s once the run's summary is
+        # written (it ends then), and every 30 s before, in case the app fails without one
+        status, deadline, asked = "", time.time() + 600, 0.0
         while time.time() < deadline:
-            ls = _run(["flwr", "ls", "--run-id", str(run_id), "--format", "json"], proj, env, timeout=120)
-            try:
-                status = json.loads(ls.stdout)["runs"][0]["status"]
-            except (ValueError, KeyError, IndexError):
-                status = "unknown"
-            if status.startswith("finished"):
-                break
+            summary_written = any((p / "summary.json").exists() for p in (proj / "runs").iterdir() if p != first)
+            if summary_written or time.time() - asked >= 30:
+                asked = time.time()
+                ls = _run(["flwr", "ls", "--run-id", str(run_id), "--format", "json"], proj, env, timeout=120)
+                try:
+                    status = json.loads(ls.stdout)["runs"][0]["status"]
+                except (ValueError, KeyError, IndexError):
+                    status = "unknown"
+                if status.startswith("finished"):
+                    break
             time.sleep(3)
     finally:
         pids = subprocess.run(["pgrep", "-f", "--", f"--log-file {link_log}"], capture_output=True, text=True)
