@@ -29,9 +29,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/edgetune simulate $(DEMO_RECIPE)
 
-# make test: lint first (ruff, mypy: a few seconds to two minutes), then the whole suite
+# make test: lint first (ruff, mypy: a few seconds to two minutes), then the whole suite in
+# TEST_WORKERS processes (pytest-xdist; a test file stays in one process, its fixtures shared).
+# Many slow tests wait on Flower's timers, so two workers help even on CI's 2 cores.
+TEST_WORKERS ?= 2
 test: $(STAMP) lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
