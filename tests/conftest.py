@@ -58,12 +58,10 @@ class RewriteCodes:
 
 
 def session_cache(tmp_path_factory) -> str:
-    """The test session's cache folder (model conversions, scratch files), not ~/.cache. Under
-    pytest-xdist the workers share their parent's folder: SmolLM2 is converted once (under a file lock)."""
-    if os.environ.get("EDGETUNE_TEST_CACHE"):
-        return os.environ["EDGETUNE_TEST_CACHE"]
-    base = tmp_path_factory.getbasetemp()
-    return str((base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "edgetune-cache")
+    """The test session's cache folder (model conversions, site state, scratch files), not ~/.cache.
+    Each pytest-xdist worker has its own: site state folders are keyed by run id, and tests in two
+    workers may use the same run id at the same time (seen: one worker's run removed another's state)."""
+    return os.environ.get("EDGETUNE_TEST_CACHE") or str(tmp_path_factory.getbasetemp() / "edgetune-cache")
 
 
 @pytest.fixture(autouse=True)
