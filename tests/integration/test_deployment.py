@@ -6,8 +6,9 @@ site is killed mid-round: the round completes with the other two; the site resta
 from its saved state and the replay log, and ends with the server's state hash.
 
 Twice, at the same time: with Flower's transport as is (``standard``) and with the thin-link profile
-(``--link thin`` through the server's ``--gateway``). Every site counts its link's bytes (``--count-bytes``); the logs
-are merged into the run, and the real bytes of every round exceed the payload they carried.
+(``--link thin`` through the server's ``--gateway``). Every site counts its link's bytes
+(``--count-bytes``); the logs are merged into the run, and the real bytes of every round exceed the
+payload they carried.
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def _deployment(tmp_path: Path, link: str) -> None:
             *(["--gateway", f"127.0.0.1:{gateway}"] if link == "thin" else []),
         ],
         cwd=ROOT,
-        # the server pauses after committing round 4 until the test sees the killed site's node back in
+        # the server pauses after committing round 4 until the test sees the killed site back in and idle
         # (Flower refuses a node key until its old session misses two 30 s heartbeats; a thin site's
         # gateway closes its killed predecessor's session itself, so that site is back sooner)
         env={**env, "EDGETUNE_FAULT": "after-commit:4:480", "EDGETUNE_FAULT_RELEASE": str(tmp_path / "site-2-back")},
