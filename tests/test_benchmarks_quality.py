@@ -39,6 +39,22 @@ def test_goal_ratios_report_spsas_best_gain_when_it_never_gets_there():
     assert ratios["bytes_ratio"] == pytest.approx(200 / 1_000_000)
 
 
+def test_no_goal_when_fedavgs_first_round_gained_nothing_in_the_metric():
+    """Accuracy 0 -> 0 (the docs task) or a first round that got worse: there is no gain to reach, so no
+    goal row, rather than spsa "reaching" a gain of 0 or less."""
+    fedavg = _row("lowrank-fedavg", [3.0, 2.8], 1_000_000, 10.0)
+    spsa = _row("spsa-bias", [3.0, 2.95, 2.9], 900, 30.0)
+    for fed_acc in ([0.0, 0.0], [0.4, 0.3]):
+        for point, a in zip(fedavg["curve"], fed_acc):
+            point["accuracy"] = a
+        for point in spsa["curve"]:
+            point["accuracy"] = 0.0
+        assert qpb.goal_ratios([spsa, fedavg], "spsa-bias", "accuracy") is None
+        goals = qpb.all_goal_ratios([spsa, fedavg])
+        assert [(g["spsa_algorithm"], g["metric"]) for g in goals] == [("spsa-bias", "heldout_loss")]
+        assert not goals[0]["spsa_reached"] and goals[0]["gain_ratio"] == pytest.approx(0.1 / 0.2)
+
+
 def test_append_keeps_other_rows_replaces_the_same_algorithm_and_seed_and_refuses_another_task(tmp_path):
     out = tmp_path / "q.json"
     old = [
